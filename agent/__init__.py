@@ -1,0 +1,17 @@
+"""neurotop's in-training agent.
+
+``agent.watch`` imports torch on first use only: the UI imports ``agent.wire`` and
+``agent.connfile`` without pulling PyTorch in.
+"""
+
+from typing import Any
+
+__all__ = ["watch", "Monitor"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from agent import monitor
+
+        return getattr(monitor, name)
+    raise AttributeError(f"module 'agent' has no attribute {name!r}")

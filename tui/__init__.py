@@ -1,0 +1,1 @@
+"""neurotop's terminal UI. Never imports torch: it must start fast on a laptop without it."""

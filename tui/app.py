@@ -1,0 +1,130 @@
+"""The neurotop Textual app: pull, don't push.
+
+The client's thread fills the store; one timer redraws what changed, at 8 Hz.
+Key bindings follow htop/btop: ``space`` pause/resume, ``?`` help, ``q`` quit.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Static
+
+from tui.client import CommandError, LiveClient
+from tui.store import RunStore
+from tui.widgets import LayerTable, LossPlot, StatusBar
+
+REDRAW_HZ = 8
+
+
+class HelpScreen(ModalScreen[None]):
+    """Every binding, in one place."""
+
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > Static { width: 64; padding: 1 2; border: round $accent; background: $panel; }
+    """
+
+    def __init__(self, bindings: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self._rows = bindings
+
+    def compose(self) -> ComposeResult:
+        lines = ["[b]neurotop — keys[/b]", ""]
+        lines += [f"  [b]{k:<10}[/b] {d}" for k, d in self._rows]
+        lines += ["", "Press esc, q or ? to close."]
+        yield Static("\n".join(lines))
+
+
+class NeurotopApp(App[None]):
+    """Live view of one run: status bar, loss plot, layers table."""
+
+    TITLE = "neurotop"
+    BINDINGS = [
+        Binding("space", "toggle_pause", "pause/resume"),
+        Binding("s", "cycle_spark", "trend stat"),
+        Binding("l", "toggle_log", "log loss"),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit", "quit"),
+    ]
+    CSS = "#main { height: 1fr; }"
+
+    def __init__(self, client: LiveClient, *, read_only: bool = False) -> None:
+        super().__init__()
+        self.client = client
+        self.store: RunStore = client.store
+        self.read_only = read_only or not client.can_control
+        self.pending = ""
+        self.log_loss = False
+        self._drawn = (-1, "")
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        with Vertical(id="main"):
+            yield LossPlot(id="loss")
+            yield LayerTable(id="layers")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.set_interval(1 / REDRAW_HZ, self.redraw)
+        self.redraw()
+
+    def redraw(self, force: bool = False) -> None:
+        """Redraw only when the store or the connection state changed."""
+        key = (self.store.version, self.store.connection() + self.pending)
+        if key == self._drawn and not force:
+            return
+        self._drawn = key
+        with self.batch_update():
+            self.query_one(StatusBar).draw(self.store, self.pending)
+            self.query_one(LossPlot).draw(self.store, self.log_loss)
+            self.query_one(LayerTable).draw(self.store)
+
+    # -- actions --------------------------------------------------------------------------
+
+    def action_toggle_pause(self) -> None:
+        if self.read_only:
+            self.notify("read-only: this view cannot pause the run", severity="warning")
+            return
+        cmd = "resume" if self.store.status.state == "paused" else "pause"
+        self.pending = f"{cmd} requested…"
+        self.client.command(cmd).add_done_callback(
+            lambda f: self.call_from_thread(self._on_ack, cmd, f))
+        self.redraw()
+
+    def _on_ack(self, cmd: str, fut: Future) -> None:
+        self.pending = ""
+        try:
+            ack = fut.result()
+        except CommandError as e:
+            self.notify(f"{cmd} failed: {e}", severity="error")
+        else:
+            verb = "paused" if cmd == "pause" else "resumed"
+            self.notify(f"{verb} at step {ack['step']}")
+            self.store.status.state = ack["new"]
+            self.store.status.paused_at = ack["step"] if cmd == "pause" else None
+        self.redraw(force=True)
+
+    def action_cycle_spark(self) -> None:
+        table = self.query_one(LayerTable)
+        stats = self.store.schema["stats"] if self.store.schema else []
+        if stats:
+            i = stats.index(table.spark_stat) if table.spark_stat in stats else -1
+            table.spark_stat = stats[(i + 1) % len(stats)]
+            self.redraw(force=True)
+
+    def action_toggle_log(self) -> None:
+        self.log_loss = not self.log_loss
+        self.redraw(force=True)
+
+    def action_help(self) -> None:
+        rows = [("space", "pause / resume the run at the next optimizer step"),
+                ("s", "choose the statistic the trend column shows"),
+                ("l", "log scale for the loss plot"),
+                ("?", "this help"), ("q", "quit (the run goes on)")]
+        self.push_screen(HelpScreen(rows))

@@ -1,0 +1,168 @@
+"""The ``neurotop`` command: attach, demo, ls, ctl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent import connfile
+from tui.client import CommandError, LiveClient
+from tui.targets import TargetError, resolve
+
+DEMOS = Path(__file__).resolve().parent.parent / "demos"
+
+
+def _die(msg: str, code: int = 2) -> None:
+    print(f"neurotop: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def cmd_attach(args: argparse.Namespace) -> None:
+    try:
+        endpoints = resolve(args.target, read_only=args.read_only)
+    except TargetError as e:
+        _die(str(e))
+    _run_ui(endpoints, read_only=args.read_only)
+
+
+def _run_ui(endpoints, read_only: bool) -> None:
+    from tui.app import NeurotopApp  # textual loads only for commands that draw
+
+    client = LiveClient(endpoints).start()
+    try:
+        NeurotopApp(client, read_only=read_only).run()
+    finally:
+        client.close()
+
+
+def cmd_ls(args: argparse.Namespace) -> None:
+    runs = connfile.live_runs()
+    if args.json:
+        print(json.dumps([{k: v for k, v in vars(r).items() if k != "key"} for r in runs],
+                         indent=1))
+        return
+    if not runs:
+        print(f"no live runs (looked in {connfile.runtime_dir()})")
+        return
+    print(f"{'RUN':<24} {'NAME':<16} {'PID':>7}  {'STARTED':<19}  TELEMETRY")
+    for r in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.start_time))
+        print(f"{r.run_id:<24} {r.name[:16]:<16} {r.pid:>7}  {started:<19}  {r.telemetry}")
+
+
+def cmd_ctl(args: argparse.Namespace) -> None:
+    try:
+        endpoints = resolve(args.target)
+    except TargetError as e:
+        _die(str(e))
+    client = LiveClient(endpoints).start()
+    try:
+        ack = client.command(args.command, {}).result(timeout=args.timeout + 1)
+    except CommandError as e:
+        _die(f"{args.command} rejected: {e}", 1)
+    except TimeoutError:
+        _die(f"{args.command}: no acknowledgement within {args.timeout} s", 1)
+    finally:
+        client.close()
+    print(json.dumps({k: ack.get(k) for k in ("id", "cmd", "ok", "step", "old", "new")}))
+
+
+def _spawn_demo(script: Path, extra: list[str], run_id: str) -> subprocess.Popen:
+    env = dict(os.environ, NEUROTOP_RUN_ID=run_id, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(script), *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the UI dies, so no demo is ever left behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _stop_child(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    script = DEMOS / f"{args.name}.py"
+    if not script.exists():
+        found = ", ".join(p.stem for p in DEMOS.glob("*.py")) or "none"
+        _die(f"no demo {args.name!r} in {DEMOS} (found: {found}); the demos ship with a"
+             " source checkout: pip install -e .")
+    if args.no_ui:
+        print(f"neurotop: starting demo {args.name}; attach from another terminal with:"
+              "  neurotop attach", flush=True)
+        os.execv(sys.executable, [sys.executable, str(script), *args.demo_args])
+    run_id = connfile.new_run_id()
+    proc = _spawn_demo(script, args.demo_args, run_id)
+    try:
+        info = _wait_for_run(proc, run_id, timeout=60)
+        endpoints = resolve(info.run_id)
+        _run_ui(endpoints, read_only=False)
+    finally:
+        _stop_child(proc)
+
+
+def _wait_for_run(proc: subprocess.Popen, run_id: str, timeout: float) -> connfile.ConnectionInfo:
+    """Wait for the demo's connection file, showing progress; explain if the demo died."""
+    path = connfile.conn_path(run_id)
+    deadline = time.monotonic() + timeout
+    print("neurotop: starting the demo (importing torch)", end="", flush=True, file=sys.stderr)
+    while not path.exists():
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+            print(file=sys.stderr)
+            _die(f"the demo exited with code {proc.returncode} before it started:\n{err}")
+        if time.monotonic() > deadline:
+            print(file=sys.stderr)
+            _die(f"the demo did not start within {timeout:.0f} s")
+        print(".", end="", flush=True, file=sys.stderr)
+        time.sleep(0.25)
+    print(file=sys.stderr)
+    return connfile.read(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="neurotop", description="top for neural-network training")
+    sub = p.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("attach", help="watch a live run (default: the newest on this machine)")
+    a.add_argument("target", nargs="?", help="run id or prefix, connection file, or tcp://host:port")
+    a.add_argument("--read-only", action="store_true", help="watch only; no control")
+    a.set_defaults(func=cmd_attach)
+
+    d = sub.add_parser("demo", help="run a CPU demo training with the UI attached")
+    d.add_argument("--name", default="mlp", help="which demo in demos/ (default: mlp)")
+    d.add_argument("--no-ui", action="store_true", help="run headless and print how to attach")
+    d.add_argument("demo_args", nargs=argparse.REMAINDER, help="passed to the demo script")
+    d.set_defaults(func=cmd_demo)
+
+    ls = sub.add_parser("ls", help="list live runs on this machine")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+
+    c = sub.add_parser("ctl", help="send one command to a run and print its acknowledgement")
+    c.add_argument("target", help="run id or prefix, or connection file")
+    c.add_argument("command", choices=["pause", "resume"])
+    c.add_argument("--timeout", type=float, default=10.0)
+    c.set_defaults(func=cmd_ctl)
+
+    args = p.parse_args(argv)
+    args.func(args)

@@ -1,0 +1,188 @@
+"""The UI's data: plain NumPy series filled by the receiver, read by the widgets' timer.
+
+One writer (the client's receiver thread), many readers (the redraw timer). Readers
+take ``snapshot()``-style copies under the lock, so widgets never see a half-applied
+message and never parse anything.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent import wire
+
+
+class Growable:
+    """An array that grows along axis 0 by doubling; ``view()`` is the filled part."""
+
+    def __init__(self, row_shape: tuple[int, ...], dtype: Any = np.float32,
+                 fill: float = np.nan) -> None:
+        self._a = np.full((64, *row_shape), fill, dtype=dtype)
+        self._fill = fill
+        self.n = 0
+
+    def append(self, row: Any) -> None:
+        if self.n == len(self._a):
+            grown = np.full((2 * len(self._a), *self._a.shape[1:]), self._fill, self._a.dtype)
+            grown[: self.n] = self._a
+            self._a = grown
+        self._a[self.n] = row
+        self.n += 1
+
+    def view(self) -> np.ndarray:
+        return self._a[: self.n]
+
+
+@dataclass
+class RunState:
+    """What the header shows: the latest heartbeat plus connection health."""
+
+    run_id: str = ""
+    run_name: str = ""
+    step: int = 0
+    state: str = "connecting"  # connecting | running | paused | ended
+    paused_at: int | None = None
+    steps_per_s: float = 0.0
+    last_message: float = 0.0
+    remote_dropped: int = 0
+    missed: int = 0  # telemetry messages lost between agent and UI (seq gaps)
+    bad_messages: int = 0
+    last_error: str = ""
+    control: bool = False  # whether this UI may send commands
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RunStore:
+    """Series of one run: steps, ``[steps x layers x stats]`` and named scalars."""
+
+    STALE_AFTER_S = 3.0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.schema: dict[str, Any] | None = None
+        self.status = RunState()
+        self.version = 0  # bumped on every change; the redraw timer compares it
+        self._steps = Growable((), np.int64, 0)
+        self._stats: Growable | None = None
+        self._scalars: dict[str, Growable] = {}
+        self._last_seq: int | None = None
+
+    # -- writer ---------------------------------------------------------------------------
+
+    def ingest(self, msg: wire.Message) -> None:
+        """Apply one telemetry message. Malformed content is counted, never raised."""
+        with self.lock:
+            self.status.last_message = time.time()
+            self._count_gaps(msg.header)
+            try:
+                getattr(self, f"_on_{msg.kind}", self._on_unknown)(msg)
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                self.status.bad_messages += 1
+                self.status.last_error = f"bad {msg.kind} message: {e}"
+            self.version += 1
+
+    def ingest_schema(self, schema: dict[str, Any]) -> None:
+        self.ingest(wire.Message({"kind": wire.SCHEMA, **schema}))
+
+    def _count_gaps(self, h: dict[str, Any]) -> None:
+        seq = h.get("seq")
+        if isinstance(seq, int):
+            if self._last_seq is not None and seq > self._last_seq + 1:
+                self.status.missed += seq - self._last_seq - 1
+            self._last_seq = seq
+
+    def _on_schema(self, msg: wire.Message) -> None:
+        h = msg.header
+        layers, stats, scalars = list(h["layers"]), list(h["stats"]), list(h["scalars"])
+        old = self.schema
+        if old is None or old["layers"] != layers or old["stats"] != stats:
+            self._steps = Growable((), np.int64, 0)
+            self._stats = Growable((len(layers), len(stats)))
+            self._scalars = {}
+        for name in scalars:
+            if name not in self._scalars:
+                g = Growable(())
+                for _ in range(self._steps.n):
+                    g.append(np.nan)
+                self._scalars[name] = g
+        self.schema = {"layers": layers, "stats": stats, "scalars": scalars,
+                       "schema_id": h.get("schema_id", 0)}
+        self.status.run_name = str(h.get("run_name", self.status.run_name))
+        self.status.run_id = str(h.get("run", self.status.run_id))
+
+    def _on_stats(self, msg: wire.Message) -> None:
+        if self.schema is None or self._stats is None:
+            return  # the schema is re-sent every few seconds; until then we cannot label it
+        block, scalars = msg.arrays
+        if block.shape != self._stats.view().shape[1:]:
+            raise ValueError(f"block {block.shape} does not match the schema")
+        step = int(msg.header["step"])
+        self._steps.append(step)
+        self._stats.append(block)
+        names = self.schema["scalars"]
+        for i, name in enumerate(names):
+            self._scalars[name].append(scalars[i] if i < len(scalars) else np.nan)
+        self.status.step = max(self.status.step, step)
+
+    def _on_heartbeat(self, msg: wire.Message) -> None:
+        h, s = msg.header, self.status
+        s.run_id = str(h.get("run", s.run_id))
+        s.step = int(h["step"])
+        s.state = str(h["state"])
+        s.paused_at = h.get("paused_at")
+        s.steps_per_s = float(h.get("steps_per_s", 0.0))
+        s.remote_dropped = int(h.get("dropped", 0))
+
+    def _on_event(self, msg: wire.Message) -> None:
+        self.status.events.append(dict(msg.header))
+        del self.status.events[:-500]
+
+    def _on_unknown(self, msg: wire.Message) -> None:
+        raise ValueError(f"unknown kind {msg.kind!r}")
+
+    def note_error(self, text: str) -> None:
+        with self.lock:
+            self.status.bad_messages += 1
+            self.status.last_error = text
+            self.version += 1
+
+    # -- readers --------------------------------------------------------------------------
+
+    def connection(self) -> str:
+        """``live``, ``stale`` (no message for a while), ``waiting`` or ``ended``."""
+        s = self.status
+        if s.state == "ended":
+            return "ended"
+        if not s.last_message:
+            return "waiting"
+        return "live" if time.time() - s.last_message < self.STALE_AFTER_S else "stale"
+
+    def steps(self) -> np.ndarray:
+        with self.lock:
+            return self._steps.view().copy()
+
+    def scalar(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            g = self._scalars.get(name)
+            if g is None:
+                return np.empty(0, np.int64), np.empty(0, np.float32)
+            return self._steps.view().copy(), g.view().copy()
+
+    def latest_block(self) -> np.ndarray | None:
+        with self.lock:
+            if self._stats is None or self._stats.n == 0:
+                return None
+            return self._stats.view()[-1].copy()
+
+    def layer_history(self, stat: str, last: int) -> np.ndarray:
+        """``[layers x last]`` history of one statistic (fewer columns early in a run)."""
+        with self.lock:
+            if self._stats is None or self.schema is None:
+                return np.empty((0, 0), np.float32)
+            j = self.schema["stats"].index(stat)
+            return self._stats.view()[-last:, :, j].T.copy()

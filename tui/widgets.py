@@ -1,0 +1,103 @@
+"""Widgets of the live screen. Each one draws from a ``RunStore`` when asked; none parses
+messages or talks to sockets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from rich.text import Text
+from textual.widgets import DataTable, Static
+
+from tui.plotting import line_plot, sparkline
+from tui.store import RunStore
+
+
+def fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+        return f"{v:.2e}"
+    return f"{v:.4f}"
+
+
+class StatusBar(Static):
+    """Run, step, steps/s, LIVE / PAUSED with the step, connection health, losses."""
+
+    DEFAULT_CSS = "StatusBar { height: 1; background: $boost; padding: 0 1; }"
+
+    def draw(self, store: RunStore, pending: str = "") -> None:
+        s = store.status
+        conn = store.connection()
+        if s.state == "paused":
+            mode = Text(f" PAUSED @ {s.paused_at if s.paused_at is not None else s.step} ",
+                        style="bold black on yellow")
+        elif conn == "ended":
+            mode = Text(" ENDED ", style="bold white on red")
+        elif conn == "live":
+            mode = Text(" LIVE ", style="bold black on green")
+        else:
+            mode = Text(f" {conn.upper()} ", style="bold white on dark_orange")
+        t = Text.assemble(
+            (f"{s.run_name or s.run_id or 'neurotop'}", "bold"), "  ",
+            f"step {s.step}", "  ", f"{s.steps_per_s:6.1f} steps/s", "  ", mode,
+        )
+        if pending:
+            t.append(f"  {pending}", style="italic")
+        lost = s.missed + s.remote_dropped
+        t.append(f"  conn: {conn}")
+        if lost:
+            t.append(f"  dropped: {lost}", style="yellow")
+        if s.bad_messages:
+            t.append(f"  bad msgs: {s.bad_messages}", style="red")
+        if not s.control:
+            t.append("  read-only", style="dim")
+        self.update(t)
+
+
+class LossPlot(Static):
+    """The loss over steps, drawn with plotext and downsampled to the widget's width."""
+
+    DEFAULT_CSS = "LossPlot { height: 1fr; min-height: 8; }"
+
+    def draw(self, store: RunStore, log_y: bool = False) -> None:
+        x, y = store.scalar("loss")
+        w, h = self.size.width or 80, self.size.height or 12
+        last = f"{y[-1]:.4g}" if len(y) else "-"
+        self.update(Text.from_ansi(line_plot(x, y, w, h, f"loss (last {last})", log_y)))
+
+
+class LayerTable(DataTable):
+    """One row per layer: the latest statistics and a sparkline of the chosen one."""
+
+    DEFAULT_CSS = "LayerTable { height: 2fr; }"
+    SPARK_WIDTH = 24
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self._layout: tuple | None = None
+        self.spark_stat = ""
+
+    def draw(self, store: RunStore) -> None:
+        schema = store.schema
+        block = store.latest_block()
+        if schema is None or block is None:
+            return
+        layers, stats = schema["layers"], schema["stats"]
+        self.spark_stat = self.spark_stat if self.spark_stat in stats else stats[-1]
+        layout = (tuple(layers), tuple(stats), self.spark_stat)
+        if layout != self._layout:
+            self.clear(columns=True)
+            self.add_column("layer", key="layer")
+            for st in stats:
+                self.add_column(st, key=st)
+            self.add_column(f"trend: {self.spark_stat}", key="spark")
+            for name in layers:
+                self.add_row(name, *([""] * (len(stats) + 1)), key=name)
+            self._layout = layout
+        hist = store.layer_history(self.spark_stat, self.SPARK_WIDTH)
+        for i, name in enumerate(layers):
+            for j, st in enumerate(stats):
+                self.update_cell(name, st, fmt(float(block[i, j])))
+            self.update_cell(name, "spark", sparkline(hist[i] if len(hist) else np.empty(0),
+                                                      self.SPARK_WIDTH))
