@@ -128,7 +128,7 @@ def live_runs(clean: bool = True) -> list[ConnectionInfo]:
 
 
 def find(target: str | None) -> ConnectionInfo:
-    """Resolve a run id (or unique prefix), a connection-file path, or ``None`` (newest)."""
+    """Resolve a run id (or a unique prefix, or its random suffix), a connection-file path, or ``None`` (newest)."""
     if target and (target.endswith(".json") or os.sep in target) and Path(target).exists():
         return read(target)
     runs = live_runs()
@@ -136,8 +136,8 @@ def find(target: str | None) -> ConnectionInfo:
         if not runs:
             raise LookupError(f"no live neurotop run on this machine (looked in {runtime_dir()})")
         return runs[0]
-    hits = [r for r in runs if r.run_id == target] or [r for r in runs
-                                                     if r.run_id.startswith(target)]
+    hits = [r for r in runs if r.run_id == target] or [
+        r for r in runs if r.run_id.startswith(target) or r.run_id.endswith(target)]
     if not hits:
         known = ", ".join(r.run_id for r in runs) or "none"
         raise LookupError(f"no live run matches {target!r} (live runs: {known})")

@@ -46,7 +46,7 @@ class AgentService(threading.Thread):
     def __init__(self, *, run_id: str, key: bytes, controller: Controller,
                  schema: Callable[[], dict[str, Any]], status: Callable[[], dict[str, Any]],
                  bind_host: str = "127.0.0.1", rank: int = 0, heartbeat_s: float = 0.5,
-                 schema_every_s: float = 2.0, max_queued_reports: int = 64) -> None:
+                 schema_every_s: float = 5.0, max_queued_reports: int = 64) -> None:
         super().__init__(name="neurotop-agent", daemon=True)
         self.run_id, self.key, self.rank = run_id, key, rank
         self.controller = controller
@@ -88,7 +88,10 @@ class AgentService(threading.Thread):
     def run(self) -> None:
         ctx = zmq.Context()
         try:
-            pub = ctx.socket(zmq.PUB)
+            # XPUB, not PUB: it tells us when a viewer subscribes, so the schema goes out
+            # at once instead of on the next periodic resend.
+            pub = ctx.socket(zmq.XPUB)
+            pub.setsockopt(zmq.XPUB_VERBOSE, 1)
             pub.setsockopt(zmq.SNDHWM, 1000)
             pub.setsockopt(zmq.LINGER, 200)
             port = pub.bind_to_random_port(f"tcp://{self._bind_host}")
@@ -115,12 +118,16 @@ class AgentService(threading.Thread):
     def _loop(self, pub: zmq.Socket, router: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
+        poller.register(pub, zmq.POLLIN)
         next_hb = next_schema = 0.0
         while not self._halt.is_set():
             for sock, _ in poller.poll(timeout=10):
-                self._on_control(router, sock.recv_multipart())
+                if sock is router:
+                    self._on_control(router, sock.recv_multipart())
+                elif sock.recv()[:1] == b"\x01":  # a new subscription
+                    next_schema = next_hb = 0.0
+            self._publish_reports(pub)  # first: a step's stats precede the ack naming it
             self._send_replies(pub, router)
-            self._publish_reports(pub)
             now = time.monotonic()
             if now >= next_schema:
                 self._publish(pub, {"kind": wire.SCHEMA, **self._schema()})

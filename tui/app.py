@@ -106,8 +106,6 @@ class NeurotopApp(App[None]):
         else:
             verb = "paused" if cmd == "pause" else "resumed"
             self.notify(f"{verb} at step {ack['step']}")
-            self.store.status.state = ack["new"]
-            self.store.status.paused_at = ack["step"] if cmd == "pause" else None
         self.redraw(force=True)
 
     def action_cycle_spark(self) -> None:

@@ -141,11 +141,11 @@ class LiveClient:
         if entry is None:
             return
         fut, _ = entry
-        if not signed:
-            fut.set_exception(CommandError("reply not signed with the run's key"))
-        elif reply.get("ok"):
+        if reply.get("ok") and signed:
             fut.set_result(reply)
-        else:
+        elif reply.get("ok"):
+            fut.set_exception(CommandError("an ack not signed with the run's key: ignored"))
+        else:  # a refusal is reported even unsigned: it changed nothing
             fut.set_exception(CommandError(str(reply.get("error") or "rejected")))
 
     def _send_outbox(self, dealer: zmq.Socket | None) -> None:

@@ -139,7 +139,12 @@ class RunStore:
         s.remote_dropped = int(h.get("dropped", 0))
 
     def _on_event(self, msg: wire.Message) -> None:
-        self.status.events.append(dict(msg.header))
+        h = msg.header
+        if h.get("event") == "ack" and h.get("ok") and h.get("cmd") in ("pause", "resume"):
+            self.status.state = str(h["new"])
+            self.status.paused_at = h["step"] if h["new"] == "paused" else None
+            self.status.step = max(self.status.step, int(h["step"]))
+        self.status.events.append(dict(h))
         del self.status.events[:-500]
 
     def _on_unknown(self, msg: wire.Message) -> None:

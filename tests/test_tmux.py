@@ -1,0 +1,69 @@
+"""The real ``neurotop demo`` in a real terminal (tmux): keys in, screen out."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from agent import connfile
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.skipif(
+    not shutil.which("tmux") and not os.environ.get("CI"),
+    reason="tmux is not installed (.ci/run installs it, so CI never skips this)")
+
+
+class Tmux:
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.sock = name
+        self.env = env
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.sock, *args], capture_output=True,
+                              text=True, env=self.env, timeout=20).stdout
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "ui")
+
+    def step(self) -> int | None:
+        m = re.search(r"step (\d+)", self.screen())
+        return int(m.group(1)) if m else None
+
+
+@pytest.fixture
+def tmux(runtime_dir):
+    t = Tmux(f"neurotop-test-{os.getpid()}", dict(os.environ))
+    yield t
+    t.tmux("kill-server")
+
+
+def test_demo_in_tmux_pause_resume_quit_leaves_nothing(tmux, runtime_dir):
+    neurotop = shutil.which("neurotop")
+    assert neurotop, "the neurotop command is not installed (pip install -e .)"
+    tmux.tmux("new-session", "-d", "-s", "ui", "-x", "120", "-y", "40",
+              "-e", f"NEUROTOP_RUNTIME_DIR={runtime_dir}", neurotop, "demo")
+    wait_until(lambda: "LIVE" in tmux.screen(), timeout=60, what="the UI showing LIVE")
+    demo = connfile.live_runs()[0]
+    first = wait_until(tmux.step, what="a step number")
+    wait_until(lambda: (tmux.step() or 0) > first + 20, what="the step to advance")
+
+    tmux.tmux("send-keys", "-t", "ui", "Space")
+    wait_until(lambda: "PAUSED @" in tmux.screen(), what="PAUSED")
+    held = tmux.step()
+    time.sleep(1.5)
+    assert tmux.step() == held
+    assert f"PAUSED @ {held}" in tmux.screen()
+
+    tmux.tmux("send-keys", "-t", "ui", "Space")
+    wait_until(lambda: "LIVE" in tmux.screen(), what="LIVE after resume")
+    wait_until(lambda: (tmux.step() or 0) > held + 10, what="steps after resume")
+
+    tmux.tmux("send-keys", "-t", "ui", "q")
+    wait_until(lambda: "ui" not in tmux.tmux("list-sessions"), timeout=15, what="the UI to exit")
+    wait_until(lambda: not connfile.pid_alive(demo.pid), timeout=15, what="the demo to exit")
+    assert not connfile.conn_path(demo.run_id).exists(), "the demo left its connection file"

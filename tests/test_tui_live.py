@@ -1,0 +1,86 @@
+"""The UI as a person uses it: Pilot presses keys against a live demo training."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tests.conftest import ROOT
+from tui.app import HelpScreen, NeurotopApp
+from tui.client import LiveClient
+from tui.targets import resolve
+from tui.widgets import LayerTable, StatusBar
+
+
+async def until(pilot, pred, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status_text(app: NeurotopApp) -> str:
+    return str(app.query_one(StatusBar).render())
+
+
+async def test_live_view_pause_resume_help_quit(start_run):
+    run = start_run("--report-every", "5", script=ROOT / "demos" / "mlp.py")
+    client = LiveClient(resolve(run.info.run_id)).start()
+    app = NeurotopApp(client)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await until(pilot, lambda: "LIVE" in status_text(app), what="LIVE")
+            table = app.query_one(LayerTable)
+            await until(pilot, lambda: table.row_count == len(client.store.schema["layers"]),
+                        what="layer rows")
+            first = client.store.status.step
+            await until(pilot, lambda: client.store.status.step > first + 20, what="steps")
+            assert "demo-mlp" in status_text(app)
+
+            await pilot.press("space")
+            await until(pilot, lambda: "PAUSED" in status_text(app), what="PAUSED")
+            held = client.store.status.step
+            assert f"PAUSED @ {held}" in status_text(app)
+            await asyncio.sleep(1.2)
+            await pilot.pause(0.2)
+            assert client.store.status.step == held
+
+            await pilot.press("space")
+            await until(pilot, lambda: "LIVE" in status_text(app), what="LIVE again")
+            await until(pilot, lambda: client.store.status.step > held + 10, what="resumed steps")
+
+            await pilot.press("s")  # the trend column follows the chosen statistic
+            await pilot.pause(0.3)
+            assert table.spark_stat == "mean"
+
+            await pilot.press("question_mark")
+            await pilot.pause(0.2)
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape")
+            await pilot.pause(0.2)
+            assert not isinstance(app.screen, HelpScreen)
+
+            await pilot.press("q")
+            await pilot.pause(0.2)
+        assert app.return_code == 0
+        assert run.proc.poll() is None, "quitting the viewer must not stop the run"
+    finally:
+        client.close()
+
+
+async def test_read_only_view_cannot_pause(start_run):
+    run = start_run("--step-sleep", "0.01")
+    client = LiveClient(resolve(run.info.run_id, read_only=True)).start()
+    app = NeurotopApp(client, read_only=True)
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await until(pilot, lambda: "LIVE" in status_text(app), what="LIVE")
+            assert "read-only" in status_text(app)
+            await pilot.press("space")
+            await pilot.pause(1.0)
+            assert "PAUSED" not in status_text(app)
+            assert client.store.status.state == "running"
+    finally:
+        client.close()
