@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("demo", help="run a CPU demo training with the UI attached")
     d.add_argument("--name", default="mlp", help="which demo in demos/ (default: mlp)")
     d.add_argument("--no-ui", action="store_true", help="run headless and print how to attach")
-    d.add_argument("demo_args", nargs=argparse.REMAINDER, help="passed to the demo script")
+    d.add_argument("demo_args", nargs=argparse.REMAINDER,
+                   help="anything else is passed to the demo script (e.g. --steps 500)")
     d.set_defaults(func=cmd_demo)
 
     ls = sub.add_parser("ls", help="list live runs on this machine")
@@ -164,5 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--timeout", type=float, default=10.0)
     c.set_defaults(func=cmd_ctl)
 
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if args.func is cmd_demo:
+        rest = [*extra, *args.demo_args]
+        args.demo_args = rest[1:] if rest[:1] == ["--"] else rest
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.func(args)
