@@ -128,7 +128,8 @@ def live_runs(clean: bool = True) -> list[ConnectionInfo]:
 
 
 def find(target: str | None) -> ConnectionInfo:
-    """Resolve a run id (or a unique prefix, or its random suffix), a connection-file path, or ``None`` (newest)."""
+    """Resolve a run id (or a unique prefix, or its random suffix), a connection file,
+    or ``None`` (the newest live run)."""
     if target and (target.endswith(".json") or os.sep in target) and Path(target).exists():
         return read(target)
     runs = live_runs()
