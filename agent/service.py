@@ -198,8 +198,8 @@ class AgentService(threading.Thread):
             error = f"a {req.get('kind')!r} message is not a request"
         elif not isinstance(cmd, str) or not isinstance(args, dict) or not isinstance(rid, str):
             error = "a request needs a string 'id', a string 'cmd' and a map 'args'"
-        elif not self._fresh(req):
-            error = "replayed or stale request (nonce seen before, or timestamp out of window)"
+        else:
+            error = self._staleness(req)
         if error:
             self._refuse(ident, req, error)
             return
@@ -227,16 +227,21 @@ class AgentService(threading.Thread):
                                   "ok": False, "error": error, "event": "refused",
                                   "sender": sender, "rejected": self.rejected})
 
-    def _fresh(self, req: dict[str, Any]) -> bool:
+    def _staleness(self, req: dict[str, Any]) -> str | None:
+        """Why a request is not fresh (None if it is): a nonce is accepted once, and only
+        within NONCE_WINDOW_S of this machine's clock, so remembered nonces stay few."""
         nonce, ts = req.get("nonce"), req.get("ts")
         now = time.time()
         if not isinstance(nonce, str) or not isinstance(ts, (int, float)):
-            return False
-        if abs(now - ts) > NONCE_WINDOW_S or nonce in self._nonces:
-            return False
+            return "a request needs a string 'nonce' and a number 'ts'"
+        if nonce in self._nonces:
+            return "replayed request (its nonce was seen before)"
+        if abs(now - ts) > NONCE_WINDOW_S:
+            return (f"stale request: its timestamp is {now - ts:+.0f} s off the run's clock"
+                    f" (allowed: {NONCE_WINDOW_S:.0f} s; are both machines' clocks right?)")
         self._nonces = {n: t for n, t in self._nonces.items() if now - t <= NONCE_WINDOW_S}
         self._nonces[nonce] = now
-        return True
+        return None
 
     def _queue_reply(self, ident: bytes, ack: dict[str, Any]) -> None:
         self._replies.put((ident, ack))

@@ -290,3 +290,22 @@ async def test_read_only_attach_over_ssh_hides_control(sshd, start_run):
             assert "pause" not in str(app.screen.query_one("Static").render())
     finally:
         client.close()
+
+
+def test_a_killed_viewer_takes_its_tunnel_down(sshd):
+    """Even SIGKILLed, a viewer leaves no ssh behind (the tunnel dies with its parent)."""
+    connfile.write(connfile.ConnectionInfo(
+        run_id="20200101-000000-live", name="x", pid=os.getpid(), start_time=time.time(),
+        telemetry=f"tcp://127.0.0.1:{free_port()}", control=f"tcp://127.0.0.1:{free_port()}",
+        key="00"))
+    code = ("import sys, time; from tui.targets import resolve; resolve(sys.argv[1]);"
+            " print('up', flush=True); time.sleep(120)")
+    viewer = subprocess.Popen([sys.executable, "-c", code, sshd.url()], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert viewer.stdout.readline().strip() == "up"
+        assert len(ssh_clients(sshd.root)) == 1
+    finally:
+        viewer.kill()
+        viewer.wait()
+    wait_until(lambda: not ssh_clients(sshd.root), what="the tunnel to die with its viewer")

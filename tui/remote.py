@@ -181,7 +181,8 @@ def _ssh_output(target: SshTarget, command: str) -> str:
 
 def ssh_failure(target: SshTarget, stderr: str) -> SshError:
     """Turn what ssh printed when it gave up (exit 255) into an error that says what to do."""
-    detail = _last_line(stderr) or "ssh exited with status 255 and said nothing"
+    detail = _last_line(stderr).rstrip(".") or "ssh exited with status 255 and said nothing"
+    brief = detail.rsplit(": ", 1)[-1]  # "ssh: connect to host h port 22: Connection refused"
     text = stderr.lower()
     dest = target.destination + (f" -p {target.port}" if target.port else "")
     if "permission denied" in text or "too many authentication failures" in text:
@@ -196,8 +197,8 @@ def ssh_failure(target: SshTarget, stderr: str) -> SshError:
             f" its key changed. Run `ssh {dest}` once in a terminal to check and accept it",
             "hostkey", "host key verification failed")
     if any(s in text for s in _UNREACHABLE):
-        return SshError(f"cannot reach {target}: {detail}", "unreachable", detail)
-    return SshError(f"ssh to {target} failed: {detail}", "failed", detail)
+        return SshError(f"cannot reach {target}: {detail}", "unreachable", brief)
+    return SshError(f"ssh to {target} failed: {detail}", "failed", brief)
 
 
 def _last_line(text: str) -> str:
@@ -353,11 +354,12 @@ class SshLink:
 
     def _reconnect(self) -> bool:
         """Restart ssh on the same local ports; False when the run has ended (or on close)."""
-        why = _last_line(self._stderr()) or f"ssh exited with status {self.proc.returncode}"
+        why = (_last_line(self._stderr()).rsplit(": ", 1)[-1]
+               or f"ssh exited with status {self.proc.returncode}")
         delay, tries = 1.0, 0
         while not self._halt.is_set():
             tries += 1
-            self._report(f"ssh tunnel to {self.target} down ({why}); reconnecting, try {tries}")
+            self._report(f"ssh tunnel down ({why}); reconnecting, try {tries}")
             try:
                 if self._run_gone():
                     return False
