@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 from agent import connfile
 from tests.conftest import wait_until
@@ -222,6 +223,15 @@ def test_ssh_errors_are_clear_and_quick(sshd, runtime_dir):
     assert out.returncode == 2 and "run 20200101-000000-dead" in out.stderr
     assert "has ended" in out.stderr
 
+    # Listed live, but its port is shut (it ended between listing and tunnel): said so.
+    connfile.write(connfile.ConnectionInfo(
+        run_id="20200101-000000-shut", name="x", pid=os.getpid(), start_time=time.time(),
+        telemetry=f"tcp://127.0.0.1:{free_port()}", control=f"tcp://127.0.0.1:{free_port()}",
+        key="00"))
+    out = neurotop("attach", sshd.url("shut"))
+    assert out.returncode == 2 and "the run's port does not answer" in out.stderr, out.stderr
+    assert "Connection refused" in out.stderr
+
     out = neurotop("ls", f"ssh://127.0.0.1:{free_port()}")
     assert out.returncode == 2 and "cannot reach" in out.stderr and "refused" in out.stderr
     out = neurotop("attach", "ssh://user:secret@host")
@@ -294,9 +304,12 @@ async def test_read_only_attach_over_ssh_hides_control(sshd, start_run):
 
 def test_a_killed_viewer_takes_its_tunnel_down(sshd):
     """Even SIGKILLed, a viewer leaves no ssh behind (the tunnel dies with its parent)."""
+    ctx = zmq.Context.instance()
+    pub, router = ctx.socket(zmq.XPUB), ctx.socket(zmq.ROUTER)  # stand-ins for a run's
+    ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in (pub, router)]
     connfile.write(connfile.ConnectionInfo(
         run_id="20200101-000000-live", name="x", pid=os.getpid(), start_time=time.time(),
-        telemetry=f"tcp://127.0.0.1:{free_port()}", control=f"tcp://127.0.0.1:{free_port()}",
+        telemetry=f"tcp://127.0.0.1:{ports[0]}", control=f"tcp://127.0.0.1:{ports[1]}",
         key="00"))
     code = ("import sys, time; from tui.targets import resolve; resolve(sys.argv[1]);"
             " print('up', flush=True); time.sleep(120)")
@@ -308,4 +321,6 @@ def test_a_killed_viewer_takes_its_tunnel_down(sshd):
     finally:
         viewer.kill()
         viewer.wait()
+        pub.close(0)
+        router.close(0)
     wait_until(lambda: not ssh_clients(sshd.root), what="the tunnel to die with its viewer")

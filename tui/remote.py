@@ -143,9 +143,9 @@ class Listing:
             raise SshError(str(e), "no-runs") from None
 
 
-def list_runs(target: SshTarget) -> Listing:
-    """The runs on ``target``'s host, read over one ssh call."""
-    out = _ssh_output(target, "sh -c " + shlex.quote(LIST_SCRIPT))
+def list_runs(target: SshTarget, halt: threading.Event | None = None) -> Listing:
+    """The runs on ``target``'s host, read over one ssh call (given up when ``halt`` is set)."""
+    out = _ssh_output(target, "sh -c " + shlex.quote(LIST_SCRIPT), halt)
     runtime_dir, live, ended = "", [], []
     for line in out.splitlines():
         word, _, rest = line.partition(" ")
@@ -161,22 +161,33 @@ def list_runs(target: SshTarget) -> Listing:
     return Listing(target, runtime_dir or "?", live, ended)
 
 
-def _ssh_output(target: SshTarget, command: str) -> str:
+def _ssh_output(target: SshTarget, command: str, halt: threading.Event | None) -> str:
     argv = target.argv(command=command)
     try:
-        out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             timeout=ANSWER_TIMEOUT_S)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
     except FileNotFoundError:
         raise SshError(f"no {argv[0]!r} command: install the OpenSSH client") from None
-    except subprocess.TimeoutExpired:
-        raise SshError(f"{target} did not answer within {ANSWER_TIMEOUT_S} s", "unreachable",
-                       "no answer") from None
-    if out.returncode == 255:
-        raise ssh_failure(target, out.stderr)
-    if out.returncode != 0:
-        raise SshError(f"listing runs {target} failed (exit {out.returncode}):"
-                       f" {_last_line(out.stderr) or 'no message'}")
-    return out.stdout
+    deadline = time.monotonic() + ANSWER_TIMEOUT_S
+    while True:
+        try:
+            out, err = proc.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            closing = halt is not None and halt.is_set()
+            if closing or time.monotonic() > deadline:
+                proc.kill()
+                proc.communicate()
+                if closing:
+                    raise SshError("closed while listing runs") from None
+                raise SshError(f"{target} did not answer within {ANSWER_TIMEOUT_S} s",
+                               "unreachable", "no answer") from None
+    if proc.returncode == 255:
+        raise ssh_failure(target, err)
+    if proc.returncode != 0:
+        raise SshError(f"listing runs {target} failed (exit {proc.returncode}):"
+                       f" {_last_line(err) or 'no message'}")
+    return out
 
 
 def ssh_failure(target: SshTarget, stderr: str) -> SshError:
@@ -226,6 +237,16 @@ def _accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
+    except OSError:
+        return False
+
+
+def _answers(port: int, timeout: float = 5.0) -> bool:
+    """Whether what is behind the tunnel speaks: a ZeroMQ peer sends its greeting at once,
+    while ssh closes the connection when the remote port is shut or forwarding forbidden."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            return bool(s.recv(1))
     except OSError:
         return False
 
@@ -323,7 +344,14 @@ class SshLink:
             deadline = time.monotonic() + ANSWER_TIMEOUT_S
             while self.proc.poll() is None:
                 if _accepts(self._local[-1]):
-                    return
+                    if _answers(self._local[0]):
+                        return
+                    self._halt.wait(0.2)  # for ssh to log why it closed the connection
+                    raise SshError(
+                        f"the tunnel to {self.target} is up, but the run's port does not"
+                        f" answer through it: {_last_line(self._stderr()) or 'no reason given'}"
+                        " (has the run just ended? does the host allow TCP forwarding?)",
+                        "failed", "the run's port does not answer")
                 if time.monotonic() > deadline:
                     raise SshError(f"no tunnel to {self.target} within {ANSWER_TIMEOUT_S} s",
                                    "unreachable", "no answer")
@@ -375,7 +403,7 @@ class SshLink:
     def _run_gone(self) -> bool:
         """Ask the host; True (and reported) when the run is no longer live there."""
         try:
-            listing = list_runs(self.target)
+            listing = list_runs(self.target, self._halt)
         except SshError:
             return False  # the host, not the run, is the problem: keep trying
         if any(r.run_id == self.info.run_id for r in listing.live):
