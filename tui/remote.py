@@ -333,7 +333,9 @@ class SshLink:
                         for lp, (h, rp) in zip(self._local, self._remote, strict=True)]
             if self._log is not None:
                 self._log.close()
-            self._log = tempfile.TemporaryFile()  # a pipe could fill and block ssh
+            # ssh's stderr: a pipe could fill and block ssh; append mode, so our reads
+            # never move where ssh writes.
+            self._log = tempfile.TemporaryFile("a+b")
             try:
                 self.proc = subprocess.Popen(
                     self.target.argv("-N", *forwards), stdin=subprocess.DEVNULL,
