@@ -134,3 +134,5 @@ def test_unsigned_forged_replayed_and_stale_requests_are_refused_counted_audited
     finally:
         dealer.close()
         owner.close()
+    run.stop()  # and the training's own log names every refusal
+    assert run.proc.stderr.read().decode().count("refused control request") == len(attempts)

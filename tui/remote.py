@@ -37,7 +37,10 @@ CONNECT_TIMEOUT_S = 10
 #: Over ConnectTimeout: authentication and the remote shell also take time.
 ANSWER_TIMEOUT_S = CONNECT_TIMEOUT_S + 20
 #: First on the command line, so neither ssh_config nor NEUROTOP_SSH_COMMAND undoes them.
-_FORCED = ("-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes")
+#: No connection sharing: a ControlPersist master would outlive neurotop, and a tunnel
+#: through another process's master would not be ours to supervise or stop.
+_FORCED = ("-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "ControlMaster=no",
+           "-o", "ControlPath=none")
 #: After the user's own options, which win over these.
 _DEFAULTS = ("-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}", "-o", "ServerAliveInterval=5",
              "-o", "ServerAliveCountMax=3")
