@@ -133,15 +133,21 @@ def find(target: str | None) -> ConnectionInfo:
     if target and (target.endswith(".json") or os.sep in target) and Path(target).exists():
         return read(target)
     runs = live_runs()
+    return pick(runs, target, f"on this machine (looked in {runtime_dir()})")
+
+
+def pick(runs: list[ConnectionInfo], target: str | None, where: str) -> ConnectionInfo:
+    """The run ``target`` names among ``runs`` (newest first; ``None``: the newest); ``where``
+    ends the error messages (which machine, which directory)."""
     if not target:
         if not runs:
-            raise LookupError(f"no live neurotop run on this machine (looked in {runtime_dir()})")
+            raise LookupError(f"no live neurotop run {where}")
         return runs[0]
     hits = [r for r in runs if r.run_id == target] or [
         r for r in runs if r.run_id.startswith(target) or r.run_id.endswith(target)]
     if not hits:
         known = ", ".join(r.run_id for r in runs) or "none"
-        raise LookupError(f"no live run matches {target!r} (live runs: {known})")
+        raise LookupError(f"no live run matches {target!r} {where} (live runs: {known})")
     if len({h.run_id for h in hits}) > 1:
         raise LookupError(f"{target!r} matches several runs: "
                           + ", ".join(sorted({h.run_id for h in hits})))

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from agent import connfile
+from agent.binding import CurveKeys, check_bind
 from agent.control import Controller
 from agent.service import AgentService, Report
 from agent.stats import LAYER_STATS, first_tensor, global_grad_norm, layer_stats
@@ -35,9 +36,12 @@ class Monitor:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  name: str | None = None, report_every: int = 1, run_id: str | None = None,
-                 bind_host: str = "127.0.0.1", heartbeat_s: float = 0.5) -> None:
+                 bind_host: str = "127.0.0.1", heartbeat_s: float = 0.5,
+                 curve: bool = False) -> None:
         if report_every < 1:
             raise ValueError(f"report_every must be >= 1, got {report_every}")
+        check_bind(bind_host, curve)  # before any hook is registered
+        curve_keys = CurveKeys.generate() if curve else None
         self.model, self.optimizer = model, optimizer
         self.report_every = report_every
         self.run_id = run_id or os.environ.get("NEUROTOP_RUN_ID") or connfile.new_run_id()
@@ -63,12 +67,13 @@ class Monitor:
         key = os.urandom(32)
         self.service = AgentService(run_id=self.run_id, key=key, controller=self.controller,
                                     schema=self._schema, status=self._status,
-                                    bind_host=bind_host, heartbeat_s=heartbeat_s)
+                                    bind_host=bind_host, heartbeat_s=heartbeat_s,
+                                    curve=curve_keys)
         self.service.start()
         self.connection = connfile.ConnectionInfo(
             run_id=self.run_id, name=self.name, pid=os.getpid(), start_time=self.start_time,
             telemetry=self.service.telemetry_endpoint, control=self.service.control_endpoint,
-            key=key.hex())
+            key=key.hex(), curve_server_key=curve_keys.public if curve_keys else "")
         self.connection_file = connfile.write(self.connection)
         atexit.register(self.close)
 

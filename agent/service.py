@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from agent import wire
+from agent.binding import CurveKeys, check_bind
 from agent.control import BOUNDARY_COMMANDS, Controller, Pending
 
 log = logging.getLogger("neurotop.agent")
@@ -46,8 +47,11 @@ class AgentService(threading.Thread):
     def __init__(self, *, run_id: str, key: bytes, controller: Controller,
                  schema: Callable[[], dict[str, Any]], status: Callable[[], dict[str, Any]],
                  bind_host: str = "127.0.0.1", rank: int = 0, heartbeat_s: float = 0.5,
-                 schema_every_s: float = 5.0, max_queued_reports: int = 64) -> None:
+                 schema_every_s: float = 5.0, max_queued_reports: int = 64,
+                 curve: CurveKeys | None = None) -> None:
+        check_bind(bind_host, curve is not None)
         super().__init__(name="neurotop-agent", daemon=True)
+        self._curve = curve
         self.run_id, self.key, self.rank = run_id, key, rank
         self.controller = controller
         self._schema, self._status = schema, status
@@ -94,11 +98,15 @@ class AgentService(threading.Thread):
             pub.setsockopt(zmq.XPUB_VERBOSE, 1)
             pub.setsockopt(zmq.SNDHWM, 1000)
             pub.setsockopt(zmq.LINGER, 200)
+            if self._curve:
+                self._curve.make_server(pub)
             port = pub.bind_to_random_port(f"tcp://{self._bind_host}")
             self.telemetry_endpoint = f"tcp://{self._bind_host}:{port}"
             router = ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 500)
             router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+            if self._curve:
+                self._curve.make_server(router)
             port = router.bind_to_random_port(f"tcp://{self._bind_host}")
             self.control_endpoint = f"tcp://{self._bind_host}:{port}"
         except BaseException as e:  # reported to the starting thread
@@ -179,25 +187,21 @@ class AgentService(threading.Thread):
         try:
             req, signed = wire.decode_signed(body, self.key)
         except wire.WireError as e:
-            self.rejected += 1
-            log.warning("refused a malformed control message: %s", e)
-            self._queue_reply(ident, {"id": None, "ok": False, "error": f"malformed: {e}"})
+            self._refuse(ident, {}, f"malformed: {e}")
             return
         rid, cmd = req.get("id"), req.get("cmd")
         args = req.get("args", {})
         error = None
         if not signed:
             error = "not signed with this run's key"
+        elif req.get("kind") != "request":
+            error = f"a {req.get('kind')!r} message is not a request"
         elif not isinstance(cmd, str) or not isinstance(args, dict) or not isinstance(rid, str):
             error = "a request needs a string 'id', a string 'cmd' and a map 'args'"
-        elif not self._fresh(req):
-            error = "replayed or stale request (nonce seen before, or timestamp out of window)"
+        else:
+            error = self._staleness(req)
         if error:
-            self.rejected += 1
-            log.warning("refused control request %r: %s", cmd, error)
-            self._queue_reply(ident, {"id": rid if isinstance(rid, str) else None,
-                                            "cmd": cmd if isinstance(cmd, str) else None,
-                                            "ok": False, "error": error})
+            self._refuse(ident, req, error)
             return
         sender = str(req.get("sender", ""))[:200]
         if cmd == "schema":
@@ -211,16 +215,33 @@ class AgentService(threading.Thread):
             self._queue_reply(ident, {"id": rid, "cmd": cmd, "ok": False,
                                             "error": f"unknown command {cmd!r}; known: {known}"})
 
-    def _fresh(self, req: dict[str, Any]) -> bool:
+    def _refuse(self, ident: bytes, req: dict[str, Any], error: str) -> None:
+        """Count, log and audit a refused request: the refusal goes back to its sender and,
+        as an ``event``, to every viewer. ``sender`` is what the request claims, unverified."""
+        self.rejected += 1
+        rid, cmd, sender = (req.get(k) for k in ("id", "cmd", "sender"))
+        sender = sender[:200] if isinstance(sender, str) else ""
+        log.warning("refused control request %r from %r: %s", cmd, sender or "?", error)
+        self._queue_reply(ident, {"id": rid if isinstance(rid, str) else None,
+                                  "cmd": cmd[:200] if isinstance(cmd, str) else None,
+                                  "ok": False, "error": error, "event": "refused",
+                                  "sender": sender, "rejected": self.rejected})
+
+    def _staleness(self, req: dict[str, Any]) -> str | None:
+        """Why a request is not fresh (None if it is): a nonce is accepted once, and only
+        within NONCE_WINDOW_S of this machine's clock, so remembered nonces stay few."""
         nonce, ts = req.get("nonce"), req.get("ts")
         now = time.time()
         if not isinstance(nonce, str) or not isinstance(ts, (int, float)):
-            return False
-        if abs(now - ts) > NONCE_WINDOW_S or nonce in self._nonces:
-            return False
+            return "a request needs a string 'nonce' and a number 'ts'"
+        if nonce in self._nonces:
+            return "replayed request (its nonce was seen before)"
+        if abs(now - ts) > NONCE_WINDOW_S:
+            return (f"stale request: its timestamp is {now - ts:+.0f} s off the run's clock"
+                    f" (allowed: {NONCE_WINDOW_S:.0f} s; are both machines' clocks right?)")
         self._nonces = {n: t for n, t in self._nonces.items() if now - t <= NONCE_WINDOW_S}
         self._nonces[nonce] = now
-        return True
+        return None
 
     def _queue_reply(self, ident: bytes, ack: dict[str, Any]) -> None:
         self._replies.put((ident, ack))

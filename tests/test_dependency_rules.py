@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 TUI_MODULES = ["tui.cli", "tui.app", "tui.client", "tui.store", "tui.widgets", "tui.targets",
-               "tui.plotting"]
+               "tui.plotting", "tui.remote", "tui.children"]
 
 
 def run_py(code: str) -> str:
@@ -36,5 +36,6 @@ def test_agent_never_imports_textual_or_plotext():
 
 
 def test_agent_package_import_is_lazy():
-    code = "import sys, agent, agent.wire, agent.connfile; print('torch' in sys.modules)"
+    code = ("import sys, agent, agent.wire, agent.connfile, agent.binding\n"
+            "print('torch' in sys.modules)")
     assert run_py(code) == "False"

@@ -53,6 +53,9 @@ class NeurotopApp(App[None]):
         Binding("q", "quit", "quit"),
     ]
     CSS = "#main { height: 1fr; }"
+    #: Actions that drive the run: a read-only view neither shows nor runs them (the footer
+    #: and the help leave their keys out). Add every control action here.
+    CONTROL_ACTIONS = frozenset({"toggle_pause"})
 
     def __init__(self, client: LiveClient, *, read_only: bool = False) -> None:
         super().__init__()
@@ -84,6 +87,9 @@ class NeurotopApp(App[None]):
             self.query_one(StatusBar).draw(self.store, self.pending)
             self.query_one(LossPlot).draw(self.store, self.log_loss)
             self.query_one(LayerTable).draw(self.store)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return not (self.read_only and action in self.CONTROL_ACTIONS)
 
     # -- actions --------------------------------------------------------------------------
 
@@ -125,4 +131,7 @@ class NeurotopApp(App[None]):
                 ("s", "choose the statistic the trend column shows"),
                 ("l", "log scale for the loss plot"),
                 ("?", "this help"), ("q", "quit (the run goes on)")]
+        if self.read_only:
+            hidden = {b.key for b in self.BINDINGS if b.action in self.CONTROL_ACTIONS}
+            rows = [r for r in rows if r[0] not in hidden]
         self.push_screen(HelpScreen(rows))

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from agent import connfile
+from tui import remote
+from tui.children import die_with_parent
 from tui.client import CommandError, LiveClient
 from tui.targets import TargetError, resolve
 
@@ -42,18 +44,32 @@ def _run_ui(endpoints, read_only: bool) -> None:
 
 
 def cmd_ls(args: argparse.Namespace) -> None:
-    runs = connfile.live_runs()
+    if args.target:
+        runs, where = _remote_runs(args.target)
+    else:
+        runs, where = connfile.live_runs(), f"(looked in {connfile.runtime_dir()})"
     if args.json:
         print(json.dumps([{k: v for k, v in vars(r).items() if k != "key"} for r in runs],
                          indent=1))
         return
     if not runs:
-        print(f"no live runs (looked in {connfile.runtime_dir()})")
+        print(f"no live runs {where}")
         return
     print(f"{'RUN':<24} {'NAME':<16} {'PID':>7}  {'STARTED':<19}  TELEMETRY")
     for r in runs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.start_time))
         print(f"{r.run_id:<24} {r.name[:16]:<16} {r.pid:>7}  {started:<19}  {r.telemetry}")
+
+
+def _remote_runs(url: str) -> tuple[list[connfile.ConnectionInfo], str]:
+    try:
+        target = remote.SshTarget.parse(url) if url.startswith("ssh://") else None
+        if target is None or target.run:
+            _die(f"ls lists the runs of this machine or of ssh://[user@]host[:port], not {url!r}")
+        listing = remote.list_runs(target)
+    except remote.SshError as e:
+        _die(str(e))
+    return listing.live, listing.where
 
 
 def cmd_ctl(args: argparse.Namespace) -> None:
@@ -77,17 +93,7 @@ def _spawn_demo(script: Path, extra: list[str], run_id: str) -> subprocess.Popen
     env = dict(os.environ, NEUROTOP_RUN_ID=run_id, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, str(script), *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=_die_with_parent)
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the UI dies, so no demo is ever left behind."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+                            preexec_fn=die_with_parent)
 
 
 def _stop_child(proc: subprocess.Popen) -> None:
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
 
     a = sub.add_parser("attach", help="watch a live run (default: the newest on this machine)")
-    a.add_argument("target", nargs="?", help="run id or prefix, connection file, or tcp://host:port")
+    a.add_argument("target", nargs="?", help="run id or prefix, connection file,"
+                   " ssh://[user@]host[:port][/RUN], or tcp://host:port")
     a.add_argument("--read-only", action="store_true", help="watch only; no control")
     a.set_defaults(func=cmd_attach)
 
@@ -155,12 +162,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="anything else is passed to the demo script (e.g. --steps 500)")
     d.set_defaults(func=cmd_demo)
 
-    ls = sub.add_parser("ls", help="list live runs on this machine")
+    ls = sub.add_parser("ls", help="list live runs on this machine or over ssh")
+    ls.add_argument("target", nargs="?", help="ssh://[user@]host[:port] (default: this machine)")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
 
     c = sub.add_parser("ctl", help="send one command to a run and print its acknowledgement")
-    c.add_argument("target", help="run id or prefix, or connection file")
+    c.add_argument("target", help="run id or prefix, connection file, or"
+                   " ssh://[user@]host[:port][/RUN]")
     c.add_argument("command", choices=["pause", "resume"])
     c.add_argument("--timeout", type=float, default=10.0)
     c.set_defaults(func=cmd_ctl)

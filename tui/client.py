@@ -14,12 +14,16 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from agent import wire
+from agent.binding import make_client
 from tui.store import RunStore
+
+if TYPE_CHECKING:
+    from tui.remote import SshLink
 
 
 class CommandError(RuntimeError):
@@ -28,12 +32,16 @@ class CommandError(RuntimeError):
 
 @dataclass
 class Endpoints:
-    """Where a run listens, and its key (``None``: watch only, no control)."""
+    """Where a run listens, and its key (``None``: watch only, no control).
+    ``curve_server_key``: the run's CURVE public key when it binds with CURVE; ``link``:
+    the ssh tunnel these endpoints go through, closed with the client."""
 
     telemetry: str
     control: str | None = None
     key: bytes | None = None
     run_id: str = ""
+    curve_server_key: str = ""
+    link: SshLink | None = None
 
 
 def sender_id() -> str:
@@ -61,6 +69,8 @@ class LiveClient:
         return self.store.status.control
 
     def start(self) -> LiveClient:
+        if self.endpoints.link is not None:
+            self.endpoints.link.attach(self.store)
         self._thread.start()
         if self.can_control:
             self.command("schema").add_done_callback(self._on_schema_reply)
@@ -69,6 +79,8 @@ class LiveClient:
     def close(self) -> None:
         self._halt.set()
         self._thread.join(3)
+        if self.endpoints.link is not None:
+            self.endpoints.link.close()
 
     def command(self, cmd: str, args: dict[str, Any] | None = None,
                 timeout: float = 10.0) -> Future:
@@ -94,6 +106,8 @@ class LiveClient:
         sub.setsockopt(zmq.RCVHWM, 10000)
         sub.setsockopt(zmq.MAXMSGSIZE, wire.MAX_ARRAY_BYTES)
         sub.subscribe(b"")
+        if self.endpoints.curve_server_key:
+            make_client(sub, self.endpoints.curve_server_key)
         sub.connect(self.endpoints.telemetry)
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
@@ -101,6 +115,8 @@ class LiveClient:
         if self.can_control:
             dealer = ctx.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
+            if self.endpoints.curve_server_key:
+                make_client(dealer, self.endpoints.curve_server_key)
             dealer.connect(self.endpoints.control)
             poller.register(dealer, zmq.POLLIN)
         try:

@@ -54,6 +54,8 @@ class RunState:
     bad_messages: int = 0
     last_error: str = ""
     control: bool = False  # whether this UI may send commands
+    rejected: int = 0  # commands the run refused (unsigned, wrongly signed, replayed)
+    link: str = ""  # trouble with the way to the run (an ssh tunnel): "" while all is well
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -137,6 +139,7 @@ class RunStore:
         s.paused_at = h.get("paused_at")
         s.steps_per_s = float(h.get("steps_per_s", 0.0))
         s.remote_dropped = int(h.get("dropped", 0))
+        s.rejected = int(h.get("rejected", 0))
 
     def _on_event(self, msg: wire.Message) -> None:
         h = msg.header
@@ -155,6 +158,13 @@ class RunStore:
             self.status.bad_messages += 1
             self.status.last_error = text
             self.version += 1
+
+    def set_link(self, text: str) -> None:
+        """From the link's supervisor (e.g. "ssh tunnel down; reconnecting")."""
+        with self.lock:
+            if text != self.status.link:
+                self.status.link = text
+                self.version += 1
 
     # -- readers --------------------------------------------------------------------------
 

@@ -42,12 +42,16 @@ class StatusBar(Static):
             (f"{s.run_name or s.run_id or 'neurotop'}", "bold"), "  ",
             f"step {s.step}", "  ", f"{s.steps_per_s:6.1f} steps/s", "  ", mode,
         )
+        if s.link:
+            t.append(f"  {s.link}", style="bold red")
         if pending:
             t.append(f"  {pending}", style="italic")
         lost = s.missed + s.remote_dropped
         t.append(f"  conn: {conn}")
         if lost:
             t.append(f"  dropped: {lost}", style="yellow")
+        if s.rejected:
+            t.append(f"  refused cmds: {s.rejected}", style="red")
         if s.bad_messages:
             t.append(f"  bad msgs: {s.bad_messages}", style="red")
         if not s.control:
