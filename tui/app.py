@@ -15,6 +15,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
 from tui.client import CommandError, LiveClient
+from tui.control_panel import ControlActions, ControlPanel
 from tui.store import RunStore
 from tui.widgets import LayerTable, LossPlot, StatusBar
 
@@ -41,12 +42,17 @@ class HelpScreen(ModalScreen[None]):
         yield Static("\n".join(lines))
 
 
-class NeurotopApp(App[None]):
+class NeurotopApp(ControlActions, App[None]):
     """Live view of one run: status bar, loss plot, layers table."""
 
     TITLE = "neurotop"
     BINDINGS = [
         Binding("space", "toggle_pause", "pause/resume"),
+        Binding("n", "step_one", "step 1"),
+        Binding("c", "toggle_controls", "controls"),
+        Binding("e", "edit_knob", "edit knob", show=False),
+        Binding("w", "snapshot", "snapshot", show=False),
+        Binding("X", "stop_run", "stop run", show=False),
         Binding("s", "cycle_spark", "trend stat"),
         Binding("l", "toggle_log", "log loss"),
         Binding("question_mark", "help", "help"),
@@ -65,6 +71,7 @@ class NeurotopApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield StatusBar(id="status")
+        yield ControlPanel(id="controls")
         with Vertical(id="main"):
             yield LossPlot(id="loss")
             yield LayerTable(id="layers")
@@ -84,6 +91,7 @@ class NeurotopApp(App[None]):
             self.query_one(StatusBar).draw(self.store, self.pending)
             self.query_one(LossPlot).draw(self.store, self.log_loss)
             self.query_one(LayerTable).draw(self.store)
+            self.draw_controls()
 
     # -- actions --------------------------------------------------------------------------
 
@@ -122,6 +130,11 @@ class NeurotopApp(App[None]):
 
     def action_help(self) -> None:
         rows = [("space", "pause / resume the run at the next optimizer step"),
+                ("n", "run one optimizer step, then pause"),
+                ("c", "show / hide the control panel (knobs, command log)"),
+                ("e, enter", "edit the selected knob (asks to confirm)"),
+                ("w", "snapshot model + optimizer state"),
+                ("X", "stop the run gracefully (asks to confirm)"),
                 ("s", "choose the statistic the trend column shows"),
                 ("l", "log scale for the loss plot"),
                 ("?", "this help"), ("q", "quit (the run goes on)")]

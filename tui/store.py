@@ -47,6 +47,7 @@ class RunState:
     step: int = 0
     state: str = "connecting"  # connecting | running | paused | ended
     paused_at: int | None = None
+    pause_reason: str = ""  # why it paused: who asked, or what tripped auto-pause
     steps_per_s: float = 0.0
     last_message: float = 0.0
     remote_dropped: int = 0
@@ -71,6 +72,8 @@ class RunStore:
         self._stats: Growable | None = None
         self._scalars: dict[str, Growable] = {}
         self._last_seq: int | None = None
+        self.knobs: list[dict[str, Any]] = []  # the last `knobs` listing (types, bounds, docs)
+        self.knob_values: dict[str, Any] = {}  # current values, from every heartbeat
 
     # -- writer ---------------------------------------------------------------------------
 
@@ -137,13 +140,22 @@ class RunStore:
         s.paused_at = h.get("paused_at")
         s.steps_per_s = float(h.get("steps_per_s", 0.0))
         s.remote_dropped = int(h.get("dropped", 0))
+        s.pause_reason = str(h.get("pause_reason") or "")
+        if isinstance(h.get("knobs"), dict):
+            self.knob_values = h["knobs"]
 
     def _on_event(self, msg: wire.Message) -> None:
-        h = msg.header
-        if h.get("event") == "ack" and h.get("ok") and h.get("cmd") in ("pause", "resume"):
-            self.status.state = str(h["new"])
-            self.status.paused_at = h["step"] if h["new"] == "paused" else None
-            self.status.step = max(self.status.step, int(h["step"]))
+        h, s = msg.header, self.status
+        ev = h.get("event")
+        if (ev == "paused" or (ev == "ack" and h.get("ok"))) \
+                and h.get("state") in ("running", "paused"):
+            # Acks and "paused" events carry the run state after them: no wait for a heartbeat.
+            s.state, s.paused_at = h["state"], h.get("paused_at")
+            s.pause_reason = str(h.get("pause_reason") or "")
+            if isinstance(h.get("step"), int):
+                s.step = max(s.step, h["step"])
+        if ev == "ack" and h.get("ok") and h.get("cmd") == "knobs":
+            self.knobs = [k for k in h["knobs"] if isinstance(k, dict) and "name" in k]
         self.status.events.append(dict(h))
         del self.status.events[:-500]
 
@@ -166,6 +178,10 @@ class RunStore:
         if not s.last_message:
             return "waiting"
         return "live" if time.time() - s.last_message < self.STALE_AFTER_S else "stale"
+
+    def recent_events(self, n: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.status.events[-n:])
 
     def steps(self) -> np.ndarray:
         with self.lock:

@@ -42,6 +42,9 @@ class StatusBar(Static):
             (f"{s.run_name or s.run_id or 'neurotop'}", "bold"), "  ",
             f"step {s.step}", "  ", f"{s.steps_per_s:6.1f} steps/s", "  ", mode,
         )
+        if s.state == "paused" and s.pause_reason:
+            auto = s.pause_reason.startswith("auto-pause")
+            t.append(f"  {s.pause_reason}", style="bold red" if auto else "yellow")
         if pending:
             t.append(f"  {pending}", style="italic")
         lost = s.missed + s.remote_dropped
