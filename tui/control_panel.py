@@ -110,14 +110,14 @@ class ControlPanel(Vertical):
         table.add_column("knob", key="knob")
         table.add_column("value", key="value")
         table.add_column("type", key="type")
-        self._names: list[str] = []
+        self._names: list[tuple[str, bool]] = []
 
     def draw(self, store: RunStore) -> None:
         table = self.query_one(DataTable)
         # Without a listing (read-only viewers cannot ask for one) the heartbeat's values
         # still show, untyped.
         specs = store.knobs or [{"name": n} for n in store.knob_values]
-        names = [k["name"] for k in specs]
+        names = [(k["name"], "type" in k) for k in specs]
         if names != self._names:
             table.clear()
             for k in specs:
@@ -208,8 +208,11 @@ class KnobEditScreen(ModalScreen[dict[str, Any] | None]):
         op = "x" if args.get("op") == "mul" else ""
         question = (f"Set [b]{args['knob']}[/b] from {fmt_value(self.current)} to"
                     f" [b]{op}{args['value']}[/b]?")
-        self.app.push_screen(ConfirmScreen(question),
-                             lambda yes: self.dismiss(args) if yes else None)
+        def answered(yes: bool | None) -> None:
+            if yes:  # declined: stay here, nothing is sent
+                self.dismiss(args)
+
+        self.app.push_screen(ConfirmScreen(question), answered)
 
     def check(self, knob: str, text: str) -> tuple[dict[str, Any], str | None]:
         """The command args, or the reason they would be refused."""

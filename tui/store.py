@@ -51,6 +51,7 @@ class RunState:
     steps_per_s: float = 0.0
     last_message: float = 0.0
     remote_dropped: int = 0
+    control_refused: int = 0  # control messages the run refused (malformed, unsigned, invalid)
     missed: int = 0  # telemetry messages lost between agent and UI (seq gaps)
     bad_messages: int = 0
     last_error: str = ""
@@ -140,6 +141,7 @@ class RunStore:
         s.paused_at = h.get("paused_at")
         s.steps_per_s = float(h.get("steps_per_s", 0.0))
         s.remote_dropped = int(h.get("dropped", 0))
+        s.control_refused = int(h.get("rejected", 0))
         s.pause_reason = str(h.get("pause_reason") or "")
         if isinstance(h.get("knobs"), dict):
             self.knob_values = h["knobs"]

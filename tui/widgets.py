@@ -51,6 +51,8 @@ class StatusBar(Static):
         t.append(f"  conn: {conn}")
         if lost:
             t.append(f"  dropped: {lost}", style="yellow")
+        if s.control_refused:
+            t.append(f"  refused cmds: {s.control_refused}", style="dim")
         if s.bad_messages:
             t.append(f"  bad msgs: {s.bad_messages}", style="red")
         if not s.control:
