@@ -194,6 +194,8 @@ class Controller:
             self.knobs.validate(args["knob"], args["value"], args.get("op", "set"))
         except ValueError as e:
             return str(e)
+        except Exception as e:  # untrusted input must never take the agent thread down
+            return f"cannot set {args['knob']}: {e!r}"
         return None
 
     def submit(self, p: Pending) -> None:
@@ -244,7 +246,10 @@ class Controller:
                 p = self.queue.get(timeout=0.05) if block else self.queue.get_nowait()
             except queue.Empty:
                 return
-            ack = self._apply(p, step)
+            try:
+                ack = self._apply(p, step)
+            except Exception as e:  # a command must never crash the training loop
+                ack = self._ack(p, ok=False, step=None, error=f"{p.cmd} failed: {e!r}")
             if ack is not None:
                 p.reply(ack)
             block = False

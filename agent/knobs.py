@@ -138,7 +138,7 @@ class GroupKnob(Knob):
         v = self.optimizer.param_groups[int(target)].get(self.name)
         if isinstance(v, torch.Tensor):
             return float(v) if v.device.type == "cpu" else None  # never sync a device here
-        return v
+        return None if v is None else float(v)  # plain floats go on the wire (not numpy's)
 
     def put(self, target: str, value: Value) -> None:
         g = self.optimizer.param_groups[int(target)]
@@ -242,7 +242,7 @@ class Dropout(ModuleKnob):
                          modules, need_glob=False, min=0.0, max=1.0)
 
     def get(self, target: str) -> float:
-        return self.modules[target].p
+        return float(self.modules[target].p)
 
     def put(self, target: str, value: Value) -> None:
         self.modules[target].p = float(value)
@@ -365,12 +365,12 @@ class Knobs:
 
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [{**k.spec(), "value": k.listed(), "targets": _safe_targets(k)}
+            return [{**k.spec(), "value": _safe_listed(k), "targets": _safe_targets(k)}
                     for k in self._knobs.values()]
 
     def values(self) -> dict[str, Any]:
         with self._lock:
-            return {k.name: k.listed() for k in self._knobs.values()}
+            return {k.name: _safe_listed(k) for k in self._knobs.values()}
 
     def validate(self, knob: str, value: Any, op: str) -> None:
         """Raise ``ValueError`` with the reason if ``set knob value`` cannot be applied."""
@@ -434,6 +434,15 @@ def _kind(v: Any) -> str | None:
     if isinstance(v, int):
         return "int"
     return "float" if isinstance(v, float) else None
+
+
+def _safe_listed(k: Knob) -> Any:
+    """A knob's value for the agent thread: None rather than an exception if some odd
+    object sits where a number should be (the heartbeat must keep going)."""
+    try:
+        return k.listed()
+    except Exception:
+        return None
 
 
 def _safe_targets(k: Knob) -> list[str]:
