@@ -151,18 +151,19 @@ def test_pause_holds_step_advances_exactly_and_bad_values_are_refused(start_run,
 
 def test_l1_penalty_raises_the_zero_fraction_of_a_relu_layer(start_run, tmp_path):
     logs = {name: tmp_path / f"{name}.jsonl" for name in ("plain", "l1")}
-    runs = {name: start_run("--steps", "400", "--step-sleep", "0.004", "--log", str(p),
+    runs = {name: start_run("--steps", "500", "--step-sleep", "0.004", "--log", str(p),
                             script=LOOP) for name, p in logs.items()}
     c = connect(runs["l1"])
     try:
         ack = c.command("set", {"knob": "l1[1]", "value": 0.05}).result(10)
-        assert ack["ok"] and ack["applied_to"] == ["1"] and ack["step"] < 150
+        assert ack["ok"] and ack["applied_to"] == ["1"] and ack["step"] < 250
     finally:
         c.close()
     for r in runs.values():
         assert r.proc.wait(60) == 0
-    zero = {name: np.mean([d["relu_zero"] for s, d in steps_logged(p).items() if s > 300])
+    zero = {name: np.mean([d["relu_zero"] for s, d in steps_logged(p).items() if s > 400])
             for name, p in logs.items()}
+    print(f"ReLU zero fraction over steps 401-500: {zero} (L1 set at step {ack['step']})")
     assert zero["l1"] > zero["plain"] + 0.1, f"L1 did not sparsify the ReLU layer: {zero}"
 
 
