@@ -6,10 +6,14 @@
 
 from typing import Any
 
-__all__ = ["watch", "Monitor"]
+__all__ = ["watch", "Monitor", "StopTraining"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "StopTraining":
+        from agent.control import StopTraining
+
+        return StopTraining
     if name in __all__:
         from agent import monitor
 

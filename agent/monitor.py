@@ -21,9 +21,12 @@ import torch
 from torch import nn
 
 from agent import connfile
+from agent.autopause import AutoPause
 from agent.binding import CurveKeys, check_bind
 from agent.control import Controller
+from agent.knobs import Knobs, UserKnob
 from agent.service import AgentService, Report
+from agent.snapshot import Snapshotter
 from agent.stats import LAYER_STATS, first_tensor, global_grad_norm, layer_stats
 
 #: Scalars every run reports; user scalars from ``observe`` follow, then host-side ones.
@@ -37,7 +40,9 @@ class Monitor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  name: str | None = None, report_every: int = 1, run_id: str | None = None,
                  bind_host: str = "127.0.0.1", heartbeat_s: float = 0.5,
-                 curve: bool = False) -> None:
+                 curve: bool = False, scheduler: Any = None, auto_pause: bool = True,
+                 auto_pause_alerts: tuple[str, ...] = (), snapshot: Any = None,
+                 raise_on_stop: bool = False) -> None:
         if report_every < 1:
             raise ValueError(f"report_every must be >= 1, got {report_every}")
         check_bind(bind_host, curve)  # before any hook is registered
@@ -58,7 +63,11 @@ class Monitor:
         self._grad_norm: torch.Tensor | None = None
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._rate = (time.monotonic(), 0, 0.0)  # (t, step, steps/s) for the heartbeat
-        self.controller = Controller()
+        self.knobs = Knobs(model, optimizer, scheduler=scheduler, auto_pause=auto_pause)
+        self.controller = Controller(
+            knobs=self.knobs, raise_on_stop=raise_on_stop,
+            snapshot=Snapshotter(model, optimizer, self.run_id, snapshot,
+                                 lambda: self.connection.run_dir or "runs"))
         modules = dict(model.named_modules())
         self._handles = [modules[n].register_forward_hook(self._forward_hook(i))
                          for i, n in enumerate(self._layers)]
@@ -68,7 +77,10 @@ class Monitor:
         self.service = AgentService(run_id=self.run_id, key=key, controller=self.controller,
                                     schema=self._schema, status=self._status,
                                     bind_host=bind_host, heartbeat_s=heartbeat_s,
-                                    curve=curve_keys)
+                                    curve=curve_keys,
+                                    auto_pause=AutoPause(lambda: self.knobs.auto_pause.value,
+                                                         auto_pause_alerts,
+                                                         lambda: self.controller.resumes))
         self.service.start()
         self.connection = connfile.ConnectionInfo(
             run_id=self.run_id, name=self.name, pid=os.getpid(), start_time=self.start_time,
@@ -93,6 +105,22 @@ class Monitor:
     def paused(self) -> bool:
         return self.controller.paused
 
+    @property
+    def should_stop(self) -> bool:
+        """True once an operator sent ``stop``: finish the step, save, leave the loop."""
+        return self.controller.stop_requested
+
+    def knob(self, name: str, default: bool | int | float, *, min: float | None = None,
+             max: float | None = None, doc: str = "") -> UserKnob:
+        """A value the operator can change live (``neurotop ctl RUN set NAME V``). Read
+        ``.value`` (or ``float(k)``) each step; it changes only at optimizer step boundaries.
+        Asking again for the same name returns the same knob."""
+        return self.knobs.user(name, default, min=min, max=max, doc=doc)
+
+    def use_scheduler(self, scheduler: Any) -> None:
+        """Tell the ``lr`` knob about an LR scheduler created after ``watch``."""
+        self.knobs.scheduler = scheduler
+
     def close(self) -> None:
         """Remove hooks, flush the last reports, delete the connection file. Idempotent."""
         if self._closed:
@@ -102,6 +130,7 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self.controller.close()
+        self.knobs.close()
         self.service.stop()
         self.connection_file.unlink(missing_ok=True)
 
@@ -125,6 +154,7 @@ class Monitor:
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._active:
             self._grad_norm = global_grad_norm(self._params)
+        self.knobs.pre_step()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step += 1

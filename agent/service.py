@@ -10,6 +10,7 @@ drops and counts when full) and the acks it queues.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -21,12 +22,16 @@ import numpy as np
 import zmq
 
 from agent import wire
+from agent.autopause import AutoPause
 from agent.binding import CurveKeys, check_bind
-from agent.control import BOUNDARY_COMMANDS, Controller, Pending
+from agent.control import BOUNDARY_COMMANDS, IMMEDIATE_COMMANDS, Controller, Pending
 
 log = logging.getLogger("neurotop.agent")
 
 NONCE_WINDOW_S = 120.0
+#: Refused control messages are logged (and published as events) at most this often per
+#: second; the rest are only counted, so a flood cannot flood the log or the stream.
+REFUSALS_SHOWN_PER_S = 5
 
 
 @dataclass
@@ -48,7 +53,7 @@ class AgentService(threading.Thread):
                  schema: Callable[[], dict[str, Any]], status: Callable[[], dict[str, Any]],
                  bind_host: str = "127.0.0.1", rank: int = 0, heartbeat_s: float = 0.5,
                  schema_every_s: float = 5.0, max_queued_reports: int = 64,
-                 curve: CurveKeys | None = None) -> None:
+                 curve: CurveKeys | None = None, auto_pause: AutoPause | None = None) -> None:
         check_bind(bind_host, curve is not None)
         super().__init__(name="neurotop-agent", daemon=True)
         self._curve = curve
@@ -58,7 +63,11 @@ class AgentService(threading.Thread):
         self._bind_host = bind_host
         self.heartbeat_s, self.schema_every_s = heartbeat_s, schema_every_s
         self.reports: queue.Queue[Report] = queue.Queue(maxsize=max_queued_reports)
-        self._replies: queue.Queue[tuple[bytes, dict[str, Any]]] = queue.Queue()
+        self._replies: queue.Queue[tuple[bytes | None, dict[str, Any]]] = queue.Queue()
+        self._events: list[dict[str, Any]] = []  # audit events, published before the acks
+        self.auto_pause = auto_pause
+        self._refusals_shown = (0.0, 0)  # (second, how many shown in it)
+        self._internal = 0
         self._halt = threading.Event()
         self._ready = threading.Event()
         self._seq = 0
@@ -131,7 +140,12 @@ class AgentService(threading.Thread):
         while not self._halt.is_set():
             for sock, _ in poller.poll(timeout=10):
                 if sock is router:
-                    self._on_control(router, sock.recv_multipart())
+                    frames = sock.recv_multipart()
+                    try:
+                        self._on_control(router, frames)
+                    except Exception:  # control input must never stop the agent thread
+                        self.rejected += 1
+                        log.exception("error while handling a control message")
                 elif sock.recv()[:1] == b"\x01":  # a new subscription
                     next_schema = next_hb = 0.0
             self._publish_reports(pub)  # first: a step's stats precede the ack naming it
@@ -143,7 +157,7 @@ class AgentService(threading.Thread):
             if now >= next_hb:
                 self._publish(pub, {"kind": wire.HEARTBEAT, "control": self.control_endpoint,
                                     "dropped": self.dropped, "rejected": self.rejected,
-                                    **self._status()})
+                                    **self._status(), **self.controller.heartbeat()})
                 next_hb = now + self.heartbeat_s
 
     def _flush(self, pub: zmq.Socket, router: zmq.Socket) -> None:
@@ -173,9 +187,13 @@ class AgentService(threading.Thread):
             block = r.block.numpy().astype(np.float32, copy=False)
             scalars = np.concatenate([r.scalars.numpy().astype(np.float32, copy=False),
                                       np.asarray(r.host_scalars, dtype=np.float32)])
+            schema = self._schema()
             self._publish(pub, {"kind": wire.STATS, "step": r.step, "wall": r.t,
-                                "schema_id": self._schema()["schema_id"],
+                                "schema_id": schema["schema_id"],
                                 "dropped": self.dropped}, [block, scalars])
+            if self.auto_pause is not None:
+                self._maybe_auto_pause(self.auto_pause.check_report(r.step, block, scalars,
+                                                                     schema))
 
     # -- control ------------------------------------------------------------------------
 
@@ -203,37 +221,72 @@ class AgentService(threading.Thread):
         if error:
             self._refuse(ident, req, error)
             return
-        sender = str(req.get("sender", ""))[:200]
-        if cmd == "schema":
-            self._queue_reply(ident, {"id": rid, "cmd": cmd, "ok": True,
-                                            "schema": self._schema(), **self._status()})
+        self._route(ident, rid, cmd, args, str(req.get("sender", ""))[:200])
+
+    def _route(self, ident: bytes, rid: str, cmd: str, args: dict[str, Any],
+               sender: str) -> None:
+        """An authentic request: audit it, then answer, refuse, or queue it for the boundary."""
+        if cmd != "schema":  # the audit trail: who asked for what, before its ack
+            self._events.append({"event": "command", "id": rid, "cmd": cmd, "args": args,
+                                 "sender": sender, "client": ident.hex()})
+        error = self.controller.validate(cmd, args)
+        base = {"id": rid, "cmd": cmd, "args": args, "sender": sender}
+        if error:
+            self.rejected += 1
+            self._queue_reply(ident, {**base, "ok": False, "step": None, "error": error})
+        elif cmd == "schema":
+            self._queue_reply(ident, {**base, "ok": True, "schema": self._schema(),
+                                      **self._status()})
+        elif cmd == "knobs":
+            self._queue_reply(ident, {**base, "ok": True, "step": self._status()["step"],
+                                      "knobs": self.controller.describe_knobs()})
         elif cmd in BOUNDARY_COMMANDS:
             self.controller.submit(Pending(rid, cmd, args, sender,
                                            lambda ack, i=ident: self._queue_reply(i, ack)))
-        else:
-            known = ", ".join(sorted(BOUNDARY_COMMANDS | {"schema"}))
-            self._queue_reply(ident, {"id": rid, "cmd": cmd, "ok": False,
-                                            "error": f"unknown command {cmd!r}; known: {known}"})
+        else:  # validate() knows every command; this guards a table falling out of step
+            known = ", ".join(sorted(BOUNDARY_COMMANDS | IMMEDIATE_COMMANDS))
+            self._queue_reply(ident, {**base, "ok": False,
+                                      "error": f"unknown command {cmd!r}; known: {known}"})
 
     def _refuse(self, ident: bytes, req: dict[str, Any], error: str) -> None:
-        """Count, log and audit a refused request: the refusal goes back to its sender and,
-        as an ``event``, to every viewer. ``sender`` is what the request claims, unverified."""
+        """A request that is malformed, unsigned, stale or replayed: count it, answer its
+        sender, and show it to every viewer (log + ``refused`` event) unless refusals are
+        flooding in. ``sender`` is what the request claims, unverified."""
         self.rejected += 1
         rid, cmd, sender = (req.get(k) for k in ("id", "cmd", "sender"))
+        rid = rid if isinstance(rid, str) else None
+        cmd = cmd[:200] if isinstance(cmd, str) else None
         sender = sender[:200] if isinstance(sender, str) else ""
-        log.warning("refused control request %r from %r: %s", cmd, sender or "?", error)
-        self._queue_reply(ident, {"id": rid if isinstance(rid, str) else None,
-                                  "cmd": cmd[:200] if isinstance(cmd, str) else None,
-                                  "ok": False, "error": error, "event": "refused",
-                                  "sender": sender, "rejected": self.rejected})
+        self._queue_reply(ident, {"id": rid, "cmd": cmd, "ok": False, "error": error},
+                          publish=False)
+        sec, shown = self._refusals_shown
+        now = int(time.monotonic())
+        if now != sec:
+            sec, shown = now, 0
+        if shown < REFUSALS_SHOWN_PER_S:
+            log.warning("refused control request %r from %r: %s", cmd, sender or "?", error)
+            self._events.append({"event": "refused", "id": rid, "cmd": cmd, "error": error,
+                                 "sender": sender, "client": ident.hex(),
+                                 "rejected": self.rejected})
+        self._refusals_shown = (sec, shown + 1)
+
+    def _maybe_auto_pause(self, reason: str | None) -> None:
+        """Queue the auto-pause as an ordinary command; its ack goes to telemetry only."""
+        if reason:
+            self._internal += 1
+            log.warning("%s", reason)
+            self.controller.submit(Pending(f"auto-{self._internal}", "pause",
+                                           {"reason": reason[:200]}, "auto-pause",
+                                           lambda ack: self._queue_reply(None, ack)))
 
     def _staleness(self, req: dict[str, Any]) -> str | None:
         """Why a request is not fresh (None if it is): a nonce is accepted once, and only
         within NONCE_WINDOW_S of this machine's clock, so remembered nonces stay few."""
         nonce, ts = req.get("nonce"), req.get("ts")
         now = time.time()
-        if not isinstance(nonce, str) or not isinstance(ts, (int, float)):
-            return "a request needs a string 'nonce' and a number 'ts'"
+        if not isinstance(nonce, str) or not isinstance(ts, (int, float)) \
+                or not math.isfinite(ts):
+            return "a request needs a string 'nonce' and a finite number 'ts'"
         if nonce in self._nonces:
             return "replayed request (its nonce was seen before)"
         if abs(now - ts) > NONCE_WINDOW_S:
@@ -243,21 +296,33 @@ class AgentService(threading.Thread):
         self._nonces[nonce] = now
         return None
 
-    def _queue_reply(self, ident: bytes, ack: dict[str, Any]) -> None:
-        self._replies.put((ident, ack))
+    def _queue_reply(self, ident: bytes | None, ack: dict[str, Any],
+                     publish: bool = True) -> None:
+        """``ident`` None: an internal command, whose ack is telemetry only."""
+        self._replies.put((ident, {**ack, "_publish": publish}))
 
     def _send_replies(self, pub: zmq.Socket, router: zmq.Socket) -> None:
+        events, self._events = self._events, []
+        while True:
+            try:
+                events.append(self.controller.events.get_nowait())
+            except queue.Empty:
+                break
+        for ev in events:
+            self._publish(pub, {"kind": wire.EVENT, **ev})
         while True:
             try:
                 ident, ack = self._replies.get_nowait()
             except queue.Empty:
                 return
-            payload = {"v": wire.PROTOCOL_VERSION, "kind": "reply", **ack}
-            try:
-                router.send_multipart([ident, *wire.encode_signed(self.key, payload)],
-                                      flags=zmq.NOBLOCK)
-            except zmq.ZMQError as e:
-                log.warning("could not reply to a control client: %s", e)
-            if "schema" not in ack:
+            publish = ack.pop("_publish")
+            if ident is not None:
+                payload = {"v": wire.PROTOCOL_VERSION, "kind": "reply", **ack}
+                try:
+                    router.send_multipart([ident, *wire.encode_signed(self.key, payload)],
+                                          flags=zmq.NOBLOCK)
+                except zmq.ZMQError as e:
+                    log.warning("could not reply to a control client: %s", e)
+            if publish and "schema" not in ack:
                 # Every ack is also telemetry, so every viewer sees the command log.
                 self._publish(pub, {"kind": wire.EVENT, "event": "ack", **ack})

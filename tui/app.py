@@ -15,6 +15,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
 from tui.client import CommandError, LiveClient
+from tui.control_panel import ControlActions, ControlPanel
 from tui.store import RunStore
 from tui.widgets import LayerTable, LossPlot, StatusBar
 
@@ -41,12 +42,17 @@ class HelpScreen(ModalScreen[None]):
         yield Static("\n".join(lines))
 
 
-class NeurotopApp(App[None]):
+class NeurotopApp(ControlActions, App[None]):
     """Live view of one run: status bar, loss plot, layers table."""
 
     TITLE = "neurotop"
     BINDINGS = [
         Binding("space", "toggle_pause", "pause/resume"),
+        Binding("n", "step_one", "step 1"),
+        Binding("c", "toggle_controls", "controls"),
+        Binding("e", "edit_knob", "edit knob", show=False),
+        Binding("w", "snapshot", "snapshot", show=False),
+        Binding("X", "stop_run", "stop run", show=False),
         Binding("s", "cycle_spark", "trend stat"),
         Binding("l", "toggle_log", "log loss"),
         Binding("question_mark", "help", "help"),
@@ -55,7 +61,18 @@ class NeurotopApp(App[None]):
     CSS = "#main { height: 1fr; }"
     #: Actions that drive the run: a read-only view neither shows nor runs them (the footer
     #: and the help leave their keys out). Add every control action here.
-    CONTROL_ACTIONS = frozenset({"toggle_pause"})
+    CONTROL_ACTIONS = frozenset({"toggle_pause", "step_one", "toggle_controls", "edit_knob",
+                                 "snapshot", "stop_run"})
+    #: (keys, action, what it does) for the help screen.
+    HELP = (("space", "toggle_pause", "pause / resume the run at the next optimizer step"),
+            ("n", "step_one", "run one optimizer step, then pause"),
+            ("c", "toggle_controls", "show / hide the control panel (knobs, command log)"),
+            ("e, enter", "edit_knob", "edit the selected knob (asks to confirm)"),
+            ("w", "snapshot", "snapshot model + optimizer state"),
+            ("X", "stop_run", "stop the run gracefully (asks to confirm)"),
+            ("s", "cycle_spark", "choose the statistic the trend column shows"),
+            ("l", "toggle_log", "log scale for the loss plot"),
+            ("?", "help", "this help"), ("q", "quit", "quit (the run goes on)"))
 
     def __init__(self, client: LiveClient, *, read_only: bool = False) -> None:
         super().__init__()
@@ -68,6 +85,7 @@ class NeurotopApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield StatusBar(id="status")
+        yield ControlPanel(id="controls")
         with Vertical(id="main"):
             yield LossPlot(id="loss")
             yield LayerTable(id="layers")
@@ -87,6 +105,7 @@ class NeurotopApp(App[None]):
             self.query_one(StatusBar).draw(self.store, self.pending)
             self.query_one(LossPlot).draw(self.store, self.log_loss)
             self.query_one(LayerTable).draw(self.store)
+            self.draw_controls()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return not (self.read_only and action in self.CONTROL_ACTIONS)
@@ -94,9 +113,6 @@ class NeurotopApp(App[None]):
     # -- actions --------------------------------------------------------------------------
 
     def action_toggle_pause(self) -> None:
-        if self.read_only:
-            self.notify("read-only: this view cannot pause the run", severity="warning")
-            return
         cmd = "resume" if self.store.status.state == "paused" else "pause"
         self.pending = f"{cmd} requested…"
         self.client.command(cmd).add_done_callback(
@@ -127,11 +143,6 @@ class NeurotopApp(App[None]):
         self.redraw(force=True)
 
     def action_help(self) -> None:
-        rows = [("space", "pause / resume the run at the next optimizer step"),
-                ("s", "choose the statistic the trend column shows"),
-                ("l", "log scale for the loss plot"),
-                ("?", "this help"), ("q", "quit (the run goes on)")]
-        if self.read_only:
-            hidden = {b.key for b in self.BINDINGS if b.action in self.CONTROL_ACTIONS}
-            rows = [r for r in rows if r[0] not in hidden]
+        rows = [(keys, text) for keys, action, text in self.HELP
+                if not (self.read_only and action in self.CONTROL_ACTIONS)]
         self.push_screen(HelpScreen(rows))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from agent import connfile
+from agent.control import parse_value, split_knob
 from tui import remote
 from tui.children import die_with_parent
 from tui.client import CommandError, LiveClient
@@ -70,23 +71,49 @@ def _remote_runs(url: str) -> tuple[list[connfile.ConnectionInfo], str]:
     except remote.SshError as e:
         _die(str(e))
     return listing.live, listing.where
+CTL_COMMANDS = ("pause", "resume", "step", "set", "knobs", "snapshot", "stop")
+ACK_FIELDS = ("id", "cmd", "ok", "step", "old", "new", "until", "applied_to", "knobs")
+
+
+def ctl_args(command: str, words: list[str]) -> dict:
+    """``step 3`` -> ``{"n": 3}``; ``set lr x0.5`` -> ``{"knob": "lr", "value": 0.5,
+    "op": "mul"}``. Raises ``ValueError`` with a usage message."""
+    if command == "step":
+        if len(words) != 1 or not words[0].isdigit() or int(words[0]) < 1:
+            raise ValueError("usage: neurotop ctl TARGET step N (N >= 1 optimizer steps)")
+        return {"n": int(words[0])}
+    if command == "set":
+        if len(words) != 2:
+            raise ValueError("usage: neurotop ctl TARGET set KNOB VALUE (VALUE: a number,"
+                             " true/false, or xFACTOR); list knobs with: ctl TARGET knobs")
+        split_knob(words[0])
+        value, op = parse_value(words[1])
+        return {"knob": words[0], "value": value, **({"op": op} if op == "mul" else {})}
+    if words:
+        raise ValueError(f"{command} takes no arguments, got {' '.join(words)}")
+    return {}
 
 
 def cmd_ctl(args: argparse.Namespace) -> None:
+    try:
+        cmd_args = ctl_args(args.command, args.args)
+    except ValueError as e:
+        _die(str(e))
     try:
         endpoints = resolve(args.target)
     except TargetError as e:
         _die(str(e))
     client = LiveClient(endpoints).start()
     try:
-        ack = client.command(args.command, {}).result(timeout=args.timeout + 1)
+        ack = client.command(args.command, cmd_args, timeout=args.timeout).result(
+            timeout=args.timeout + 1)
     except CommandError as e:
         _die(f"{args.command} rejected: {e}", 1)
     except TimeoutError:
         _die(f"{args.command}: no acknowledgement within {args.timeout} s", 1)
     finally:
         client.close()
-    print(json.dumps({k: ack.get(k) for k in ("id", "cmd", "ok", "step", "old", "new")}))
+    print(json.dumps({k: ack.get(k) for k in ACK_FIELDS if k in ack}, default=str))
 
 
 def _spawn_demo(script: Path, extra: list[str], run_id: str) -> subprocess.Popen:
@@ -170,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("ctl", help="send one command to a run and print its acknowledgement")
     c.add_argument("target", help="run id or prefix, connection file, or"
                    " ssh://[user@]host[:port][/RUN]")
-    c.add_argument("command", choices=["pause", "resume"])
+    c.add_argument("command", choices=CTL_COMMANDS)
+    c.add_argument("args", nargs="*", metavar="ARG", help="step N | set KNOB VALUE")
     c.add_argument("--timeout", type=float, default=10.0)
     c.set_defaults(func=cmd_ctl)
 

@@ -47,14 +47,15 @@ class RunState:
     step: int = 0
     state: str = "connecting"  # connecting | running | paused | ended
     paused_at: int | None = None
+    pause_reason: str = ""  # why it paused: who asked, or what tripped auto-pause
     steps_per_s: float = 0.0
     last_message: float = 0.0
     remote_dropped: int = 0
+    rejected: int = 0  # control messages the run refused (malformed, unsigned, replayed, invalid)
     missed: int = 0  # telemetry messages lost between agent and UI (seq gaps)
     bad_messages: int = 0
     last_error: str = ""
     control: bool = False  # whether this UI may send commands
-    rejected: int = 0  # commands the run refused (unsigned, wrongly signed, replayed)
     link: str = ""  # trouble with the way to the run (an ssh tunnel): "" while all is well
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -73,6 +74,8 @@ class RunStore:
         self._stats: Growable | None = None
         self._scalars: dict[str, Growable] = {}
         self._last_seq: int | None = None
+        self.knobs: list[dict[str, Any]] = []  # the last `knobs` listing (types, bounds, docs)
+        self.knob_values: dict[str, Any] = {}  # current values, from every heartbeat
 
     # -- writer ---------------------------------------------------------------------------
 
@@ -140,13 +143,22 @@ class RunStore:
         s.steps_per_s = float(h.get("steps_per_s", 0.0))
         s.remote_dropped = int(h.get("dropped", 0))
         s.rejected = int(h.get("rejected", 0))
+        s.pause_reason = str(h.get("pause_reason") or "")
+        if isinstance(h.get("knobs"), dict):
+            self.knob_values = h["knobs"]
 
     def _on_event(self, msg: wire.Message) -> None:
-        h = msg.header
-        if h.get("event") == "ack" and h.get("ok") and h.get("cmd") in ("pause", "resume"):
-            self.status.state = str(h["new"])
-            self.status.paused_at = h["step"] if h["new"] == "paused" else None
-            self.status.step = max(self.status.step, int(h["step"]))
+        h, s = msg.header, self.status
+        ev = h.get("event")
+        if (ev == "paused" or (ev == "ack" and h.get("ok"))) \
+                and h.get("state") in ("running", "paused"):
+            # Acks and "paused" events carry the run state after them: no wait for a heartbeat.
+            s.state, s.paused_at = h["state"], h.get("paused_at")
+            s.pause_reason = str(h.get("pause_reason") or "")
+            if isinstance(h.get("step"), int):
+                s.step = max(s.step, h["step"])
+        if ev == "ack" and h.get("ok") and h.get("cmd") == "knobs":
+            self.knobs = [k for k in h["knobs"] if isinstance(k, dict) and "name" in k]
         self.status.events.append(dict(h))
         del self.status.events[:-500]
 
@@ -176,6 +188,10 @@ class RunStore:
         if not s.last_message:
             return "waiting"
         return "live" if time.time() - s.last_message < self.STALE_AFTER_S else "stale"
+
+    def recent_events(self, n: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.status.events[-n:])
 
     def steps(self) -> np.ndarray:
         with self.lock:

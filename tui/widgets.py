@@ -44,6 +44,9 @@ class StatusBar(Static):
         )
         if s.link:
             t.append(f"  {s.link}", style="bold red")
+        if s.state == "paused" and s.pause_reason:
+            auto = s.pause_reason.startswith("auto-pause")
+            t.append(f"  {s.pause_reason}", style="bold red" if auto else "yellow")
         if pending:
             t.append(f"  {pending}", style="italic")
         lost = s.missed + s.remote_dropped
