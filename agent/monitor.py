@@ -22,6 +22,7 @@ from torch import nn
 
 from agent import connfile
 from agent.control import Controller
+from agent.recorder import start_recording
 from agent.service import AgentService, Report
 from agent.stats import LAYER_STATS, first_tensor, global_grad_norm, layer_stats
 
@@ -35,7 +36,8 @@ class Monitor:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  name: str | None = None, report_every: int = 1, run_id: str | None = None,
-                 bind_host: str = "127.0.0.1", heartbeat_s: float = 0.5) -> None:
+                 bind_host: str = "127.0.0.1", heartbeat_s: float = 0.5,
+                 record: bool | str | os.PathLike | None = True) -> None:
         if report_every < 1:
             raise ValueError(f"report_every must be >= 1, got {report_every}")
         self.model, self.optimizer = model, optimizer
@@ -61,14 +63,16 @@ class Monitor:
         self._handles += [optimizer.register_step_pre_hook(self._pre_step),
                           optimizer.register_step_post_hook(self._post_step)]
         key = os.urandom(32)
+        self.recorder = start_recording(record, self.run_id, self.name, self.start_time)
         self.service = AgentService(run_id=self.run_id, key=key, controller=self.controller,
                                     schema=self._schema, status=self._status,
-                                    bind_host=bind_host, heartbeat_s=heartbeat_s)
+                                    bind_host=bind_host, heartbeat_s=heartbeat_s,
+                                    recorder=self.recorder)
         self.service.start()
         self.connection = connfile.ConnectionInfo(
             run_id=self.run_id, name=self.name, pid=os.getpid(), start_time=self.start_time,
             telemetry=self.service.telemetry_endpoint, control=self.service.control_endpoint,
-            key=key.hex())
+            key=key.hex(), run_dir=str(self.recorder.path.parent) if self.recorder else "")
         self.connection_file = connfile.write(self.connection)
         atexit.register(self.close)
 
@@ -98,6 +102,8 @@ class Monitor:
             h.remove()
         self.controller.close()
         self.service.stop()
+        if self.recorder is not None:
+            self.recorder.close()
         self.connection_file.unlink(missing_ok=True)
 
     def __enter__(self) -> Monitor:

@@ -10,6 +10,7 @@ drops and counts when full) and the acks it queues.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,10 +23,14 @@ import zmq
 
 from agent import wire
 from agent.control import BOUNDARY_COMMANDS, Controller, Pending
+from agent.recorder import Recorder
 
 log = logging.getLogger("neurotop.agent")
 
 NONCE_WINDOW_S = 120.0
+#: Largest piece of the session file one ``history`` reply carries (replies must stay
+#: under the wire's header limit).
+HISTORY_CHUNK = 512 << 10
 
 
 @dataclass
@@ -46,10 +51,12 @@ class AgentService(threading.Thread):
     def __init__(self, *, run_id: str, key: bytes, controller: Controller,
                  schema: Callable[[], dict[str, Any]], status: Callable[[], dict[str, Any]],
                  bind_host: str = "127.0.0.1", rank: int = 0, heartbeat_s: float = 0.5,
-                 schema_every_s: float = 5.0, max_queued_reports: int = 64) -> None:
+                 schema_every_s: float = 5.0, max_queued_reports: int = 64,
+                 recorder: Recorder | None = None) -> None:
         super().__init__(name="neurotop-agent", daemon=True)
         self.run_id, self.key, self.rank = run_id, key, rank
         self.controller = controller
+        self.recorder = recorder
         self._schema, self._status = schema, status
         self._bind_host = bind_host
         self.heartbeat_s, self.schema_every_s = heartbeat_s, schema_every_s
@@ -120,6 +127,7 @@ class AgentService(threading.Thread):
         poller.register(router, zmq.POLLIN)
         poller.register(pub, zmq.POLLIN)
         next_hb = next_schema = 0.0
+        self._publish(pub, {"kind": wire.SCHEMA, **self._schema()})  # first in the recording
         while not self._halt.is_set():
             for sock, _ in poller.poll(timeout=10):
                 if sock is router:
@@ -149,8 +157,13 @@ class AgentService(threading.Thread):
                  arrays: list[np.ndarray] | tuple = ()) -> None:
         header.update(run=self.run_id, rank=self.rank, seq=self._seq, t=time.time())
         self._seq += 1
+        if self.recorder is not None and header["kind"] == wire.HEARTBEAT:
+            header["rec_dropped"] = self.recorder.dropped
+        frames = wire.encode(header, arrays)
+        if self.recorder is not None:  # recorded even when no viewer gets it
+            self.recorder.record(header["kind"], header.get("step"), header["t"], frames)
         try:
-            pub.send_multipart(wire.encode(header, arrays), flags=zmq.NOBLOCK)
+            pub.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
 
@@ -203,13 +216,38 @@ class AgentService(threading.Thread):
         if cmd == "schema":
             self._queue_reply(ident, {"id": rid, "cmd": cmd, "ok": True,
                                             "schema": self._schema(), **self._status()})
+        elif cmd == "history":
+            self._queue_reply(ident, {"id": rid, "cmd": cmd, **self._history(args)})
         elif cmd in BOUNDARY_COMMANDS:
             self.controller.submit(Pending(rid, cmd, args, sender,
                                            lambda ack, i=ident: self._queue_reply(i, ack)))
         else:
-            known = ", ".join(sorted(BOUNDARY_COMMANDS | {"schema"}))
+            known = ", ".join(sorted(BOUNDARY_COMMANDS | {"schema", "history"}))
             self._queue_reply(ident, {"id": rid, "cmd": cmd, "ok": False,
                                             "error": f"unknown command {cmd!r}; known: {known}"})
+
+    def _history(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A piece of the session file from ``offset``, for a viewer that attaches late.
+        The first request waits (up to 2 s) until everything published is in the file,
+        and its ``size`` covers all of it: the viewer subscribed before asking."""
+        if self.recorder is None:
+            return {"ok": False, "history": None,
+                    "error": "this run is not recording a session, so it has no history to"
+                             " send (watch(record=False))"}
+        offset, max_bytes = args.get("offset", 0), args.get("max_bytes", HISTORY_CHUNK)
+        if not (isinstance(offset, int) and isinstance(max_bytes, int) and offset >= 0):
+            return {"ok": False, "history": None,
+                    "error": "history needs integer 'offset' >= 0 and 'max_bytes'"}
+        if offset == 0:
+            self.recorder.sync(timeout=2.0)
+        size = self.recorder.flushed_size
+        n = max(0, min(max_bytes, HISTORY_CHUNK, size - offset))
+        try:
+            with open(self.recorder.path, "rb") as f:
+                data = os.pread(f.fileno(), n, offset)
+        except OSError as e:
+            return {"ok": False, "history": None, "error": f"cannot read the session file: {e}"}
+        return {"ok": True, "history": data, "offset": offset, "size": size}
 
     def _fresh(self, req: dict[str, Any]) -> bool:
         nonce, ts = req.get("nonce"), req.get("ts")
@@ -237,6 +275,6 @@ class AgentService(threading.Thread):
                                       flags=zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 log.warning("could not reply to a control client: %s", e)
-            if "schema" not in ack:
+            if "schema" not in ack and "history" not in ack:
                 # Every ack is also telemetry, so every viewer sees the command log.
                 self._publish(pub, {"kind": wire.EVENT, "event": "ack", **ack})
