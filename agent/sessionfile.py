@@ -435,6 +435,16 @@ class SessionReader:
         for c in self.chunks(positions):
             yield from c.records()
 
+    def summary(self) -> dict[str, Any]:
+        """What ``neurotop ls`` shows of a session file."""
+        stats = self.index["kind"][self.index["type"] == MESSAGE] == kind_code("stats")
+        steps = self.index["step"][self.index["type"] == MESSAGE][stats]
+        return {"run_id": self.meta.get("run_id", self.path.parent.name),
+                "name": self.meta.get("name", ""), "start_time": self.meta.get("start_time", 0.0),
+                "host": self.meta.get("host", ""), "pid": self.meta.get("pid"),
+                "steps": int(steps.max()) if len(steps) else 0, "size": self.size,
+                "closed": self.end is not None, "session": str(self.path)}
+
     @property
     def dropped(self) -> int:
         """Messages the recorder could not keep up with (from its notes)."""

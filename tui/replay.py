@@ -127,6 +127,14 @@ class ReplaySource:
     def problems(self) -> list[str]:
         return list(self.reader.problems)
 
+    def row_times(self) -> np.ndarray:
+        """When the agent published each of the store's stats rows (Unix seconds)."""
+        return self.reader.index["t"][np.asarray(self._loader.rows, np.int64)]
+
+    def events(self) -> list[tuple[int, dict[str, Any]]]:
+        """Every command ack and alert as ``(step, header)``, in order."""
+        return [(self._step_at(p), h) for p, h in self._loader.events]
+
     # -- what the UI calls (any thread) ---------------------------------------------------
 
     def timeline(self) -> Timeline:

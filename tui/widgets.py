@@ -48,8 +48,12 @@ class StatusBar(Static):
         t.append(f"  conn: {conn}")
         if lost:
             t.append(f"  dropped: {lost}", style="yellow")
+        if s.rec_dropped:
+            t.append(f"  rec-dropped: {s.rec_dropped}", style="yellow")
         if s.bad_messages:
             t.append(f"  bad msgs: {s.bad_messages}", style="red")
+        if s.history:
+            t.append(f"  {s.history}", style="italic")
         if not s.control:
             t.append("  read-only", style="dim")
         self.update(t)
