@@ -426,7 +426,7 @@ class SessionReader:
             for bad in offsets[i:j][~ok]:
                 self.problems.append(f"damaged record at offset {bad} skipped")
             e = idx[i:j][ok]
-            yield Chunk(buf, rel[ok], lengths[i:j][ok], e["type"], e["kind"], e["step"],
+            yield Chunk(buf, start, rel[ok], lengths[i:j][ok], e["type"], e["kind"], e["step"],
                         e["t"], pos[i:j][ok])
             i = j
 
@@ -454,10 +454,12 @@ class SessionReader:
 
 @dataclass
 class Chunk:
-    """Intact records that lie in one buffer: their offsets in it (``off``), body lengths,
-    header fields and positions in the reader's index, as arrays."""
+    """Intact records that lie in one buffer (which starts at file offset ``base``): their
+    offsets in it (``off``), body lengths, header fields and positions in the reader's
+    index, as arrays."""
 
     buf: bytes
+    base: int
     off: np.ndarray
     length: np.ndarray
     type: np.ndarray
@@ -472,14 +474,14 @@ class Chunk:
 
     def records(self) -> Iterator[Record]:
         for i in range(len(self.off)):
-            yield Record(int(self.off[i]), int(self.type[i]), int(self.kind[i]),
+            yield Record(self.base + int(self.off[i]), int(self.type[i]), int(self.kind[i]),
                          int(self.step[i]), float(self.t[i]), self.body(i), int(self.pos[i]))
 
     @classmethod
     def of(cls, buf: bytes, base: int, recs: list[Record]) -> Chunk:
         """The records ``scan`` found in ``buf`` (which starts at file offset ``base``)."""
         e = _entries(recs)
-        return cls(buf, e["offset"].astype(np.int64) - base, e["length"].astype(np.int64),
+        return cls(buf, base, e["offset"].astype(np.int64) - base, e["length"].astype(np.int64),
                    e["type"], e["kind"], e["step"], e["t"], np.arange(len(e)))
 
 

@@ -89,6 +89,7 @@ class ReplaySource:
         self._rows = np.empty(0, np.int64)
         self._cursor = self._hi = -1
         self._hb_applied = -1
+        self._hb_msg: wire.Message | None = None
         self._playing = False
         self._speed_i = 0
         self._anchor = (0.0, 0.0)  # (monotonic time, recorded clock) when play started
@@ -239,7 +240,6 @@ class ReplaySource:
             if len(blocked) or resets:
                 self.store.reset()
                 self._loader = StoreLoader(self.store, reserve=len(self._stats_pos))
-                self._hb_applied = -1
                 self._load(-1, p)
         elif p > self._hi:
             self.store.show_rows(self.store.filled_rows())  # append after every loaded row
@@ -252,14 +252,18 @@ class ReplaySource:
         p = self._cursor
         i = int(np.searchsorted(self._hb_pos, p, side="right")) - 1
         hb = int(self._hb_pos[i]) if i >= 0 else -1
-        if hb != self._hb_applied and hb >= 0:
-            for rec in self.reader.records(np.array([hb])):
+        if hb != self._hb_applied:
+            self._hb_applied, self._hb_msg = hb, None
+            for rec in self.reader.records(np.array([hb]) if hb >= 0 else np.empty(0, int)):
                 try:
-                    self.store.ingest(wire.decode(list(map(bytes, split_frames(rec.body)))),
-                                      count_gaps=False)
+                    self._hb_msg = wire.decode(list(map(bytes, split_frames(rec.body))))
                 except (wire.WireError, ValueError) as e:
                     self.store.note_error(f"undecodable recorded heartbeat: {e}")
-        self._hb_applied = hb
+        if self._hb_msg is not None:  # every time: acks after it may have been undone
+            self.store.ingest(self._hb_msg, count_gaps=False)
+        for pos, h in self._loader.events:  # acks since that heartbeat: paused, resumed
+            if hb < pos <= p:
+                self.store.ingest(wire.Message(h), count_gaps=False)
         rows = int(np.searchsorted(self._rows, p, side="right"))
         events = [h for pos, h in self._loader.events if pos <= p][-500:]
         self.store.set_status(events=events)

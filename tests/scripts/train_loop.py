@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--report-every", type=int, default=1)
     p.add_argument("--dump", type=Path)
     p.add_argument("--dump-steps", type=int, default=30)
+    p.add_argument("--no-record", action="store_true", help="do not record a session file")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -43,7 +44,8 @@ def main() -> None:
                 m.register_forward_hook(
                     lambda mod, inp, out, name=name: captured.__setitem__(
                         name, out.detach().numpy().copy()))
-    with agent.watch(model, opt, report_every=args.report_every, name="test-loop") as mon:
+    with agent.watch(model, opt, report_every=args.report_every, name="test-loop",
+                     record=not args.no_record) as mon:
         print("READY", mon.run_id, flush=True)
         step = 0
         try:
