@@ -34,9 +34,8 @@ REC_FIELDS = struct.Struct("<BBHIqd")  # the part after the CRC, which the CRC c
 HEADER_SIZE = REC_HEADER.size  # 32
 MAX_RECORD_BYTES = 1 << 30
 
-#: Record types.
+#: Record types. Readers skip types they do not know (0 is never valid).
 META, MESSAGE, INDEX, NOTE, END = 1, 2, 3, 4, 5
-RECORD_TYPES = frozenset({META, MESSAGE, INDEX, NOTE, END})
 
 #: Telemetry kinds get a code in the record header, so a reader can select records
 #: (all stats, all events) from the index without decoding them. Unknown kinds get 0.
@@ -188,7 +187,7 @@ def _check_at(buf: memoryview, p: int) -> tuple[int, int] | None:
     if buf[p:p + 4] != REC_MAGIC or p + HEADER_SIZE > len(buf):
         return None
     _, crc, rtype, _, _, length, _, _ = REC_HEADER.unpack_from(buf, p)
-    if rtype not in RECORD_TYPES or length > MAX_RECORD_BYTES:
+    if rtype == 0 or length > MAX_RECORD_BYTES:
         return None
     end = p + HEADER_SIZE + length
     if end > len(buf):
@@ -278,12 +277,12 @@ class SessionReader:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise SessionFormatError(f"{self.path} is a directory without a session file")
         try:
             self._f = open(self.path, "rb")
         except FileNotFoundError:
             raise FileNotFoundError(f"no session file {self.path}") from None
-        if self.path.is_dir():
-            raise SessionFormatError(f"{self.path} is a directory, not a session file")
         self.size = os.fstat(self._f.fileno()).st_size
         self.problems: list[str] = []
         self.version = self._check_header()
@@ -387,7 +386,7 @@ class SessionReader:
         return [r for r in recs if r.type != INDEX]
 
     def _read_notes(self) -> None:
-        sel = np.flatnonzero(self.index["type"] != MESSAGE)
+        sel = np.flatnonzero(np.isin(self.index["type"], (META, NOTE, END)))
         for rec in self.records(sel):
             try:
                 note = msgpack.unpackb(rec.body, raw=False)

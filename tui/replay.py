@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from agent import wire
-from agent.sessionfile import KIND_CODES, MESSAGE, OTHER_KIND, SessionReader, split_frames
+from agent.sessionfile import KIND_CODES, MESSAGE, SessionReader, split_frames
 from tui.client import CommandError
 from tui.sessionload import StoreLoader
 from tui.store import RunStore
@@ -78,7 +78,10 @@ class ReplaySource:
         self._hb_pos = np.flatnonzero(msg & (ix["kind"] == KIND_CODES["heartbeat"]))
         marks = msg & np.isin(ix["kind"], _MARKER_CODES)
         self._marker_pos = np.flatnonzero(marks)
-        self._unrewindable = np.flatnonzero(msg & (ix["kind"] == OTHER_KIND))
+        # Kinds _show() can show as of any moment; any other kind (a store series of its
+        # own) makes going back over it reload up to the cursor.
+        rewindable = [KIND_CODES[k] for k in ("schema", "stats", "heartbeat", "event")]
+        self._unrewindable = np.flatnonzero(msg & ~np.isin(ix["kind"], rewindable))
         t = ix["t"].astype(np.float64)
         t = np.maximum.accumulate(np.where(t > 0, t, 0.0)) if len(t) else t
         self._time = t
