@@ -107,7 +107,7 @@ class ReplayApp(NeurotopApp):
     """The live screens over a ``ReplaySource``, with the timeline bar."""
 
     BINDINGS = [
-        Binding("space", "toggle_pause", "play/pause"),
+        Binding("space", "play_pause", "play/pause"),  # the playback, never the run
         Binding("left", "scrub(-0.01)", "back", priority=True),
         Binding("right", "scrub(0.01)", "forward", priority=True),
         Binding("shift+left", "scrub(-0.1)", show=False, priority=True),
@@ -146,7 +146,7 @@ class ReplayApp(NeurotopApp):
 
     # -- actions --------------------------------------------------------------------------
 
-    def action_toggle_pause(self) -> None:
+    def action_play_pause(self) -> None:
         self.source.play_pause()
 
     def action_scrub(self, df: float) -> None:
