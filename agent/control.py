@@ -26,12 +26,13 @@ from typing import Any, Protocol
 #: Commands the training thread applies at a boundary.
 BOUNDARY_COMMANDS = frozenset({"pause", "resume", "step", "set", "snapshot", "stop"})
 #: Read-only commands the agent thread answers at once, even in the middle of a step.
-IMMEDIATE_COMMANDS = frozenset({"schema", "knobs"})
+IMMEDIATE_COMMANDS = frozenset({"schema", "knobs", "history"})
 #: Arguments each command accepts, with their types; ``REQUIRED`` lists the mandatory ones.
 ARGS: dict[str, dict[str, tuple[type, ...]]] = {
     "pause": {"reason": (str,)}, "resume": {}, "step": {"n": (int,)},
     "set": {"knob": (str,), "value": (bool, int, float), "op": (str,)},
     "snapshot": {}, "stop": {}, "schema": {}, "knobs": {},
+    "history": {"offset": (int,), "max_bytes": (int,)},
 }
 REQUIRED = {"step": ("n",), "set": ("knob", "value")}
 MAX_STEP_N = 1_000_000

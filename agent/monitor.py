@@ -25,6 +25,7 @@ from agent.autopause import AutoPause
 from agent.binding import CurveKeys, check_bind
 from agent.control import Controller
 from agent.knobs import Knobs, UserKnob
+from agent.recorder import start_recording
 from agent.service import AgentService, Report
 from agent.snapshot import Snapshotter
 from agent.stats import LAYER_STATS, first_tensor, global_grad_norm, layer_stats
@@ -42,7 +43,8 @@ class Monitor:
                  bind_host: str = "127.0.0.1", heartbeat_s: float = 0.5,
                  curve: bool = False, scheduler: Any = None, auto_pause: bool = True,
                  auto_pause_alerts: tuple[str, ...] = (), snapshot: Any = None,
-                 raise_on_stop: bool = False) -> None:
+                 raise_on_stop: bool = False,
+                 record: bool | str | os.PathLike | None = True) -> None:
         if report_every < 1:
             raise ValueError(f"report_every must be >= 1, got {report_every}")
         check_bind(bind_host, curve)  # before any hook is registered
@@ -74,18 +76,21 @@ class Monitor:
         self._handles += [optimizer.register_step_pre_hook(self._pre_step),
                           optimizer.register_step_post_hook(self._post_step)]
         key = os.urandom(32)
+        self.recorder = start_recording(record, self.run_id, self.name, self.start_time)
         self.service = AgentService(run_id=self.run_id, key=key, controller=self.controller,
                                     schema=self._schema, status=self._status,
                                     bind_host=bind_host, heartbeat_s=heartbeat_s,
                                     curve=curve_keys,
                                     auto_pause=AutoPause(lambda: self.knobs.auto_pause.value,
                                                          auto_pause_alerts,
-                                                         lambda: self.controller.resumes))
+                                                         lambda: self.controller.resumes),
+                                    recorder=self.recorder)
         self.service.start()
         self.connection = connfile.ConnectionInfo(
             run_id=self.run_id, name=self.name, pid=os.getpid(), start_time=self.start_time,
             telemetry=self.service.telemetry_endpoint, control=self.service.control_endpoint,
-            key=key.hex(), curve_server_key=curve_keys.public if curve_keys else "")
+            key=key.hex(), curve_server_key=curve_keys.public if curve_keys else "",
+            run_dir=str(self.recorder.path.parent) if self.recorder else "")
         self.connection_file = connfile.write(self.connection)
         atexit.register(self.close)
 
@@ -132,6 +137,8 @@ class Monitor:
         self.controller.close()
         self.knobs.close()
         self.service.stop()
+        if self.recorder is not None:
+            self.recorder.close()
         self.connection_file.unlink(missing_ok=True)
 
     def __enter__(self) -> Monitor:

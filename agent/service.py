@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from agent import wire
 from agent.autopause import AutoPause
 from agent.binding import CurveKeys, check_bind
 from agent.control import BOUNDARY_COMMANDS, IMMEDIATE_COMMANDS, Controller, Pending
+from agent.recorder import Recorder
 
 log = logging.getLogger("neurotop.agent")
 
@@ -32,6 +34,9 @@ NONCE_WINDOW_S = 120.0
 #: Refused control messages are logged (and published as events) at most this often per
 #: second; the rest are only counted, so a flood cannot flood the log or the stream.
 REFUSALS_SHOWN_PER_S = 5
+#: Largest piece of the session file one ``history`` reply carries (replies must stay
+#: under the wire's header limit).
+HISTORY_CHUNK = 512 << 10
 
 
 @dataclass
@@ -53,12 +58,14 @@ class AgentService(threading.Thread):
                  schema: Callable[[], dict[str, Any]], status: Callable[[], dict[str, Any]],
                  bind_host: str = "127.0.0.1", rank: int = 0, heartbeat_s: float = 0.5,
                  schema_every_s: float = 5.0, max_queued_reports: int = 64,
-                 curve: CurveKeys | None = None, auto_pause: AutoPause | None = None) -> None:
+                 curve: CurveKeys | None = None, auto_pause: AutoPause | None = None,
+                 recorder: Recorder | None = None) -> None:
         check_bind(bind_host, curve is not None)
         super().__init__(name="neurotop-agent", daemon=True)
         self._curve = curve
         self.run_id, self.key, self.rank = run_id, key, rank
         self.controller = controller
+        self.recorder = recorder
         self._schema, self._status = schema, status
         self._bind_host = bind_host
         self.heartbeat_s, self.schema_every_s = heartbeat_s, schema_every_s
@@ -137,6 +144,7 @@ class AgentService(threading.Thread):
         poller.register(router, zmq.POLLIN)
         poller.register(pub, zmq.POLLIN)
         next_hb = next_schema = 0.0
+        self._publish(pub, {"kind": wire.SCHEMA, **self._schema()})  # first in the recording
         while not self._halt.is_set():
             for sock, _ in poller.poll(timeout=10):
                 if sock is router:
@@ -171,8 +179,13 @@ class AgentService(threading.Thread):
                  arrays: list[np.ndarray] | tuple = ()) -> None:
         header.update(run=self.run_id, rank=self.rank, seq=self._seq, t=time.time())
         self._seq += 1
+        if self.recorder is not None and header["kind"] == wire.HEARTBEAT:
+            header["rec_dropped"] = self.recorder.dropped
+        frames = wire.encode(header, arrays)
+        if self.recorder is not None:  # recorded even when no viewer gets it
+            self.recorder.record(header["kind"], header.get("step"), header["t"], frames)
         try:
-            pub.send_multipart(wire.encode(header, arrays), flags=zmq.NOBLOCK)
+            pub.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
 
@@ -226,7 +239,7 @@ class AgentService(threading.Thread):
     def _route(self, ident: bytes, rid: str, cmd: str, args: dict[str, Any],
                sender: str) -> None:
         """An authentic request: audit it, then answer, refuse, or queue it for the boundary."""
-        if cmd != "schema":  # the audit trail: who asked for what, before its ack
+        if cmd not in ("schema", "history"):  # the audit trail: who asked for what
             self._events.append({"event": "command", "id": rid, "cmd": cmd, "args": args,
                                  "sender": sender, "client": ident.hex()})
         error = self.controller.validate(cmd, args)
@@ -237,6 +250,8 @@ class AgentService(threading.Thread):
         elif cmd == "schema":
             self._queue_reply(ident, {**base, "ok": True, "schema": self._schema(),
                                       **self._status()})
+        elif cmd == "history":  # chunks of the session file for a late viewer; not audited
+            self._queue_reply(ident, {**base, **self._history(args)})
         elif cmd == "knobs":
             self._queue_reply(ident, {**base, "ok": True, "step": self._status()["step"],
                                       "knobs": self.controller.describe_knobs()})
@@ -269,6 +284,29 @@ class AgentService(threading.Thread):
                                  "sender": sender, "client": ident.hex(),
                                  "rejected": self.rejected})
         self._refusals_shown = (sec, shown + 1)
+
+    def _history(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A piece of the session file from ``offset``, for a viewer that attaches late.
+        The first request waits (up to 2 s) until everything published is in the file,
+        and its ``size`` covers all of it: the viewer subscribed before asking."""
+        if self.recorder is None:
+            return {"ok": False, "history": None,
+                    "error": "this run is not recording a session, so it has no history to"
+                             " send (watch(record=False))"}
+        offset, max_bytes = args.get("offset", 0), args.get("max_bytes", HISTORY_CHUNK)
+        if not (isinstance(offset, int) and isinstance(max_bytes, int) and offset >= 0):
+            return {"ok": False, "history": None,
+                    "error": "history needs integer 'offset' >= 0 and 'max_bytes'"}
+        if offset == 0:
+            self.recorder.sync(timeout=2.0)
+        size = self.recorder.flushed_size
+        n = max(0, min(max_bytes, HISTORY_CHUNK, size - offset))
+        try:
+            with open(self.recorder.path, "rb") as f:
+                data = os.pread(f.fileno(), n, offset)
+        except OSError as e:
+            return {"ok": False, "history": None, "error": f"cannot read the session file: {e}"}
+        return {"ok": True, "history": data, "offset": offset, "size": size}
 
     def _maybe_auto_pause(self, reason: str | None) -> None:
         """Queue the auto-pause as an ordinary command; its ack goes to telemetry only."""
@@ -323,6 +361,6 @@ class AgentService(threading.Thread):
                                           flags=zmq.NOBLOCK)
                 except zmq.ZMQError as e:
                     log.warning("could not reply to a control client: %s", e)
-            if publish and "schema" not in ack:
+            if publish and "schema" not in ack and "history" not in ack:
                 # Every ack is also telemetry, so every viewer sees the command log.
                 self._publish(pub, {"kind": wire.EVENT, "event": "ack", **ack})

@@ -23,6 +23,7 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test gets its own runtime directory, so runs of other tests stay invisible."""
     d = tmp_path / "runtime"
     monkeypatch.setenv("NEUROTOP_RUNTIME_DIR", str(d))
+    monkeypatch.setenv("NEUROTOP_RUNS_DIR", str(tmp_path / "runs"))  # recordings stay here
     # Child processes import this checkout, whatever copy is installed in editable mode.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))

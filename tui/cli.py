@@ -1,4 +1,4 @@
-"""The ``neurotop`` command: attach, demo, ls, ctl."""
+"""The ``neurotop`` command: attach, demo, ls, ctl, replay, export."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent import connfile
+from agent import connfile, runs
 from agent.control import parse_value, split_knob
+from agent.sessionfile import SessionFormatError, SessionReader
 from tui import remote
 from tui.children import die_with_parent
 from tui.client import CommandError, LiveClient
@@ -37,29 +38,122 @@ def cmd_attach(args: argparse.Namespace) -> None:
 def _run_ui(endpoints, read_only: bool) -> None:
     from tui.app import NeurotopApp  # textual loads only for commands that draw
 
-    client = LiveClient(endpoints).start()
+    client = LiveClient(endpoints, backfill=True).start()
     try:
         NeurotopApp(client, read_only=read_only).run()
     finally:
         client.close()
 
 
+def _session_summary(path: Path) -> dict | None:
+    try:
+        with SessionReader(path) as r:
+            return r.summary()
+    except (OSError, SessionFormatError):
+        return None
+
+
+def list_runs() -> list[dict]:
+    """Live runs (newest first), then recorded sessions of runs that ended (newest first)."""
+    rows: list[dict] = []
+    live_ids = set()
+    for r in connfile.live_runs():
+        row = {k: v for k, v in vars(r).items() if k != "key"}
+        session = Path(r.run_dir) / runs.SESSION_FILE if r.run_dir else None
+        summary = _session_summary(session) if session and session.is_file() else None
+        row.update(state="live", session=str(session) if summary else "",
+                   steps=summary["steps"] if summary else None,
+                   size=summary["size"] if summary else None)
+        rows.append(row)
+        live_ids.add(r.run_id)
+    ended = [s for p in runs.session_files() if (s := _session_summary(p)) is not None]
+    for s in sorted(ended, key=lambda s: s["start_time"] or 0, reverse=True):
+        if s["run_id"] not in live_ids:
+            closed = s.pop("closed")
+            rows.append({**s, "state": "ended" if closed else "ended*"})
+    return rows
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
 def cmd_ls(args: argparse.Namespace) -> None:
     if args.target:
-        runs, where = _remote_runs(args.target)
+        live, where = _remote_runs(args.target)
+        rows = [{**{k: v for k, v in vars(r).items() if k != "key"}, "state": "live",
+                 "session": "", "steps": None, "size": None} for r in live]
+        empty = f"no live runs {where}"
     else:
-        runs, where = connfile.live_runs(), f"(looked in {connfile.runtime_dir()})"
+        rows = list_runs()
+        empty = (f"no live runs or recorded sessions (looked in {connfile.runtime_dir()},"
+                 f" {runs.sessions_dir()} and {runs.runs_root()})")
     if args.json:
-        print(json.dumps([{k: v for k, v in vars(r).items() if k != "key"} for r in runs],
-                         indent=1))
+        print(json.dumps(rows, indent=1))
         return
-    if not runs:
-        print(f"no live runs {where}")
+    if not rows:
+        print(empty)
         return
-    print(f"{'RUN':<24} {'NAME':<16} {'PID':>7}  {'STARTED':<19}  TELEMETRY")
-    for r in runs:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.start_time))
-        print(f"{r.run_id:<24} {r.name[:16]:<16} {r.pid:>7}  {started:<19}  {r.telemetry}")
+    print(f"{'RUN':<24} {'NAME':<16} {'STARTED':<19} {'STEPS':>9} {'SIZE':>9}  {'STATE':<7} WHERE")
+    for r in rows:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["start_time"] or 0))
+        steps = "-" if r["steps"] is None else str(r["steps"])
+        where = r["telemetry"] if r["state"] == "live" else r["session"]
+        print(f"{r['run_id']:<24} {str(r['name'])[:16]:<16} {started:<19} {steps:>9}"
+              f" {_size(r['size']):>9}  {r['state']:<7} {where}")
+    if any(r["state"] == "ended*" for r in rows):
+        print("ended*: the run stopped without closing its session (killed or crashed);"
+              " it replays up to its last flush")
+
+
+def _open_session(target: str):
+    from tui.replay import ReplaySource  # textual-free, but numpy-heavy: load on demand
+
+    try:
+        return ReplaySource(runs.find_session(target))
+    except (LookupError, OSError, SessionFormatError) as e:
+        _die(str(e))
+
+
+def _report_problems(source) -> None:
+    for p in source.problems:
+        print(f"neurotop: {source.path}: {p}", file=sys.stderr)
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    source = _open_session(args.file)
+    print(f"neurotop: loading {source.path} ({_size(source.reader.size)})", file=sys.stderr)
+    source.start()
+    if args.step is not None:
+        source.seek_step(args.step).result(10)
+    from tui.replay_app import ReplayApp
+
+    try:
+        ReplayApp(source).run()
+    finally:
+        source.close()
+        _report_problems(source)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from tui.export import export_csv
+
+    source = _open_session(args.file)
+    try:
+        paths = export_csv(source, args.csv)
+    except OSError as e:
+        _die(f"cannot write {args.csv}: {e}")
+    finally:
+        source.close()
+    _report_problems(source)
+    for p in paths:
+        print(p)
 
 
 def _remote_runs(url: str) -> tuple[list[connfile.ConnectionInfo], str]:
@@ -189,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="anything else is passed to the demo script (e.g. --steps 500)")
     d.set_defaults(func=cmd_demo)
 
-    ls = sub.add_parser("ls", help="list live runs on this machine or over ssh")
+    ls = sub.add_parser("ls", help="list live runs and recorded sessions on this machine,"
+                        " or the live runs of a host over ssh")
     ls.add_argument("target", nargs="?", help="ssh://[user@]host[:port] (default: this machine)")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
@@ -201,6 +296,17 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("args", nargs="*", metavar="ARG", help="step N | set KNOB VALUE")
     c.add_argument("--timeout", type=float, default=10.0)
     c.set_defaults(func=cmd_ctl)
+
+    r = sub.add_parser("replay", help="replay a recorded session in the same UI, with a timeline")
+    r.add_argument("file", help="a session file, a run directory, or a recorded run's id")
+    r.add_argument("--step", type=int, help="open at this step (default: the end)")
+    r.set_defaults(func=cmd_replay)
+
+    e = sub.add_parser("export", help="write a recorded session as CSV tables")
+    e.add_argument("file", help="a session file, a run directory, or a recorded run's id")
+    e.add_argument("--csv", type=Path, required=True, metavar="DIR",
+                   help="directory for scalars.csv, layers.csv and events.csv")
+    e.set_defaults(func=cmd_export)
 
     args, extra = p.parse_known_args(argv)
     if args.func is cmd_demo:

@@ -20,6 +20,7 @@ import zmq
 
 from agent import wire
 from agent.binding import make_client
+from tui.backfill import Backfill
 from tui.store import RunStore
 
 if TYPE_CHECKING:
@@ -54,10 +55,14 @@ def sender_id() -> str:
 class LiveClient:
     """Subscribes to a run's telemetry and sends signed commands on its control socket."""
 
-    def __init__(self, endpoints: Endpoints, store: RunStore | None = None) -> None:
+    def __init__(self, endpoints: Endpoints, store: RunStore | None = None, *,
+                 backfill: bool = False) -> None:
+        """``backfill``: first load the run's history from its session file (a viewer
+        attaching late sees the whole run); needs the control key."""
         self.endpoints = endpoints
         self.store = store or RunStore()
         self.store.status.control = endpoints.key is not None and endpoints.control is not None
+        self._backfill = Backfill(self) if backfill and self.can_control else None
         self._outbox: queue.Queue[tuple[dict[str, Any], Future, float]] = queue.Queue()
         self._pending: dict[str, tuple[Future, float]] = {}
         self._halt = threading.Event()
@@ -140,6 +145,8 @@ class LiveClient:
             ctx.destroy(0)
 
     def _on_telemetry(self, frames: list[bytes]) -> None:
+        if self._backfill is not None and self._backfill.hold(frames):
+            return
         try:
             msg = wire.decode(frames)
         except wire.WireError as e:

@@ -18,21 +18,41 @@ from agent import wire
 
 
 class Growable:
-    """An array that grows along axis 0 by doubling; ``view()`` is the filled part."""
+    """An array that grows along axis 0 by doubling; ``view()`` is the shown part.
+
+    ``filled`` rows hold data; the first ``n`` are shown. They differ only in replay,
+    which rewinds with ``show`` and plays forward again without copying anything.
+    Appending discards the rows after the shown ones.
+    """
 
     def __init__(self, row_shape: tuple[int, ...], dtype: Any = np.float32,
                  fill: float = np.nan) -> None:
         self._a = np.full((64, *row_shape), fill, dtype=dtype)
         self._fill = fill
-        self.n = 0
+        self.n = self.filled = 0
+
+    def _grow(self, capacity: int) -> None:
+        grown = np.empty((capacity, *self._a.shape[1:]), self._a.dtype)  # rows past n unread
+        grown[: self.n] = self._a[: self.n]
+        self._a = grown
 
     def append(self, row: Any) -> None:
         if self.n == len(self._a):
-            grown = np.full((2 * len(self._a), *self._a.shape[1:]), self._fill, self._a.dtype)
-            grown[: self.n] = self._a
-            self._a = grown
+            self._grow(2 * len(self._a))
         self._a[self.n] = row
         self.n += 1
+        self.filled = self.n
+
+    def extend(self, rows: np.ndarray, reserve: int = 0) -> None:
+        """Append many rows at once; ``reserve`` sizes the array for rows still to come."""
+        end = self.n + len(rows)
+        if end > len(self._a):
+            self._grow(max(end, reserve, 2 * len(self._a)))
+        self._a[self.n:end] = rows
+        self.n = self.filled = end
+
+    def show(self, n: int) -> None:
+        self.n = min(max(n, 0), self.filled)
 
     def view(self) -> np.ndarray:
         return self._a[: self.n]
@@ -57,6 +77,9 @@ class RunState:
     last_error: str = ""
     control: bool = False  # whether this UI may send commands
     link: str = ""  # trouble with the way to the run (an ssh tunnel): "" while all is well
+    rec_dropped: int = 0  # messages the run's recorder dropped (from heartbeats)
+    replay: bool = False  # showing a recorded session, not a live run
+    history: str = ""  # progress of a late attach's backfill, shown while it lasts
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -79,11 +102,13 @@ class RunStore:
 
     # -- writer ---------------------------------------------------------------------------
 
-    def ingest(self, msg: wire.Message) -> None:
-        """Apply one telemetry message. Malformed content is counted, never raised."""
+    def ingest(self, msg: wire.Message, *, count_gaps: bool = True) -> None:
+        """Apply one telemetry message. Malformed content is counted, never raised.
+        ``count_gaps=False`` for recorded messages, which skip sequence numbers."""
         with self.lock:
             self.status.last_message = time.time()
-            self._count_gaps(msg.header)
+            if count_gaps:
+                self._count_gaps(msg.header)
             try:
                 getattr(self, f"_on_{msg.kind}", self._on_unknown)(msg)
             except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -112,8 +137,7 @@ class RunStore:
         for name in scalars:
             if name not in self._scalars:
                 g = Growable(())
-                for _ in range(self._steps.n):
-                    g.append(np.nan)
+                g.extend(np.full(self._steps.n, np.nan, np.float32))
                 self._scalars[name] = g
         self.schema = {"layers": layers, "stats": stats, "scalars": scalars,
                        "schema_id": h.get("schema_id", 0)}
@@ -146,6 +170,7 @@ class RunStore:
         s.pause_reason = str(h.get("pause_reason") or "")
         if isinstance(h.get("knobs"), dict):
             self.knob_values = h["knobs"]
+        s.rec_dropped = int(h.get("rec_dropped", 0))
 
     def _on_event(self, msg: wire.Message) -> None:
         h, s = msg.header, self.status
@@ -165,6 +190,60 @@ class RunStore:
     def _on_unknown(self, msg: wire.Message) -> None:
         raise ValueError(f"unknown kind {msg.kind!r}")
 
+    def ingest_stats_bulk(self, steps: np.ndarray, blocks: np.ndarray, scalars: np.ndarray,
+                          *, last_seq: int | None = None, reserve: int = 0) -> int:
+        """Apply many recorded stats messages at once (replay, backfill): the same result
+        as ingesting them one by one. Returns how many rows were added."""
+        with self.lock:
+            self.version += 1
+            if self.schema is None or self._stats is None or not len(steps):
+                return 0  # as live: stats before any schema cannot be labelled
+            if blocks.shape[1:] != self._stats.view().shape[1:]:
+                self.status.bad_messages += len(steps)
+                self.status.last_error = (f"bad stats message: block {blocks.shape[1:]} does"
+                                          " not match the schema")
+                return 0
+            if last_seq is not None:
+                self._last_seq = last_seq
+            self._steps.extend(steps, reserve)
+            self._stats.extend(blocks, reserve)
+            k = scalars.shape[1] if scalars.ndim == 2 else 0
+            for i, name in enumerate(self.schema["scalars"]):
+                col = scalars[:, i] if i < k else np.full(len(steps), np.nan, np.float32)
+                self._scalars[name].extend(col, reserve)
+            self.status.step = max(self.status.step, int(steps.max()))
+            return len(steps)
+
+    def show_rows(self, n: int) -> None:
+        """Show only the first ``n`` stats rows (replay's cursor); the rest stay filled."""
+        with self.lock:
+            for g in (self._steps, self._stats, *self._scalars.values()):
+                if g is not None:
+                    g.show(n)
+            self.status.step = int(self._steps.view()[-1]) if self._steps.n else 0
+            self.version += 1
+
+    def filled_rows(self) -> int:
+        with self.lock:
+            return self._steps.filled
+
+    def set_status(self, **fields: Any) -> None:
+        """Set header fields a source knows better than the messages (replay's cursor)."""
+        with self.lock:
+            for k, v in fields.items():
+                setattr(self.status, k, v)
+            self.version += 1
+
+    def reset(self) -> None:
+        """Forget all series and events (replay rebuilding from an earlier point)."""
+        with self.lock:
+            self.schema = None
+            self._steps, self._stats, self._scalars = Growable((), np.int64, 0), None, {}
+            self._last_seq = None
+            self.status.events = []
+            self.status.step = 0
+            self.version += 1
+
     def note_error(self, text: str) -> None:
         with self.lock:
             self.status.bad_messages += 1
@@ -183,6 +262,8 @@ class RunStore:
     def connection(self) -> str:
         """``live``, ``stale`` (no message for a while), ``waiting`` or ``ended``."""
         s = self.status
+        if s.replay:
+            return "replay"
         if s.state == "ended":
             return "ended"
         if not s.last_message:

@@ -55,8 +55,12 @@ class StatusBar(Static):
             t.append(f"  dropped: {lost}", style="yellow")
         if s.rejected:
             t.append(f"  refused cmds: {s.rejected}", style="red")
+        if s.rec_dropped:
+            t.append(f"  rec-dropped: {s.rec_dropped}", style="yellow")
         if s.bad_messages:
             t.append(f"  bad msgs: {s.bad_messages}", style="red")
+        if s.history:
+            t.append(f"  {s.history}", style="italic")
         if not s.control:
             t.append("  read-only", style="dim")
         self.update(t)

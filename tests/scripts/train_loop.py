@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--dump-steps", type=int, default=30)
     p.add_argument("--bind-host", default="127.0.0.1")
     p.add_argument("--curve", action="store_true")
+    p.add_argument("--no-record", action="store_true", help="do not record a session file")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -46,7 +47,8 @@ def main() -> None:
                     lambda mod, inp, out, name=name: captured.__setitem__(
                         name, out.detach().numpy().copy()))
     with agent.watch(model, opt, report_every=args.report_every, name="test-loop",
-                     bind_host=args.bind_host, curve=args.curve) as mon:
+                     bind_host=args.bind_host, curve=args.curve,
+                     record=not args.no_record) as mon:
         print("READY", mon.run_id, flush=True)
         step = 0
         try:
