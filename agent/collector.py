@@ -1,11 +1,12 @@
 """What the hooks collect during one report window, on the training thread.
 
 A window is the forwards and backwards between two report boundaries. Every call of a
-measured module appends one row (see ``agent.stats``) and keeps its per-unit maxima;
-every gradient hook call keeps ||dL/dh||. ``pack`` stacks them into a few device tensors
-for the report's one copy and starts a fresh window. Host-side facts (which layer each
-row belongs to, sample sizes, unit counts, the forward order) are Python ints taken
-from shapes, never from values.
+measured module appends one row and one sample (see ``agent.stats``) and keeps its
+per-unit maxima; every gradient hook call keeps ||dL/dh|| (and, on histogram reports, a
+sample of dL/dh). ``pack`` concatenates them into a few device tensors for the report's
+one copy and starts a fresh window. Host-side facts (which layer each row belongs to,
+sample sizes, unit counts, the forward order) are Python ints taken from shapes, never
+from values.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 import torch
 
 from agent.config import Config
-from agent.histograms import histogram_rows, n_bins
 from agent.layers import LayerSpec, unit_dim_for
 from agent.stats import ROW_COLS, Needs, activation_row, first_tensor, sample_rows
 
@@ -27,7 +27,6 @@ class LayerCollector:
         self.specs, self.config = specs, config
         self.need = Needs(config.stats)
         self.hist_rows = {i: h for h, i in enumerate(i for i, s in enumerate(specs) if s.hist)}
-        self.nbins = n_bins(config.hist_decades, config.hist_per_decade)
         self.hist_now = False  # set by the monitor: this window's report carries histograms
         self.device: torch.device | None = None
         self._grad_fns = [self._grad_hook(i) for i in range(len(specs))]
@@ -41,17 +40,16 @@ class LayerCollector:
 
     def _new_window(self) -> None:
         self.rows: list[torch.Tensor] = []
+        self.samples: list[torch.Tensor] = []
         self.row_layer: list[int] = []
-        self.row_ns: list[int] = []
         self.order: list[int] = []  # layers in the order of their first call
         self._seen: set[int] = set()
         self.umax: list[torch.Tensor | None] = [None] * len(self.specs)
         self.grad_norms: list[torch.Tensor] = []
         self.grad_layer: list[int] = []
         self.grad_elements: list[int] = []
-        # Histogram samples, (histogram row, 1-D tensor), binned in one batch at the report.
-        self.act_samples: list[tuple[int, torch.Tensor]] = []
-        self.grad_samples: list[tuple[int, torch.Tensor]] = []
+        self.grad_samples: list[torch.Tensor] = []  # on histogram reports
+        self.grad_sample_layer: list[int] = []
 
     # -- hook bodies (training thread, report windows only) -------------------------------
 
@@ -69,22 +67,19 @@ class LayerCollector:
             x = t.detach()
             if x.dtype != torch.float32:
                 x = x.float()
-            row, umax, small, ns = activation_row(
+            row, umax, sample = activation_row(
                 x, self.need, self.config, self._zero(x.device), unit_dim_for(spec, x.dim()),
                 self._scratch_for(x))
             if i not in self._seen:
                 self._seen.add(i)
                 self.order.append(i)
             self.rows.append(row)
+            self.samples.append(sample)
             self.row_layer.append(i)
-            self.row_ns.append(ns)
             if umax is not None:
                 prev = self.umax[i]
                 self.umax[i] = umax if prev is None or prev.shape != umax.shape \
                     else torch.maximum(prev, umax)
-            h = self.hist_rows.get(i)
-            if self.hist_now and h is not None:
-                self.act_samples.append((h, small.clone()))
 
     def _grad_hook(self, i: int):
         def hook(g: torch.Tensor) -> None:
@@ -100,11 +95,10 @@ class LayerCollector:
         self.grad_norms.append(torch.linalg.vector_norm(g))
         self.grad_layer.append(i)
         self.grad_elements.append(g.numel())
-        h = self.hist_rows.get(i)
-        if self.hist_now and h is not None:
-            small = sample_rows(g, self.config.median_sample)
-            self.grad_samples.append((h, small.clone() if small.numel() == g.numel()
-                                      else small))
+        if self.hist_now and i in self.hist_rows:
+            small = sample_rows(g, self.config.sample)
+            self.grad_samples.append(small.clone() if small.numel() == g.numel() else small)
+            self.grad_sample_layer.append(i)
 
     def _zero(self, device: torch.device) -> torch.Tensor:
         z = getattr(self, "_zero_t", None)
@@ -123,32 +117,25 @@ class LayerCollector:
     # -- report ---------------------------------------------------------------------------
 
     def pack(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This window's device tensors and host facts; then a fresh window starts.
-
-        Histograms come one row per sampled call (in call order); the host adds up the rows
-        of each layer (``meta["act_rows"]``, ``meta["grad_rows"]``).
-        """
+        """This window's device tensors and host facts; then a fresh window starts."""
         dev = self.device or device
-        layers = len(self.specs)
         parts: dict[str, torch.Tensor] = {
-            "rows": torch.stack([r.to(dev) for r in self.rows]) if self.rows
-            else torch.zeros((0, len(ROW_COLS)), device=dev),
-            "grad_norms": torch.stack([g.to(dev) for g in self.grad_norms]) if self.grad_norms
-            else torch.zeros(0, device=dev),
+            "rows": _stack(self.rows, dev, (0, len(ROW_COLS))),
+            "samples": _cat(self.samples, dev),
+            "grad_norms": _stack(self.grad_norms, dev, (0,)),
         }
         units = [u.numel() if u is not None else 0 for u in self.umax]
         if self.need.units and any(units):
             parts["dead"], parts["dead_window"] = self._dead_counts(dev, units)
         meta: dict[str, Any] = {
-            "layers": layers, "row_layer": self.row_layer, "row_ns": self.row_ns,
-            "order": self.order, "units": units, "grad_layer": self.grad_layer,
-            "grad_elements": self.grad_elements}
+            "layers": len(self.specs), "row_layer": self.row_layer, "order": self.order,
+            "sample_sizes": [t.numel() for t in self.samples], "units": units,
+            "grad_layer": self.grad_layer, "grad_elements": self.grad_elements,
+            "hist": self.hist_now}
         if self.hist_now:
-            for kind, samples in (("act", self.act_samples), ("grad", self.grad_samples)):
-                parts[f"hist_{kind}"] = histogram_rows(
-                    [t for _, t in samples], self.nbins, self.config.hist_decades,
-                    self.config.hist_per_decade, dev)
-                meta[f"{kind}_rows"] = [h for h, _ in samples]
+            parts["grad_samples"] = _cat(self.grad_samples, dev)
+            meta["grad_sample_layer"] = self.grad_sample_layer
+            meta["grad_sample_sizes"] = [t.numel() for t in self.grad_samples]
         self._new_window()
         return parts, meta
 
@@ -192,3 +179,11 @@ class LayerCollector:
             mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=False)
             self._valid = (key, mask)
         return self._valid[1]
+
+
+def _stack(ts: list[torch.Tensor], dev: torch.device, empty: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([t.to(dev) for t in ts]) if ts else torch.zeros(empty, device=dev)
+
+
+def _cat(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+    return torch.cat([t.to(dev) for t in ts]) if ts else torch.zeros(0, device=dev)

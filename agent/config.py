@@ -51,21 +51,22 @@ class Config:
     stats: tuple[str, ...] = LAYER_STATS
     #: ``near_zero_frac`` counts |a| < eps.
     eps: float = 1e-3
-    #: Shape statistics (kurtosis, zero and near-zero fractions) use at most this many
-    #: elements of an activation: every s-th element, s coprime with the last dimension.
+    #: mean, std, rms, kurtosis, zero and near-zero fractions and the median |a| of
+    #: ``massive_ratio`` come from at most this many elements of each activation: every
+    #: r-th row (last dimension), r coprime with the second-to-last dimension. Activations
+    #: this small or smaller are used whole. Also the row sample of each parameter for
+    #: ``update_ratio`` and ``nlm_cos``.
     sample: int = 16384
-    #: The median |a| of ``massive_ratio`` and the histograms use a strided sample of at
-    #: most this many elements (chosen the same way).
-    median_sample: int = 4096
     #: ``dead_frac_window``: units never positive over this many reports.
     dead_window: int = 10
     #: Histograms every K reports (0: never), of these layers' activations and gradients.
     hist_every: int = 10
     hist_layers: tuple[str, ...] = ("*",)
-    #: Symmetric log-spaced bins: magnitudes 10**lo .. 10**hi, this many bins per decade,
-    #: plus a zero bin (|a| < 10**lo) and two overflow bins.
-    hist_decades: tuple[int, int] = (-8, 4)
-    hist_per_decade: int = 2
+    #: A histogram counts at most this many values of the layer's sample (every s-th).
+    hist_sample: int = 4096
+    #: Symmetric log-spaced bins, one per octave: magnitudes 2**lo .. 2**hi, plus a zero
+    #: bin (|a| < 2**lo) and two overflow bins (see ``agent.histograms``).
+    hist_exponents: tuple[int, int] = (-24, 16)
     #: Per-parameter statistics (``PARAM_STATS``); the update ratio keeps one copy of the
     #: parameters on the device, taken just before the optimizer step of a report.
     param_stats: bool = True
@@ -88,15 +89,16 @@ class Config:
         _int_at_least("report_every", self.report_every, 1)
         _int_at_least("dead_window", self.dead_window, 1)
         _int_at_least("hist_every", self.hist_every, 0)
-        _int_at_least("hist_per_decade", self.hist_per_decade, 1)
-        for name in ("sample", "median_sample"):
+        for name in ("sample", "hist_sample"):
             _int_at_least(name, getattr(self, name), 16)
         if not (isinstance(self.eps, (int, float)) and self.eps >= 0):
             raise ConfigError(f"eps must be a number >= 0, got {self.eps!r}")
-        lo_hi = tuple(self.hist_decades)
-        if len(lo_hi) != 2 or not all(isinstance(v, int) for v in lo_hi) or lo_hi[0] >= lo_hi[1]:
-            raise ConfigError(f"hist_decades must be two integers lo < hi, got {lo_hi!r}")
-        self.hist_decades = lo_hi
+        lo_hi = tuple(self.hist_exponents)
+        if (len(lo_hi) != 2 or not all(isinstance(v, int) for v in lo_hi)
+                or not -126 <= lo_hi[0] < lo_hi[1] <= 127):
+            raise ConfigError(f"hist_exponents must be two integers -126 <= lo < hi <= 127,"
+                              f" got {lo_hi!r}")
+        self.hist_exponents = lo_hi
         if not isinstance(self.unit_dim, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) for k, v in self.unit_dim.items()):
             raise ConfigError(f"unit_dim must map layer globs to ints, got {self.unit_dim!r}")

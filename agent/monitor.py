@@ -176,8 +176,8 @@ class Monitor:
         if dev.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        pending = PendingReport(self._schema_id, self.config.stats, layout, meta,
-                                len(self.collector.hist_rows), names, slots, host)
+        pending = PendingReport(self._schema_id, self.config, layout, meta,
+                                list(self.collector.hist_rows), names, slots, host)
         self.service.submit_report(Report(self.step, time.time(), buf, pending.messages,
                                           ready))
         self._reports += 1
@@ -216,7 +216,7 @@ class Monitor:
                 "params": self.param_stats.names if c.param_stats else [],
                 "param_stats": list(PARAM_STATS) if c.param_stats else [],
                 "hist_layers": [s.name for s in self._specs if s.hist],
-                "hist_edges": hist_edges(c.hist_decades, c.hist_per_decade).tolist(),
+                "hist_edges": hist_edges(c.hist_exponents).tolist(),
                 "hist_every": c.hist_every, "report_every": self.report_every,
                 "config": c.to_dict(), "start_time": self.start_time, "pid": os.getpid()}
 

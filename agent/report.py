@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 
 from agent import wire
+from agent.config import Config
+from agent.histograms import histograms
 from agent.packing import Layout, unpack
-from agent.stats import NONFINITE, finalize_layers
+from agent.stats import NONFINITE, calls_by_layer, finalize_layers, pooled
 
 #: Scalars computed on the device; user scalars from ``observe`` follow, then host ones.
 DEVICE_SCALARS = ("loss", "grad_norm", "first_nonfinite")
@@ -30,10 +32,10 @@ class PendingReport:
     """Everything about one report except the device values, which arrive in one buffer."""
 
     schema_id: int
-    stats: tuple[str, ...]
+    config: Config
     layout: Layout
-    meta: dict[str, Any]  # host facts from the collector (counts, histogram rows)
-    hist_layers: int
+    meta: dict[str, Any]  # host facts from the collector (see ``LayerCollector.pack``)
+    hist_layers: list[int]  # layer index of each histogram row
     scalar_names: list[str]
     scalar_slots: list[str]  # names of the scalars packed in the buffer's "scalars" part
     host_values: dict[str, Any] = field(default_factory=dict)  # floats or CPU tensors
@@ -41,16 +43,17 @@ class PendingReport:
     def messages(self, buf: np.ndarray) -> list[tuple[dict[str, Any], list[np.ndarray]]]:
         """The stats message (and the histogram message on histogram reports)."""
         parts = unpack(buf, self.layout)
-        m = self.meta
+        m, c = self.meta, self.config
         layers = m["layers"]
         nan = np.full(layers, np.nan)
-        block = finalize_layers(self.stats, layers, parts["rows"], m["row_layer"], m["row_ns"],
+        samples = _split(parts["samples"], m["sample_sizes"])
+        block = finalize_layers(c.stats, layers, parts["rows"], samples, m["row_layer"], c.eps,
                                 parts.get("dead", nan), parts.get("dead_window", nan),
                                 m["units"], parts["grad_norms"], m["grad_layer"],
                                 m["grad_elements"])
         values = {k: float(v) for k, v in self.host_values.items()}
         values.update(zip(self.scalar_slots, parts.get("scalars", ()), strict=True))
-        if "nonfinite" in self.stats:
+        if "nonfinite" in c.stats:
             values["first_nonfinite"] = first_nonfinite(parts["rows"], m["row_layer"],
                                                         m["order"])
         values["mem_host"] = _rss_bytes()
@@ -59,17 +62,27 @@ class PendingReport:
         if "params" in parts:
             arrays.append(parts["params"].astype(np.float32))
         out = [({"kind": wire.STATS, "schema_id": self.schema_id}, arrays)]
-        if "hist_act" in parts:
+        if m["hist"]:
+            grads = _split(parts["grad_samples"], m["grad_sample_sizes"])
             out.append(({"kind": wire.HIST, "schema_id": self.schema_id},
-                        [self._by_layer(parts["hist_act"], m["act_rows"]),
-                         self._by_layer(parts["hist_grad"], m["grad_rows"])]))
+                        [self._histograms(samples, m["row_layer"]),
+                         self._histograms(grads, m["grad_sample_layer"])]))
         return out
 
-    def _by_layer(self, rows: np.ndarray, layer_of_row: list[int]) -> np.ndarray:
-        """Add up the per-call histogram rows of each histogram layer."""
-        out = np.zeros((self.hist_layers, rows.shape[1]), np.float32)
-        np.add.at(out, np.asarray(layer_of_row, dtype=np.int64), rows)
+    def _histograms(self, samples: list[np.ndarray], layer_of: list[int]) -> np.ndarray:
+        """``[hist layers x bins]``: counts over each layer's pooled samples."""
+        c = self.config
+        calls = calls_by_layer(max(self.hist_layers, default=-1) + 1, layer_of)
+        have = [h for h, i in enumerate(self.hist_layers) if calls[i]]
+        counts = histograms([pooled(samples, calls[self.hist_layers[h]]) for h in have],
+                            c.hist_exponents, c.hist_sample)
+        out = np.zeros((len(self.hist_layers), counts.shape[1]), np.float32)
+        out[have] = counts
         return out
+
+
+def _split(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
 
 
 def first_nonfinite(rows: np.ndarray, row_layer: list[int], order: list[int]) -> float:

@@ -1,16 +1,18 @@
 """The per-layer statistics: what one module call computes on the device, and the host-side
-arithmetic that merges a report's calls into the ``[layers x stats]`` block.
+arithmetic that turns a report's calls into the ``[layers x stats]`` block.
 
-Device side (training thread): each call of a measured module yields one small row
-(``ROW_COLS``) and its per-unit maxima. Only what must see every element reads the whole
-activation: max |a| (``amin`` + the per-unit max), the non-finite count and the per-unit
-maxima behind the dead-unit fractions. The other statistics come from a row sample
-(``sample_rows``), which is the whole activation when it has at most ``Config.sample``
-elements. Rows are kept per call, so modules called several times per forward and
-gradient accumulation need no special case, and nothing branches on a device value.
+Device side (training thread), per call of a measured module: the few statistics that
+must see every element read the whole activation (the non-finite count, max |a| from
+``amin`` and the per-unit maxima, which also give the dead units); everything else is
+taken from a row sample (``sample_rows``: the whole activation when it has at most
+``Config.sample`` elements), copied out as it is. Each call costs a handful of kernels,
+none of which branches on a value or reads one back.
 
-Host side (agent thread): ``finalize_layers`` merges the calls of each layer in float64
-NumPy (Pebay's formulas for the central moments) and derives every statistic.
+Host side (agent thread), per report: the samples arrive with the report's one copy and
+the shape statistics (mean, std, RMS, kurtosis, zero and near-zero fractions, median |a|,
+histograms) are computed from them in float64 NumPy. A layer's calls in one report
+(modules called several times per forward, gradient accumulation) are merged by
+pooling their samples and adding or maxing their exact parts.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from agent.config import LAYER_STATS, Config
 __all__ = ["LAYER_STATS", "ROW_COLS", "Needs", "first_tensor", "sample_stride", "sample_rows",
            "unit_max", "activation_row", "finalize_layers"]
 
-#: One call's row: the sample's mean and central moment sums M2..M4, its nonzero and
-#: |a| < eps counts; the whole activation's non-finite count and max |a|; the median |a|
-#: of the small sample.
-ROW_COLS = ("mean", "M2", "M3", "M4", "nonzero", "near", "nonfinite", "max_abs", "median")
-MEAN, M2, M3, M4, NONZERO, NEAR, NONFINITE, MAX_ABS, MEDIAN = range(len(ROW_COLS))
+#: One call's exact row: the non-finite count, the largest and the smallest value.
+ROW_COLS = ("nonfinite", "max", "min")
+NONFINITE, MAX, MIN = range(len(ROW_COLS))
+
+#: The median |a| of ``massive_ratio`` uses every s-th value of the layer's sample, at most
+#: this many (a full median costs ~40x more than a 4096-value one; the ratio only needs
+#: its order of magnitude).
+MEDIAN_SAMPLE = 4096
 
 #: A per-unit max over dim 0 is fastest on CPU with rows at least this wide: fold first.
 _FOLD_WIDTH = 8192
@@ -40,10 +45,7 @@ class Needs:
 
     def __init__(self, stats: tuple[str, ...]) -> None:
         s = set(stats)
-        self.moments = bool(s & {"mean", "std", "rms", "kurtosis"})
-        self.zeros = bool(s & {"zero_frac", "near_zero_frac"})
         self.nonfinite = "nonfinite" in s
-        self.median = "massive_ratio" in s
         self.max = bool(s & {"max_abs", "massive_ratio"})
         self.units = bool(s & {"dead_frac", "dead_frac_window"})
         self.grad = "grad_rms" in s
@@ -78,10 +80,10 @@ def sample_stride(n: int, limit: int, period: int) -> int:
 
 
 def sample_rows(x: torch.Tensor, limit: int) -> torch.Tensor:
-    """At most ``limit`` elements of ``x`` as a contiguous 1-D tensor (``x`` itself if small).
+    """At most ``limit`` elements of ``x``, 1-D (a view of ``x`` when it is that small).
 
     Whole rows (the last dimension) are taken, every r-th one, r coprime with the size of
-    the second-to-last dimension (so that e.g. token positions vary); contiguous rows
+    the second-to-last dimension (so that, e.g., token positions vary): contiguous rows
     cost far less memory traffic than scattered elements. A row longer than ``limit``
     falls back to every s-th element.
     """
@@ -94,8 +96,8 @@ def sample_rows(x: torch.Tensor, limit: int) -> torch.Tensor:
         return flat[:: sample_stride(n, limit, 1)].contiguous()
     rows = n // width
     period = x.shape[-2] if x.dim() >= 3 else 1
-    r = sample_stride(rows, max(1, limit // width), period)
-    return flat.view(rows, width)[::r].reshape(-1)
+    return flat.view(rows, width)[:: sample_stride(rows, max(1, limit // width), period)
+                                   ].reshape(-1)
 
 
 def unit_max(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -114,93 +116,57 @@ def unit_max(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def activation_row(x: torch.Tensor, need: Needs, cfg: Config, zero: torch.Tensor,
                    unit_dim: int, scratch: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
-    """One call of a layer, ``x`` float32: ``(row, unit maxima or None, small sample, ns)``.
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One call of a layer, ``x`` float32: ``(row, unit maxima or None, sample)``.
 
+    The sample is owned (never a view of ``x``, which may change in place later).
     ``scratch``, when given, is a float32 buffer of at least ``x.numel()`` elements for
     the non-finite count's one temporary (on CPU a fresh multi-megabyte temporary per
     call costs more than the arithmetic).
     """
-    xs = sample_rows(x, cfg.sample)
-    width = x.shape[-1] if x.dim() else 1
-    small = xs[:: sample_stride(xs.numel(), cfg.median_sample, width)]
+    flat = x.reshape(-1)
     cols = [zero] * len(ROW_COLS)
-    if need.moments:
-        m = xs.mean()
-        d = xs - m
-        d2 = d * d
-        cols[MEAN], cols[M2], cols[M3], cols[M4] = m, d2.sum(), torch.dot(d2, d), torch.dot(d2, d2)
-    if need.zeros:
-        cols[NONZERO] = torch.count_nonzero(xs)
-        cols[NEAR] = (xs.abs() < cfg.eps).sum()
     if need.nonfinite:  # a - a is 0 where a is finite and NaN elsewhere
-        out = scratch[: x.numel()].view(x.shape) if scratch is not None else None
-        cols[NONFINITE] = torch.sub(x, x, out=out).nan_to_num_(1.0).sum()
-    if need.median:
-        cols[MEDIAN] = small.abs().median()
+        out = scratch[: flat.numel()] if scratch is not None else None
+        cols[NONFINITE] = torch.sub(flat, flat, out=out).nan_to_num_(1.0).sum()
     umax = unit_max(x, unit_dim) if need.units else None
     if need.max:
         if umax is not None:
-            cols[MAX_ABS] = torch.maximum(umax.max(), x.amin().neg())
+            cols[MAX], cols[MIN] = umax.max(), flat.amin()
         else:
-            lo, hi = torch.aminmax(x)
-            cols[MAX_ABS] = torch.maximum(hi, lo.neg())
-    return torch.stack(cols), umax, small, xs.numel()
-
-
-def merge_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pebay's pairwise merge of ``[n, mean, M2, M3, M4]`` (float64 vectors)."""
-    na, ma, a2, a3, a4 = a
-    nb, mb, b2, b3, b4 = b
-    n = na + nb
-    if na == 0 or nb == 0:
-        return a if nb == 0 else b
-    d = mb - ma
-    m2 = a2 + b2 + d * d * na * nb / n
-    m3 = a3 + b3 + d ** 3 * na * nb * (na - nb) / n ** 2 + 3 * d * (na * b2 - nb * a2) / n
-    m4 = (a4 + b4 + d ** 4 * na * nb * (na * na - na * nb + nb * nb) / n ** 3
-          + 6 * d * d * (na * na * b2 + nb * nb * a2) / n ** 2 + 4 * d * (na * b3 - nb * a3) / n)
-    return np.array([n, ma + d * nb / n, m2, m3, m4])
+            cols[MIN], cols[MAX] = torch.aminmax(flat)
+    sample = sample_rows(x, cfg.sample)
+    if sample.numel() == flat.numel():
+        sample = sample.clone()
+    return torch.stack(cols), umax, sample
 
 
 def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
-                    row_layer: list[int], row_ns: list[int], dead: np.ndarray,
-                    dead_window: np.ndarray, units: list[int], grad_norms: np.ndarray,
-                    grad_layer: list[int], grad_elements: list[int]) -> np.ndarray:
+                    samples: list[np.ndarray], row_layer: list[int], eps: float,
+                    dead: np.ndarray, dead_window: np.ndarray, units: list[int],
+                    grad_norms: np.ndarray, grad_layer: list[int], grad_elements: list[int]
+                    ) -> np.ndarray:
     """The ``[layers x stats]`` float32 block of one report (host, float64 arithmetic).
 
-    ``rows``: one ``ROW_COLS`` row per call, of layer ``row_layer[k]``, with sample
-    size ``row_ns[k]``; ``dead``, ``dead_window`` (counts) and ``units``: per layer.
-    ``grad_norms``: one ||dL/dh|| per gradient hook call. A layer with no call in the
-    report gets a row of NaN.
+    ``rows`` (``ROW_COLS``) and ``samples``: one per call, of layer ``row_layer[k]``;
+    ``dead``, ``dead_window`` (unit counts) and ``units``: per layer. ``grad_norms``: one
+    ||dL/dh|| per gradient hook call. A layer with no call in the report gets NaN.
     """
     out = np.full((layers, len(LAYER_STATS)), np.nan)
     col = {s: j for j, s in enumerate(LAYER_STATS)}
     rows = rows.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for i in range(layers):
-            ks = [k for k, layer in enumerate(row_layer) if layer == i]
+        for i, ks in enumerate(calls_by_layer(layers, row_layer)):
             if not ks:
                 continue
-            mom = np.zeros(5)
-            for k in ks:
-                mom = merge_moments(mom, np.array([row_ns[k], *rows[k, MEAN:M4 + 1]]))
-            ns, mean, m2, _, m4 = mom
-            r = rows[ks]
-            median = r[:, MEDIAN].mean()
             o = out[i]
-            o[col["mean"]] = mean
-            o[col["std"]] = math.sqrt(max(m2 / ns, 0.0))
-            o[col["rms"]] = math.sqrt(max(m2 / ns, 0.0) + mean * mean)
-            o[col["kurtosis"]] = ns * m4 / (m2 * m2) if m2 > 0 else np.nan
-            o[col["max_abs"]] = r[:, MAX_ABS].max()
-            o[col["massive_ratio"]] = o[col["max_abs"]] / median
-            o[col["zero_frac"]] = 1.0 - r[:, NONZERO].sum() / ns
-            o[col["near_zero_frac"]] = r[:, NEAR].sum() / ns
+            r = rows[ks]
+            o[col["max_abs"]] = max(r[:, MAX].max(), -r[:, MIN].min())
             o[col["nonfinite"]] = r[:, NONFINITE].sum()
             if units[i]:
                 o[col["dead_frac"]] = dead[i] / units[i]
                 o[col["dead_frac_window"]] = dead_window[i] / units[i]
+            _sample_stats(o, col, pooled(samples, ks), eps)
         gsq = np.zeros(layers)
         gn = np.zeros(layers)
         for k, i in enumerate(grad_layer):
@@ -208,3 +174,33 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
             gn[i] += grad_elements[k]
         out[:, col["grad_rms"]] = np.sqrt(gsq / np.where(gn > 0, gn, np.nan))
     return out[:, [col[s] for s in stats]].astype(np.float32)
+
+
+def _sample_stats(o: np.ndarray, col: dict[str, int], a: np.ndarray, eps: float) -> None:
+    """Fill the sample-based statistics of one layer from its pooled sample ``a`` (float32;
+    NumPy's pairwise sums keep float32 accurate to ~1e-6 at these sizes)."""
+    mean = float(a.mean())
+    d = a - np.float32(mean)
+    d2 = d * d
+    var = float(d2.mean())
+    o[col["mean"]] = mean
+    o[col["std"]] = math.sqrt(var)
+    o[col["rms"]] = math.sqrt(var + mean * mean)
+    o[col["kurtosis"]] = float((d2 * d2).mean()) / (var * var) if var > 0 else np.nan
+    mag = np.abs(a)
+    o[col["zero_frac"]] = np.count_nonzero(a == 0) / a.size
+    o[col["near_zero_frac"]] = np.count_nonzero(mag < eps) / a.size
+    o[col["massive_ratio"]] = o[col["max_abs"]] / np.median(
+        mag[:: sample_stride(mag.size, MEDIAN_SAMPLE, 1)])
+
+
+def calls_by_layer(layers: int, row_layer: list[int]) -> list[list[int]]:
+    calls: list[list[int]] = [[] for _ in range(layers)]
+    for k, i in enumerate(row_layer):
+        calls[i].append(k)
+    return calls
+
+
+def pooled(samples: list[np.ndarray], ks: list[int]) -> np.ndarray:
+    """The samples of calls ``ks`` as one array."""
+    return samples[ks[0]] if len(ks) == 1 else np.concatenate([samples[k] for k in ks])
