@@ -88,16 +88,15 @@ class LayerCollector:
 
     @torch.no_grad()
     def on_grad(self, i: int, g: torch.Tensor) -> None:
-        """Tensor hook body on a layer's output: ||dL/dh|| and its histogram sample."""
-        g = g.detach()
-        if g.dtype != torch.float32:
-            g = g.float()
-        self.grad_norms.append(torch.linalg.vector_norm(g))
+        """Tensor hook body on a layer's output: ||dL/dh|| over a row sample (the same rule
+        as for activations) and, on histogram reports, the sample itself."""
+        sample = sample_rows(g.detach(), self.config.sample)
+        self.grad_norms.append(torch.linalg.vector_norm(sample, dtype=torch.float32))
         self.grad_layer.append(i)
-        self.grad_elements.append(g.numel())
+        self.grad_elements.append(sample.numel())
         if self.hist_now and i in self.hist_rows:
-            small = sample_rows(g, self.config.sample)
-            self.grad_samples.append(small.clone() if small.numel() == g.numel() else small)
+            owned = sample.numel() < g.numel() and sample.dtype == torch.float32
+            self.grad_samples.append(sample if owned else sample.float().clone())
             self.grad_sample_layer.append(i)
 
     def _zero(self, device: torch.device) -> torch.Tensor:
