@@ -41,7 +41,8 @@ class PendingReport:
     host_values: dict[str, Any] = field(default_factory=dict)  # floats or CPU tensors
 
     def messages(self, buf: np.ndarray) -> list[tuple[dict[str, Any], list[np.ndarray]]]:
-        """The stats message (and the histogram message on histogram reports)."""
+        """The stats message, the params message (when parameter statistics are on) and,
+        on histogram reports, the histogram message."""
         parts = unpack(buf, self.layout)
         m, c = self.meta, self.config
         layers = m["layers"]
@@ -58,10 +59,10 @@ class PendingReport:
                                                         m["order"])
         values["mem_host"] = _rss_bytes()
         scalars = np.array([values.get(k, math.nan) for k in self.scalar_names], np.float32)
-        arrays = [block, scalars]
+        out = [({"kind": wire.STATS, "schema_id": self.schema_id}, [block, scalars])]
         if "params" in parts:
-            arrays.append(parts["params"].astype(np.float32))
-        out = [({"kind": wire.STATS, "schema_id": self.schema_id}, arrays)]
+            out.append(({"kind": wire.PARAMS, "schema_id": self.schema_id},
+                        [parts["params"].astype(np.float32)]))
         if m["hist"]:
             grads = _split(parts["grad_samples"], m["grad_sample_sizes"])
             out.append(({"kind": wire.HIST, "schema_id": self.schema_id},

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 TUI_MODULES = ["tui.cli", "tui.app", "tui.client", "tui.store", "tui.widgets", "tui.targets",
-               "tui.plotting"]
+               "tui.plotting", "tui.layer_detail"]
 
 
 def run_py(code: str) -> str:
@@ -30,11 +30,13 @@ def test_tui_works_with_torch_unimportable():
 
 
 def test_agent_never_imports_textual_or_plotext():
-    code = ("import sys, agent.monitor, agent.service, agent.stats, agent.control\n"
+    code = ("import sys, agent.monitor, agent.service, agent.stats, agent.control, agent.collector,"
+            " agent.layers, agent.param_stats, agent.report, agent.packing\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('textual', 'plotext')))")
     assert run_py(code) == "[]"
 
 
 def test_agent_package_import_is_lazy():
-    code = "import sys, agent, agent.wire, agent.connfile; print('torch' in sys.modules)"
+    code = ("import sys, agent, agent.wire, agent.connfile, agent.config, agent.histograms;"
+            " print('torch' in sys.modules)")
     assert run_py(code) == "False"

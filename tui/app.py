@@ -12,11 +12,12 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Static
+from textual.widgets import DataTable, Footer, Static
 
 from tui.client import CommandError, LiveClient
+from tui.layer_detail import LayerDetailScreen
 from tui.store import RunStore
-from tui.widgets import LayerTable, LossPlot, StatusBar
+from tui.widgets import ColumnPicker, LayerTable, LossPlot, StatusBar
 
 REDRAW_HZ = 8
 
@@ -48,6 +49,8 @@ class NeurotopApp(App[None]):
     BINDINGS = [
         Binding("space", "toggle_pause", "pause/resume"),
         Binding("s", "cycle_spark", "trend stat"),
+        Binding("o", "pick_columns", "columns"),
+        Binding("p", "next_preset", "column preset"),
         Binding("l", "toggle_log", "log loss"),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
@@ -84,6 +87,8 @@ class NeurotopApp(App[None]):
             self.query_one(StatusBar).draw(self.store, self.pending)
             self.query_one(LossPlot).draw(self.store, self.log_loss)
             self.query_one(LayerTable).draw(self.store)
+            if isinstance(self.screen, LayerDetailScreen):
+                self.screen.draw()
 
     # -- actions --------------------------------------------------------------------------
 
@@ -116,6 +121,27 @@ class NeurotopApp(App[None]):
             table.spark_stat = stats[(i + 1) % len(stats)]
             self.redraw(force=True)
 
+    def action_pick_columns(self) -> None:
+        if self.store.schema is None:
+            return
+        table = self.query_one(LayerTable)
+        stats = self.store.schema["stats"]
+
+        def apply(chosen: list[str] | None) -> None:
+            if chosen:
+                table.choose(chosen)
+                self.redraw(force=True)
+        self.push_screen(ColumnPicker(stats, table.shown(stats)), apply)
+
+    def action_next_preset(self) -> None:
+        self.notify(f"columns: {self.query_one(LayerTable).next_preset()}")
+        self.redraw(force=True)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """``enter`` on a layer: every statistic of it over time, and its histograms."""
+        if isinstance(event.data_table, LayerTable) and event.row_key.value is not None:
+            self.push_screen(LayerDetailScreen(self.store, str(event.row_key.value)))
+
     def action_toggle_log(self) -> None:
         self.log_loss = not self.log_loss
         self.redraw(force=True)
@@ -123,6 +149,9 @@ class NeurotopApp(App[None]):
     def action_help(self) -> None:
         rows = [("space", "pause / resume the run at the next optimizer step"),
                 ("s", "choose the statistic the trend column shows"),
+                ("o", "choose the layers table's columns"),
+                ("p", "next column preset (overview, activations, sparsity, ...)"),
+                ("enter", "layer detail: every statistic over time, histograms"),
                 ("l", "log scale for the loss plot"),
                 ("?", "this help"), ("q", "quit (the run goes on)")]
         self.push_screen(HelpScreen(rows))
