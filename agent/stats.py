@@ -161,7 +161,7 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
                 continue
             o = out[i]
             r = rows[ks]
-            o[col["max_abs"]] = max(r[:, MAX].max(), -r[:, MIN].min())
+            o[col["max_abs"]] = np.abs(r[:, [MAX, MIN]]).max()  # NaN stays NaN
             o[col["nonfinite"]] = r[:, NONFINITE].sum()
             if units[i]:
                 o[col["dead_frac"]] = dead[i] / units[i]
