@@ -160,8 +160,9 @@ class AgentService(threading.Thread):
                 r = self.reports.get_nowait()
             except queue.Empty:
                 return
-            if r.ready is not None:
-                r.ready.synchronize()
+            if r.ready is not None:  # poll the copy's event: no device sync, even here
+                while not r.ready.query():
+                    time.sleep(0.0002)
             try:
                 messages = r.finalize(r.data.numpy())
             except Exception:  # a bug here must not stop telemetry and control
