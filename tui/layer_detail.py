@@ -70,7 +70,7 @@ class LayerDetailScreen(Screen[None]):
 
     def __init__(self, store: RunStore, layer: str) -> None:
         super().__init__()
-        self.store, self.layer = store, layer
+        self.store, self.layer_name = store, layer
         self.stats = list(store.schema["stats"]) if store.schema else []
 
     def compose(self) -> ComposeResult:
@@ -87,19 +87,19 @@ class LayerDetailScreen(Screen[None]):
         self.draw()
 
     def draw(self) -> None:
-        steps, series = self.store.layer_series(self.layer)
+        steps, series = self.store.layer_series(self.layer_name)
         extra = self.store.schema_extra
         layers = self.store.schema["layers"] if self.store.schema else []
         kind = ""
-        if self.layer in layers and extra["layer_types"]:
-            kind = extra["layer_types"][layers.index(self.layer)]
+        if self.layer_name in layers and extra["layer_types"]:
+            kind = extra["layer_types"][layers.index(self.layer_name)]
         where = f"  step {int(steps[-1])}" if len(steps) else "  waiting for a report"
         self.query_one("#title", Static).update(Text.assemble(
-            (f"{self.layer}", "bold"), f"  {kind}", where, "  (esc: back)"))
+            (self.layer_name, "bold"), f"  {kind}", where, "  (esc: back)"))
         for j, st in enumerate(self.stats):
             values = series[:, j] if series.shape[1] > j else np.empty(0, np.float32)
             self.query_one(f"#plot-{st}", StatPlot).draw(steps, values)
-        hist = self.store.latest_histogram(self.layer)
+        hist = self.store.latest_histogram(self.layer_name)
         for plot in self.query(HistogramPlot):
             plot.draw(hist)
 
