@@ -155,6 +155,7 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
     out = np.full((layers, len(LAYER_STATS)), np.nan)
     col = {s: j for j, s in enumerate(LAYER_STATS)}
     rows = rows.astype(np.float64)
+    by_size: dict[int, list[tuple[int, np.ndarray]]] = {}
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for i, ks in enumerate(calls_by_layer(layers, row_layer)):
             if not ks:
@@ -166,7 +167,14 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
             if units[i]:
                 o[col["dead_frac"]] = dead[i] / units[i]
                 o[col["dead_frac_window"]] = dead_window[i] / units[i]
-            _sample_stats(o, col, pooled(samples, ks), eps)
+            a = pooled(samples, ks)
+            by_size.setdefault(a.size, []).append((i, a))
+        for group in by_size.values():  # one batch of NumPy calls per sample size
+            idx = [i for i, _ in group]
+            for name, v in _sample_stats(np.stack([a for _, a in group]), eps).items():
+                out[idx, col[name]] = v
+        m = col["massive_ratio"]
+        out[:, m] = out[:, col["max_abs"]] / out[:, m]  # held the median until here
         gsq = np.zeros(layers)
         gn = np.zeros(layers)
         for k, i in enumerate(grad_layer):
@@ -176,22 +184,22 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
     return out[:, [col[s] for s in stats]].astype(np.float32)
 
 
-def _sample_stats(o: np.ndarray, col: dict[str, int], a: np.ndarray, eps: float) -> None:
-    """Fill the sample-based statistics of one layer from its pooled sample ``a`` (float32;
-    NumPy's pairwise sums keep float32 accurate to ~1e-6 at these sizes)."""
-    mean = float(a.mean())
-    d = a - np.float32(mean)
+def _sample_stats(a: np.ndarray, eps: float) -> dict[str, np.ndarray]:
+    """The sample-based statistics of layers whose pooled samples are the rows of ``a``
+    (float32; NumPy's pairwise sums keep it accurate to ~1e-6 at these sizes). Under
+    ``massive_ratio``: the median |a|, divided into max |a| by the caller."""
+    mean = a.mean(axis=1, dtype=np.float64)
+    d = a - mean.astype(np.float32)[:, None]
     d2 = d * d
-    var = float(d2.mean())
-    o[col["mean"]] = mean
-    o[col["std"]] = math.sqrt(var)
-    o[col["rms"]] = math.sqrt(var + mean * mean)
-    o[col["kurtosis"]] = float((d2 * d2).mean()) / (var * var) if var > 0 else np.nan
+    var = d2.mean(axis=1, dtype=np.float64)
     mag = np.abs(a)
-    o[col["zero_frac"]] = np.count_nonzero(a == 0) / a.size
-    o[col["near_zero_frac"]] = np.count_nonzero(mag < eps) / a.size
-    o[col["massive_ratio"]] = o[col["max_abs"]] / np.median(
-        mag[:: sample_stride(mag.size, MEDIAN_SAMPLE, 1)])
+    small = mag[:, :: sample_stride(a.shape[1], MEDIAN_SAMPLE, 1)]
+    return {"mean": mean, "std": np.sqrt(var), "rms": np.sqrt(var + mean * mean),
+            "kurtosis": np.where(var > 0, (d2 * d2).mean(axis=1, dtype=np.float64) / var ** 2,
+                                 np.nan),
+            "zero_frac": np.count_nonzero(a == 0, axis=1) / a.shape[1],
+            "near_zero_frac": np.count_nonzero(mag < eps, axis=1) / a.shape[1],
+            "massive_ratio": np.median(small, axis=1)}
 
 
 def calls_by_layer(layers: int, row_layer: list[int]) -> list[list[int]]:
