@@ -63,30 +63,30 @@ class LayerCollector:
             t.register_hook(self._grad_fns[i])
         if self.device is None:
             self.device = t.device
-        with torch.no_grad(), torch.autocast(t.device.type, enabled=False):
-            x = t.detach()
-            if x.dtype != torch.float32:
-                x = x.float()
-            row, umax, sample = activation_row(
-                x, self.need, self.config, self._zero(x.device), unit_dim_for(spec, x.dim()),
-                self._scratch_for(x))
-            if i not in self._seen:
-                self._seen.add(i)
-                self.order.append(i)
-            self.rows.append(row)
-            self.samples.append(sample)
-            self.row_layer.append(i)
-            if umax is not None:
-                prev = self.umax[i]
-                self.umax[i] = umax if prev is None or prev.shape != umax.shape \
-                    else torch.maximum(prev, umax)
+        # Detached, so nothing below is recorded by autograd; and none of these kernels is
+        # one that autocast changes (matmul-like), so no context managers are needed.
+        x = t.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        row, umax, sample = activation_row(
+            x, self.need, self.config, self._zero(x.device), unit_dim_for(spec, x.dim()),
+            self._scratch_for(x))
+        if i not in self._seen:
+            self._seen.add(i)
+            self.order.append(i)
+        self.rows.append(row)
+        self.samples.append(sample)
+        self.row_layer.append(i)
+        if umax is not None:
+            prev = self.umax[i]
+            self.umax[i] = umax if prev is None or prev.shape != umax.shape \
+                else torch.maximum(prev, umax)
 
     def _grad_hook(self, i: int):
         def hook(g: torch.Tensor) -> None:
             self.on_grad(i, g)
         return hook
 
-    @torch.no_grad()
     def on_grad(self, i: int, g: torch.Tensor) -> None:
         """Tensor hook body on a layer's output: ||dL/dh|| over a row sample (the same rule
         as for activations) and, on histogram reports, the sample itself."""
