@@ -56,14 +56,14 @@ class Config:
     #: r-th row (last dimension), r coprime with the second-to-last dimension. Activations
     #: this small or smaller are used whole. Also the row sample of each parameter for
     #: ``update_ratio`` and ``nlm_cos``.
-    sample: int = 16384
+    sample: int = 8192
     #: ``dead_frac_window``: units never positive over this many reports.
     dead_window: int = 10
     #: Histograms every K reports (0: never), of these layers' activations and gradients.
     hist_every: int = 10
     hist_layers: tuple[str, ...] = ("*",)
     #: A histogram counts at most this many values of the layer's sample (every s-th).
-    hist_sample: int = 4096
+    hist_sample: int = 2048
     #: Symmetric log-spaced bins, one per octave: magnitudes 2**lo .. 2**hi, plus a zero
     #: bin (|a| < 2**lo) and two overflow bins (see ``agent.histograms``).
     hist_exponents: tuple[int, int] = (-24, 16)
