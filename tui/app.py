@@ -12,12 +12,13 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Static
+from textual.widgets import DataTable, Footer, Static
 
 from tui.client import CommandError, LiveClient
 from tui.control_panel import ControlActions, ControlPanel
+from tui.layer_detail import LayerDetailScreen
 from tui.store import RunStore
-from tui.widgets import LayerTable, LossPlot, StatusBar
+from tui.widgets import ColumnPicker, LayerTable, LossPlot, StatusBar
 
 REDRAW_HZ = 8
 
@@ -54,6 +55,8 @@ class NeurotopApp(ControlActions, App[None]):
         Binding("w", "snapshot", "snapshot", show=False),
         Binding("X", "stop_run", "stop run", show=False),
         Binding("s", "cycle_spark", "trend stat"),
+        Binding("o", "pick_columns", "columns"),
+        Binding("p", "next_preset", "column preset"),
         Binding("l", "toggle_log", "log loss"),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
@@ -71,6 +74,9 @@ class NeurotopApp(ControlActions, App[None]):
             ("w", "snapshot", "snapshot model + optimizer state"),
             ("X", "stop_run", "stop the run gracefully (asks to confirm)"),
             ("s", "cycle_spark", "choose the statistic the trend column shows"),
+            ("o", "pick_columns", "choose the layers table's columns"),
+            ("p", "next_preset", "next column preset (overview, activations, sparsity, ...)"),
+            ("enter", "layer_detail", "layer detail: every statistic over time, histograms"),
             ("l", "toggle_log", "log scale for the loss plot"),
             ("?", "help", "this help"), ("q", "quit", "quit (the run goes on)"))
 
@@ -106,6 +112,8 @@ class NeurotopApp(ControlActions, App[None]):
             self.query_one(LossPlot).draw(self.store, self.log_loss)
             self.query_one(LayerTable).draw(self.store)
             self.draw_controls()
+            if isinstance(self.screen, LayerDetailScreen):
+                self.screen.draw()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return not (self.read_only and action in self.CONTROL_ACTIONS)
@@ -137,6 +145,27 @@ class NeurotopApp(ControlActions, App[None]):
             i = stats.index(table.spark_stat) if table.spark_stat in stats else -1
             table.spark_stat = stats[(i + 1) % len(stats)]
             self.redraw(force=True)
+
+    def action_pick_columns(self) -> None:
+        if self.store.schema is None:
+            return
+        table = self.query_one(LayerTable)
+        stats = self.store.schema["stats"]
+
+        def apply(chosen: list[str] | None) -> None:
+            if chosen:
+                table.choose(chosen)
+                self.redraw(force=True)
+        self.push_screen(ColumnPicker(stats, table.shown(stats)), apply)
+
+    def action_next_preset(self) -> None:
+        self.notify(f"columns: {self.query_one(LayerTable).next_preset()}")
+        self.redraw(force=True)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """``enter`` on a layer: every statistic of it over time, and its histograms."""
+        if isinstance(event.data_table, LayerTable) and event.row_key.value is not None:
+            self.push_screen(LayerDetailScreen(self.store, str(event.row_key.value)))
 
     def action_toggle_log(self) -> None:
         self.log_loss = not self.log_loss

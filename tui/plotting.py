@@ -58,3 +58,31 @@ def line_plot(x: np.ndarray, y: np.ndarray, width: int, height: int, title: str,
         if log_y:
             plt.yscale("log")
     return plt.build()
+
+
+def hist_labels(edges: np.ndarray) -> list[str]:
+    """A short label per bin of a symmetric log histogram (its lower magnitude edge)."""
+    k = (len(edges) - 2) // 2  # bins per side besides overflow
+    mags = edges[k + 1:]  # m_0 .. m_K
+    neg = [f"-{m:.0e}" for m in mags[::-1]]  # overflow and the negative octaves
+    pos = [f"{m:.0e}" for m in mags]
+    return [*neg, "0", *pos]
+
+
+def hist_plot(edges: np.ndarray, counts: np.ndarray, width: int, height: int,
+              title: str) -> str:
+    """Bars (fractions) of a symmetric log histogram with a handful of bin labels; empty
+    outer bins are trimmed so that the populated part gets the width."""
+    plt.clf()
+    plt.plotsize(max(width, 20), max(height, 5))
+    plt.theme("clear")
+    plt.title(title)
+    used = np.flatnonzero(counts > 0)
+    if len(used):
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        labels = hist_labels(edges)[lo:hi]
+        x = list(range(hi - lo))
+        plt.bar(x, (counts[lo:hi] / counts.sum()).tolist(), marker="sd", width=0.8)
+        step = max(1, len(x) // 6)
+        plt.xticks(x[::step], labels[::step])
+    return plt.build()

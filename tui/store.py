@@ -99,6 +99,7 @@ class RunStore:
         self._last_seq: int | None = None
         self.knobs: list[dict[str, Any]] = []  # the last `knobs` listing (types, bounds, docs)
         self.knob_values: dict[str, Any] = {}  # current values, from every heartbeat
+        self._reset_extras()
 
     # -- writer ---------------------------------------------------------------------------
 
@@ -107,8 +108,7 @@ class RunStore:
         ``count_gaps=False`` for recorded messages, which skip sequence numbers."""
         with self.lock:
             self.status.last_message = time.time()
-            if count_gaps:
-                self._count_gaps(msg.header)
+            self._count_gaps(msg.header, count_gaps)
             try:
                 getattr(self, f"_on_{msg.kind}", self._on_unknown)(msg)
             except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -119,10 +119,12 @@ class RunStore:
     def ingest_schema(self, schema: dict[str, Any]) -> None:
         self.ingest(wire.Message({"kind": wire.SCHEMA, **schema}))
 
-    def _count_gaps(self, h: dict[str, Any]) -> None:
+    def _count_gaps(self, h: dict[str, Any], count: bool = True) -> None:
+        """Track the sender's sequence number; count a jump as missed messages (live only:
+        recorded messages skip numbers, and must still move the mark for what follows)."""
         seq = h.get("seq")
         if isinstance(seq, int):
-            if self._last_seq is not None and seq > self._last_seq + 1:
+            if count and self._last_seq is not None and seq > self._last_seq + 1:
                 self.status.missed += seq - self._last_seq - 1
             self._last_seq = seq
 
@@ -141,6 +143,7 @@ class RunStore:
                 self._scalars[name] = g
         self.schema = {"layers": layers, "stats": stats, "scalars": scalars,
                        "schema_id": h.get("schema_id", 0)}
+        self._schema_extras(h)
         self.status.run_name = str(h.get("run_name", self.status.run_name))
         self.status.run_id = str(h.get("run", self.status.run_id))
 
@@ -186,6 +189,48 @@ class RunStore:
             self.knobs = [k for k in h["knobs"] if isinstance(k, dict) and "name" in k]
         self.status.events.append(dict(h))
         del self.status.events[:-500]
+
+    # -- the statistics engine's extras: parameters, histograms, layer details ----------
+
+    def _reset_extras(self) -> None:
+        self._param_steps = Growable((), np.int64, 0)
+        self._params: Growable | None = None
+        self._hist: dict[str, Any] | None = None  # the latest histograms
+        self.schema_extra: dict[str, Any] = {
+            "params": [], "param_stats": [], "hist_layers": [], "hist_edges": np.empty(0),
+            "layer_types": [], "blocks": [], "config": {}}
+
+    def _schema_extras(self, h: dict[str, Any]) -> None:
+        """Parameter names, histogram bins and layer details; older agents send none."""
+        params, pstats = list(h.get("params", [])), list(h.get("param_stats", []))
+        old = self.schema_extra
+        if self._params is None or old["params"] != params or old["param_stats"] != pstats:
+            self._param_steps = Growable((), np.int64, 0)
+            self._params = Growable((len(params), len(pstats)))
+        self.schema_extra = {
+            "params": params, "param_stats": pstats,
+            "hist_layers": list(h.get("hist_layers", [])),
+            "hist_edges": np.asarray(h.get("hist_edges", []), np.float64),
+            "layer_types": list(h.get("layer_types", [])), "blocks": list(h.get("blocks", [])),
+            "config": dict(h.get("config", {}))}
+
+    def _on_params(self, msg: wire.Message) -> None:
+        if self._params is None:
+            return  # labelled by the schema, which is re-sent every few seconds
+        (block,) = msg.arrays
+        if block.shape != self._params.view().shape[1:]:
+            raise ValueError(f"params block {block.shape} does not match the schema")
+        self._param_steps.append(int(msg.header["step"]))
+        self._params.append(block)
+
+    def _on_hist(self, msg: wire.Message) -> None:
+        if self.schema is None:
+            return
+        act, grad = msg.arrays
+        n, bins = len(self.schema_extra["hist_layers"]), len(self.schema_extra["hist_edges"]) + 1
+        if act.shape != (n, bins) or grad.shape != (n, bins):
+            raise ValueError(f"histograms {act.shape} do not match the schema ({n}, {bins})")
+        self._hist = {"step": int(msg.header["step"]), "act": act.copy(), "grad": grad.copy()}
 
     def _on_unknown(self, msg: wire.Message) -> None:
         raise ValueError(f"unknown kind {msg.kind!r}")
@@ -290,6 +335,40 @@ class RunStore:
             if self._stats is None or self._stats.n == 0:
                 return None
             return self._stats.view()[-1].copy()
+
+    def layer_series(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[steps x stats]`` of one layer (the layer-detail screen's data)."""
+        with self.lock:
+            if self._stats is None or self.schema is None or layer not in self.schema["layers"]:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            i = self.schema["layers"].index(layer)
+            return self._steps.view().copy(), self._stats.view()[:, i, :].copy()
+
+    def latest_params(self) -> tuple[int, np.ndarray] | None:
+        """The step and ``[params x param_stats]`` of the latest report, if any."""
+        with self.lock:
+            if self._params is None or self._params.n == 0:
+                return None
+            return int(self._param_steps.view()[-1]), self._params.view()[-1].copy()
+
+    def param_history(self, stat: str, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[params x last]`` history of one parameter statistic."""
+        with self.lock:
+            pstats = self.schema_extra["param_stats"] if self._params is not None else []
+            if stat not in pstats:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            j = pstats.index(stat)
+            return (self._param_steps.view()[-last:].copy(),
+                    self._params.view()[-last:, :, j].T.copy())
+
+    def latest_histogram(self, layer: str) -> dict[str, Any] | None:
+        """``{step, edges, act, grad}`` of a layer's latest histograms, or None."""
+        with self.lock:
+            if self._hist is None or layer not in self.schema_extra["hist_layers"]:
+                return None
+            h = self.schema_extra["hist_layers"].index(layer)
+            return {"step": self._hist["step"], "edges": self.schema_extra["hist_edges"].copy(),
+                    "act": self._hist["act"][h].copy(), "grad": self._hist["grad"][h].copy()}
 
     def layer_history(self, stat: str, last: int) -> np.ndarray:
         """``[layers x last]`` history of one statistic (fewer columns early in a run)."""
