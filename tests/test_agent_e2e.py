@@ -15,7 +15,10 @@ from tests.conftest import wait_until
 from tui.client import CommandError, Endpoints, LiveClient
 
 
-def collect(endpoint: str, seconds: float, until_step: int | None = None) -> list[wire.Message]:
+def collect(endpoint: str, seconds: float, until_step: int | None = None,
+            until=None) -> list[wire.Message]:
+    """Messages a fresh subscriber receives within ``seconds``, stopping early at a stats
+    message of ``until_step`` or at the first message ``until`` accepts."""
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -30,9 +33,19 @@ def collect(endpoint: str, seconds: float, until_step: int | None = None) -> lis
                 msgs.append(m)
                 if until_step and m.kind == wire.STATS and m.header["step"] >= until_step:
                     break
+                if until is not None and until(m):
+                    break
     finally:
         sub.close()
     return msgs
+
+
+def heartbeat_step(endpoint: str) -> int:
+    """The step of the next heartbeat (a fresh subscriber; waits up to 10 s)."""
+    for m in collect(endpoint, 10.0, until=lambda m: m.kind == wire.HEARTBEAT):
+        if m.kind == wire.HEARTBEAT:
+            return m.header["step"]
+    raise AssertionError("no heartbeat within 10 s")
 
 
 def test_schema_and_stat_blocks_match_numpy(start_run, tmp_path):
@@ -126,11 +139,9 @@ def test_stalled_viewer_does_not_stall_training(start_run):
     stalled.subscribe(b"")
     stalled.connect(run.info.telemetry)  # connected, never read
     try:
-        msgs = collect(run.info.telemetry, 1.0)
-        first = max(m.header["step"] for m in msgs if m.kind == wire.HEARTBEAT)
+        first = heartbeat_step(run.info.telemetry)
         time.sleep(2.0)
-        msgs = collect(run.info.telemetry, 1.0)
-        later = max(m.header["step"] for m in msgs if m.kind == wire.HEARTBEAT)
+        later = heartbeat_step(run.info.telemetry)
         assert later - first > 100, "training slowed to a crawl behind a stalled viewer"
     finally:
         stalled.close()
