@@ -32,6 +32,7 @@ async def test_live_view_pause_resume_help_quit(start_run):
     try:
         async with app.run_test(size=(120, 40)) as pilot:
             await until(pilot, lambda: "LIVE" in status_text(app), what="LIVE")
+            await pilot.press("2")  # the layers screen (overview is the first)
             table = app.query_one(LayerTable)
             await until(pilot, lambda: table.row_count == len(client.store.schema["layers"]),
                         what="layer rows")

@@ -1,11 +1,24 @@
-"""Turning long series into something a terminal can draw quickly."""
+"""Turning long series into something a terminal can draw quickly.
+
+Everything here is NumPy over at most a few points per screen column: a series is first
+reduced to its min and max per column (``minmax_downsample``), so 100k steps cost what
+100 do. Plots are braille dots (2 x 4 per cell) in the terminal's default foreground or
+a theme colour passed in, so they read on dark and light backgrounds alike.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
-import plotext as plt
+from rich.text import Text
 
 BLOCKS = "▁▂▃▄▅▆▇█"
+SHADES = " ░▒▓█"
+#: Braille dot bits by (row within the cell, column within the cell).
+_DOTS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], np.int64)
+LABEL_W = 9
 
 
 def minmax_downsample(x: np.ndarray, y: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -13,18 +26,48 @@ def minmax_downsample(x: np.ndarray, y: np.ndarray, width: int) -> tuple[np.ndar
     n = len(y)
     if n <= 2 * width or width <= 0:
         return x, y
-    edges = np.linspace(0, n, width + 1).astype(np.int64)
+    col = np.arange(n) * width // n
     ys = np.where(np.isfinite(y), y, np.nan)
-    xs_out, ys_out = [], []
-    for a, b in zip(edges[:-1], edges[1:], strict=True):
-        seg = ys[a:b]
-        if b <= a or np.all(np.isnan(seg)):
-            continue
-        i, j = a + int(np.nanargmin(seg)), a + int(np.nanargmax(seg))
-        for k in sorted({i, j}):
-            xs_out.append(x[k])
-            ys_out.append(y[k])
-    return np.asarray(xs_out), np.asarray(ys_out)
+    starts = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+    lo = np.fmin.reduceat(ys, starts)
+    hi = np.fmax.reduceat(ys, starts)
+    ok = ~np.isnan(lo)
+    idx_lo = _first_index_of(ys, col, lo)
+    idx_hi = _first_index_of(ys, col, hi)
+    pick = np.unique(np.concatenate([idx_lo[ok], idx_hi[ok]]))
+    return x[pick], y[pick]
+
+
+def _first_index_of(ys: np.ndarray, col: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """For each column, the first index whose value equals the column's ``target``
+    (the last index of the column when none does: an all-NaN column, dropped later)."""
+    hits = np.flatnonzero(ys == target[col])
+    out = np.searchsorted(col, np.arange(len(target)), side="right") - 1
+    cols, first = np.unique(col[hits], return_index=True)
+    out[cols] = hits[first]
+    return out
+
+
+def smooth(y: np.ndarray, span: int) -> np.ndarray:
+    """Trailing mean over ``span`` points (NaN ignored): the loss's trend without its noise."""
+    if span <= 1 or len(y) < 2:
+        return y
+    ok = np.isfinite(y)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
+    k = np.concatenate([[0], np.cumsum(ok)])
+    lo = np.maximum(np.arange(1, len(y) + 1) - span, 0)
+    hi = np.arange(1, len(y) + 1)
+    n = k[hi] - k[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (c[hi] - c[lo]) / n, np.nan)
+
+
+def window(x: np.ndarray, last: int | None, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The points of the last ``last`` steps (all of them for ``None``)."""
+    if last is None or not len(x):
+        return (x, *ys)
+    keep = x > x[-1] - last
+    return (x[keep], *(y[keep] for y in ys))
 
 
 def sparkline(values: np.ndarray, width: int) -> str:
@@ -41,20 +84,157 @@ def sparkline(values: np.ndarray, width: int) -> str:
     return "".join(BLOCKS[i] for i in idx)
 
 
-def line_plot(x: np.ndarray, y: np.ndarray, width: int, height: int, title: str,
-              log_y: bool = False) -> str:
-    """A plotext line chart as an ANSI string sized to the widget."""
-    plt.clf()
-    plt.plotsize(max(width, 20), max(height, 5))
-    plt.theme("clear")
-    plt.title(title)
-    ok = np.isfinite(y)
-    if log_y:
-        ok &= y > 0
-    x, y = x[ok], y[ok]
-    if len(y):
-        x, y = minmax_downsample(x, y, max(width - 10, 10))
-        plt.plot(x.tolist(), y.tolist(), marker="braille")
+def fmt_axis(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-2):
+        return f"{v:.1e}"
+    return f"{v:.4g}"
+
+
+@dataclass
+class Series:
+    x: np.ndarray
+    y: np.ndarray
+    style: str = ""
+
+
+def _dots(s: Series, x0: float, x1: float, y0: float, y1: float, w: int, h: int) -> np.ndarray:
+    """``[4h x 2w]`` dots of one series, each column joined to the previous one."""
+    grid = np.zeros((4 * h, 2 * w), bool)
+    ok = np.isfinite(s.y)
+    x, y = s.x[ok].astype(np.float64), s.y[ok].astype(np.float64)
+    if not len(x):
+        return grid
+    cx = np.clip(((x - x0) / max(x1 - x0, 1e-300) * (2 * w - 1)).round().astype(int), 0,
+                 2 * w - 1)
+    cy = np.clip(((y1 - y) / max(y1 - y0, 1e-300) * (4 * h - 1)).round().astype(int), 0,
+                 4 * h - 1)
+    lo = np.full(2 * w, 4 * h, np.int64)
+    hi = np.full(2 * w, -1, np.int64)
+    np.minimum.at(lo, cx, cy)
+    np.maximum.at(hi, cx, cy)
+    cols = np.flatnonzero(hi >= 0)
+    last = np.full(2 * w, -1, np.int64)  # the dot of each column's last point, to join
+    last[cx] = cy
+    prev = last[cols[:-1]]
+    lo[cols[1:]] = np.minimum(lo[cols[1:]], prev)
+    hi[cols[1:]] = np.maximum(hi[cols[1:]], prev)
+    rows = np.arange(4 * h)[:, None]
+    grid[:, cols] = (rows >= lo[cols]) & (rows <= hi[cols])
+    return grid
+
+
+def _cells(grid: np.ndarray) -> np.ndarray:
+    """Braille code points ``[h x w]`` of a dot grid (0 where a cell has no dot)."""
+    h4, w2 = grid.shape
+    g = grid.reshape(h4 // 4, 4, w2 // 2, 2)
+    return (g * _DOTS[None, :, None, :]).sum(axis=(1, 3))
+
+
+def braille_plot(series: list[Series], width: int, height: int, title: str = "",
+                 log_y: bool = False, guide: float | None = None,
+                 guide_style: str = "dim") -> Text:
+    """A line chart as styled text: title line, then ``height - 1`` rows of braille with the
+    y range on the left and the x range underneath. ``guide`` draws a dotted horizontal
+    line (e.g. the 1e-3 update/weight ratio); later series draw over earlier ones."""
+    w, h = max(width - LABEL_W, 4), max(height - 2, 2)
+    out = Text(title[: max(width, 1)], style="bold", no_wrap=True, overflow="crop")
+    ser = []
+    for s in series:
+        y = s.y.astype(np.float64)
         if log_y:
-            plt.yscale("log")
-    return plt.build()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                y = np.where(y > 0, np.log10(np.abs(y)), np.nan)
+        x, y = minmax_downsample(s.x, y, 2 * w)
+        ser.append(Series(x, y, s.style))
+    ys = [s.y[np.isfinite(s.y)] for s in ser]
+    ys = [v for v in ys if len(v)]
+    if not ys:
+        out.append("\n" + "\n".join(" " * LABEL_W + "·" for _ in range(h)) + "\n(no data)")
+        return out
+    gy = None
+    if guide is not None and (guide > 0 or not log_y):
+        gy = math.log10(guide) if log_y else guide
+    y0 = min(float(v.min()) for v in ys)
+    y1 = max(float(v.max()) for v in ys)
+    if gy is not None:
+        y0, y1 = min(y0, gy), max(y1, gy)
+    if y1 - y0 < 1e-12 * max(1.0, abs(y1)):
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    xs = [s.x for s in ser if len(s.x)]
+    x0, x1 = min(float(x[0]) for x in xs), max(float(x[-1]) for x in xs)
+    cells = np.zeros((h, w), np.int64)
+    owner = np.full((h, w), -1)
+    for i, s in enumerate(ser):
+        c = _cells(_dots(s, x0, x1, y0, y1, w, h))
+        cells |= c
+        owner[c > 0] = i
+    guide_row = -1
+    if gy is not None:
+        guide_row = int(round((y1 - gy) / (y1 - y0) * (4 * h - 1))) // 4
+
+    def label(v: float) -> str:
+        return fmt_axis(10 ** v if log_y else v)[: LABEL_W - 1].rjust(LABEL_W - 1) + "┤"
+
+    for r in range(h):
+        out.append("\n")
+        if r == 0:
+            out.append(label(y1), style="dim")
+        elif r == h - 1:
+            out.append(label(y0), style="dim")
+        elif r == guide_row:
+            out.append(label(gy), style=guide_style)
+        else:
+            out.append(" " * (LABEL_W - 1) + "│", style="dim")
+        run, run_style = [], None
+        for c in range(w):
+            code = int(cells[r, c])
+            if code:
+                ch, st = chr(0x2800 + code), ser[owner[r, c]].style
+            elif r == guide_row:
+                ch, st = "┈", guide_style
+            else:
+                ch, st = " ", ""
+            if st != run_style and run:
+                out.append("".join(run), style=run_style or "")
+                run = []
+            run_style = st
+            run.append(ch)
+        if run:
+            out.append("".join(run), style=run_style or "")
+    left, right = f"{int(x0):,}", f"{int(x1):,}"
+    out.append("\n" + " " * LABEL_W + left + right.rjust(max(w - len(left), 1)), style="dim")
+    return out
+
+
+def heat_strip(rows: np.ndarray, width: int, levels: np.ndarray | None = None,
+               styles: tuple[str, str, str] = ("", "yellow", "red")) -> list[Text]:
+    """``[series x time]`` as one text line per series: the shade says the value (scaled to
+    the whole strip's range), the colour its health level (0 ok, 1 warn, 2 critical).
+    Time is cut into ``width`` columns, each showing the max of its stretch."""
+    n, t = rows.shape if rows.ndim == 2 else (0, 0)
+    if not n or not t or width <= 0:
+        return [Text("") for _ in range(n)]
+    cols = min(width, t)
+    starts = (np.arange(cols) * t) // cols
+    with np.errstate(invalid="ignore"):
+        v = np.fmax.reduceat(rows, starts, axis=1)
+        lv = None if levels is None else np.maximum.reduceat(levels, starts, axis=1)
+    finite = v[np.isfinite(v)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    idx = np.where(np.isfinite(v), np.clip(((v - lo) / span * (len(SHADES) - 1)).round(), 0,
+                                           len(SHADES) - 1), 0).astype(int)
+    if v.size and finite.size and hi == lo:
+        idx[np.isfinite(v)] = 1
+    lvl = np.where(np.isfinite(v), 0 if lv is None else np.maximum(lv, 0), 2).astype(int)
+    chars = np.array(list(SHADES + "×"))[np.where(np.isfinite(v), idx, len(SHADES))]
+    lines = []
+    for i in range(n):
+        line = Text(no_wrap=True, overflow="crop")
+        cuts = [0, *(np.flatnonzero(np.diff(lvl[i])) + 1).tolist(), cols]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            line.append("".join(chars[i, a:b]), style=styles[lvl[i, a]])
+        lines.append(line)
+    return lines

@@ -7,10 +7,13 @@ import math
 
 import numpy as np
 from rich.text import Text
+from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
-from tui.plotting import line_plot, sparkline
+from tui.health import has_band, levels
+from tui.plotting import sparkline
 from tui.store import RunStore
+from tui.view import View, matches
 
 
 def fmt(v: float) -> str:
@@ -19,6 +22,12 @@ def fmt(v: float) -> str:
     if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
         return f"{v:.2e}"
     return f"{v:.4f}"
+
+
+def level_styles(widget: Widget) -> tuple[str, str, str]:
+    """Healthy / warning / critical colours of the current theme (light or dark)."""
+    theme = widget.app.current_theme
+    return (theme.success or "green", theme.warning or "yellow", theme.error or "red")
 
 
 class StatusBar(Static):
@@ -36,10 +45,12 @@ class StatusBar(Static):
             mode = Text(" ENDED ", style="bold white on red")
         elif conn == "live":
             mode = Text(" LIVE ", style="bold black on green")
+        elif conn == "replay":
+            mode = Text(" REPLAY ", style="bold black on cyan")
         else:
             mode = Text(f" {conn.upper()} ", style="bold white on dark_orange")
         t = Text.assemble(
-            (f"{s.run_name or s.run_id or 'neurotop'}", "bold"), "  ",
+            (f"{s.run_name or s.run_id or 'neurotop'}", "bold"), f"  rank {s.rank}  ",
             f"step {s.step}", "  ", f"{s.steps_per_s:6.1f} steps/s", "  ", mode,
         )
         if s.link:
@@ -66,49 +77,80 @@ class StatusBar(Static):
         self.update(t)
 
 
-class LossPlot(Static):
-    """The loss over steps, drawn with plotext and downsampled to the widget's width."""
-
-    DEFAULT_CSS = "LossPlot { height: 1fr; min-height: 8; }"
-
-    def draw(self, store: RunStore, log_y: bool = False) -> None:
-        x, y = store.scalar("loss")
-        w, h = self.size.width or 80, self.size.height or 12
-        last = f"{y[-1]:.4g}" if len(y) else "-"
-        self.update(Text.from_ansi(line_plot(x, y, w, h, f"loss (last {last})", log_y)))
-
-
 class LayerTable(DataTable):
-    """One row per layer: the latest statistics and a sparkline of the chosen one."""
+    """One row per layer (filtered, sorted as the ``View`` says): the latest statistics,
+    coloured by health where a band is known, and a sparkline of the chosen one.
+    Clicking a column header sorts by it; enter opens the layer's detail."""
 
-    DEFAULT_CSS = "LayerTable { height: 2fr; }"
+    DEFAULT_CSS = "LayerTable { height: 1fr; }"
     SPARK_WIDTH = 24
 
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
-        self._layout: tuple | None = None
+        self._columns: tuple | None = None
+        self._rows: tuple = ()
         self.spark_stat = ""
 
-    def draw(self, store: RunStore) -> None:
+    def draw(self, store: RunStore, view: View) -> None:
         schema = store.schema
         block = store.latest_block()
         if schema is None or block is None:
             return
         layers, stats = schema["layers"], schema["stats"]
-        self.spark_stat = self.spark_stat if self.spark_stat in stats else stats[-1]
-        layout = (tuple(layers), tuple(stats), self.spark_stat)
-        if layout != self._layout:
+        self.spark_stat = view.stat if view.stat in stats else stats[-1]
+        columns = (tuple(stats), self.spark_stat, view.sort, view.descending)
+        if columns != self._columns:
             self.clear(columns=True)
             self.add_column("layer", key="layer")
             for st in stats:
-                self.add_column(st, key=st)
+                arrow = (" ▼" if view.descending else " ▲") if st == view.sort else ""
+                self.add_column(st + arrow, key=st)
             self.add_column(f"trend: {self.spark_stat}", key="spark")
-            for name in layers:
-                self.add_row(name, *([""] * (len(stats) + 1)), key=name)
-            self._layout = layout
+            self._columns, self._rows = columns, ()
+        shown = self._order(layers, stats, block, view)
         hist = store.layer_history(self.spark_stat, self.SPARK_WIDTH)
-        for i, name in enumerate(layers):
-            for j, st in enumerate(stats):
-                self.update_cell(name, st, fmt(float(block[i, j])))
-            self.update_cell(name, "spark", sparkline(hist[i] if len(hist) else np.empty(0),
-                                                      self.SPARK_WIDTH))
+        styles = level_styles(self)
+        cols = []
+        for j, st in enumerate(stats):
+            text = [fmt(float(v)) for v in block[:, j]]
+            if has_band(st):
+                big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
+                lv = levels(st, block[:, j], big)
+                text = [Text(t, style=styles[k]) for t, k in zip(text, lv.tolist(), strict=True)]
+            cols.append(text)
+        key = self.cursor_row if self._rows else 0
+        current = self._rows[key] if self._rows and key < len(self._rows) else None
+        rows = [(layers[i], *(c[i] for c in cols),
+                 sparkline(hist[i] if len(hist) else np.empty(0), self.SPARK_WIDTH))
+                for i in shown]
+        if tuple(layers[i] for i in shown) != self._rows:
+            self.clear()
+            self._rows = tuple(layers[i] for i in shown)
+            for row in rows:
+                self.add_row(*row, key=row[0])
+            if current in self._rows:
+                self.move_cursor(row=self._rows.index(current), animate=False)
+        else:
+            keys = ["layer", *stats, "spark"]
+            for row in rows:
+                for k, v in zip(keys[1:], row[1:], strict=True):
+                    self.update_cell(row[0], k, v)
+
+    @staticmethod
+    def _order(layers: list[str], stats: list[str], block: np.ndarray, view: View) -> list[int]:
+        shown = [i for i, n in enumerate(layers) if matches(n, view.filter)]
+        if view.sort in stats:
+            v = block[shown, stats.index(view.sort)].astype(np.float64)
+            v = np.where(np.isnan(v), -np.inf if view.descending else np.inf, v)
+            idx = np.argsort(-v if view.descending else v, kind="stable")
+            shown = [shown[k] for k in idx]
+        elif view.sort == "layer" and view.descending:
+            shown = shown[::-1]
+        return shown
+
+    @property
+    def shown_layers(self) -> tuple[str, ...]:
+        return self._rows
+
+    def selected_layer(self) -> str:
+        return self._rows[self.cursor_row] if 0 <= self.cursor_row < len(self._rows) else ""
