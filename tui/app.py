@@ -76,7 +76,8 @@ class NeurotopApp(ControlActions, App[None]):
     ]
     CSS = """
     #main { height: 1fr; }
-    ControlPanel.full { width: 100%; border-left: none; }
+    ControlPanel.full { dock: none; width: 1fr; height: 1fr; border-left: none; }
+    #main.hidden { display: none; }
     """
     #: (keys, action, what it does) of the screens and views, for the help screen.
     VIEW_HELP = (("1 … 5", "screen", "overview, layers, layer detail, gradients, control"),
@@ -147,6 +148,10 @@ class NeurotopApp(ControlActions, App[None]):
                 self.query_one(pane).draw(self.store, self.view)
             self.draw_controls()
 
+    def invalidate(self) -> None:
+        """Redraw at the next tick even if the store did not change (a widget resized)."""
+        self._drawn = ()
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return not (self.read_only and action in self.CONTROL_ACTIONS)
 
@@ -194,6 +199,7 @@ class NeurotopApp(ControlActions, App[None]):
     def action_screen(self, name: str) -> None:
         """Show one screen; the control screen is the control panel at full width."""
         panel = self.query_one(ControlPanel)
+        self.query_one(ContentSwitcher).set_class(name == "control", "hidden")
         if name == "control":
             panel.add_class("shown", "full")
             panel.query_one(DataTable).focus()
@@ -228,15 +234,11 @@ class NeurotopApp(ControlActions, App[None]):
             self.action_screen("layers")
         self.redraw(force=True)
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
-        if isinstance(event.data_table, LayerTable):
-            key = str(event.column_key.value)
-            if key == "spark":
-                return
-            same = key == self.view.sort
-            self.view.sort = key
-            self.view.descending = not self.view.descending if same else True
-            self._sorted()
+    def on_layer_table_sort_by(self, event: LayerTable.SortBy) -> None:
+        same = event.column == self.view.sort
+        self.view.sort = event.column
+        self.view.descending = not self.view.descending if same else True
+        self._sorted()
 
     def action_filter(self) -> None:
         if self.screen_name != "layers":
@@ -264,10 +266,9 @@ class NeurotopApp(ControlActions, App[None]):
             self.query_one(LayerTable).focus()
             event.stop()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        if isinstance(event.data_table, LayerTable):
-            self.view.layer = str(event.row_key.value)
-            self.action_screen("detail")
+    def on_layer_table_chosen(self, event: LayerTable.Chosen) -> None:
+        self.view.layer = event.layer
+        self.action_screen("detail")
 
     def action_next_layer(self, step: int) -> None:
         layers = self.store.schema["layers"] if self.store.schema else []

@@ -9,9 +9,12 @@ detail layer) live in one ``View`` the app owns, so every pane reads the same ch
 from __future__ import annotations
 
 import numpy as np
+from rich.segment import Segment
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
+from textual.strip import Strip
+from textual.widget import Widget
 from textual.widgets import Input, Static
 
 from tui.health import UPDATE_RATIO_GUIDE, has_band, levels
@@ -21,7 +24,34 @@ from tui.view import View
 from tui.widgets import LayerTable, fmt, level_styles
 
 
-class Plot(Static):
+class Panel(Widget):
+    """A drawn part of a screen: text rendered to strips once per draw and served line by
+    line (much cheaper than a ``Static`` re-laying out styled text every frame). A new
+    size means the next tick redraws: every plot fits its text to its size."""
+
+    DEFAULT_CSS = "Panel { height: 1fr; }"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._strips: list[Strip] = []
+        self.text = ""  # what it shows, as plain text (for tests and screen readers)
+
+    def show(self, text: Text | str) -> None:
+        text = Text(text) if isinstance(text, str) else text
+        self.text = text.plain
+        self._strips = [Strip(line) for line in Segment.split_lines(
+            text.render(self.app.console))]
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        strip = self._strips[y] if y < len(self._strips) else Strip.blank(0)
+        return strip.crop_extend(0, self.size.width, self.rich_style)
+
+    def on_resize(self) -> None:
+        self.app.invalidate()
+
+
+class Plot(Panel):
     """One scalar over steps, with the view's log scale, smoothing and window."""
 
     DEFAULT_CSS = "Plot { height: 1fr; min-height: 5; }"
@@ -35,7 +65,7 @@ class Plot(Static):
         if view.smooth and len(y) > 8:
             series.append(Series(x, smooth(y, max(len(y) // 50, 4)), f"bold {accent}"))
         last = fmt(float(y[-1])) if len(y) else "-"
-        self.update(braille_plot(series, w, h, f"{title}  {last}", view.log_y, guide))
+        self.show(braille_plot(series, w, h, f"{title}  {last}", view.log_y, guide))
 
 
 def scalar_named(store: RunStore, *names: str) -> str:
@@ -51,7 +81,7 @@ def scalar_named(store: RunStore, *names: str) -> str:
     return ""
 
 
-class AlertFeed(Static):
+class AlertFeed(Panel):
     """Alerts and everything that stopped or refused the run, newest first."""
 
     DEFAULT_CSS = "AlertFeed { width: 1fr; height: 1fr; border-top: solid $accent; }"
@@ -71,10 +101,10 @@ class AlertFeed(Static):
             out.append(f"\n@{e.get('step', '?')} ", style="dim")
             out.append(f"{kind}: {what}{where}",
                        style=styles[2] if kind in ("alert", "refused") else styles[1])
-        self.update(out)
+        self.show(out)
 
 
-class HeatStrip(Static):
+class HeatStrip(Panel):
     """Layers x time of the chosen statistic: one line per layer, or per group of layers
     (their worst value) when there are more layers than lines, so one dying layer among
     hundreds still shows."""
@@ -89,28 +119,31 @@ class HeatStrip(Static):
                              f"  ({SHADES[1]} low … {SHADES[-1]} high, × non-finite)")
         head.no_wrap, head.overflow = True, "crop"
         if not rows.size or store.schema is None:
-            self.update(head)
+            self.show(head)
             return
         layers = store.schema["layers"]
         lines = max((self.size.height or 8) - 2, 1)
-        lv = levels(view.stat, rows) if has_band(view.stat) else None
-        data, lvl = rows.T, (None if lv is None else lv.T)
+        width = max((self.size.width or 60) - self.NAME_W - 1, 4)
+        data = rows.T
+        if data.shape[1] > width:  # time into columns first: each its stretch's worst
+            with np.errstate(invalid="ignore"):
+                data = np.fmax.reduceat(data, (np.arange(width) * data.shape[1]) // width,
+                                        axis=1)
         names = layers
         if len(layers) > lines:  # groups of layers, each showing its worst member
             starts = (np.arange(lines) * len(layers)) // lines
             with np.errstate(invalid="ignore"):
                 data = np.fmax.reduceat(data, starts, axis=0)
-            lvl = None if lvl is None else np.maximum.reduceat(lvl, starts, axis=0)
             ends = [*starts[1:], len(layers)]
             names = [layers[a] if b - a == 1 else f"{layers[a]}+{b - a - 1}"
                      for a, b in zip(starts, ends, strict=True)]
-        width = max((self.size.width or 60) - self.NAME_W - 1, 4)
+        lvl = levels(view.stat, data) if has_band(view.stat) else None
         strip = heat_strip(data, width, lvl, ("", *level_styles(self)[1:]))
         out = [head]
         for name, line in zip(names, strip, strict=True):
             label = name[-(self.NAME_W - 1):].ljust(self.NAME_W)
             out.append(Text.assemble((label, "dim"), line, no_wrap=True, overflow="crop"))
-        self.update(Text("\n").join(out))
+        self.show(Text("\n").join(out))
 
 
 class OverviewPane(Vertical):
@@ -166,7 +199,7 @@ class DetailPane(Vertical):
     DetailPane > #detail-title { height: 1; background: $boost; padding: 0 1; }
     DetailPane > #detail-plots { grid-size: 3; height: 3fr; }
     DetailPane > Horizontal { height: 2fr; }
-    DetailPane > Horizontal > Static { width: 1fr; height: 1fr; border-top: solid $accent; }
+    DetailPane > Horizontal > Panel { width: 1fr; height: 1fr; border-top: solid $accent; }
     """
     MAX_PLOTS = 12
 
@@ -176,8 +209,8 @@ class DetailPane(Vertical):
             for i in range(self.MAX_PLOTS):
                 yield Plot(id=f"dt-plot-{i}")
         with Horizontal():
-            yield Static(id="hist-now")
-            yield Static(id="hist-time")
+            yield Panel(id="hist-now")
+            yield Panel(id="hist-time")
 
     def draw(self, store: RunStore, view: View) -> None:
         schema = store.schema
@@ -205,17 +238,17 @@ class DetailPane(Vertical):
         self._draw_histograms(store, view)
 
     def _draw_histograms(self, store: RunStore, view: View) -> None:
-        now, over = self.query_one("#hist-now", Static), self.query_one("#hist-time", Static)
+        now, over = self.query_one("#hist-now", Panel), self.query_one("#hist-time", Panel)
         steps, hists = store.histograms(view.layer, 0)
         if not len(steps):
             note = Text("histogram: none for this layer (see the run's hist_layers)", "dim")
-            now.update(note)
-            over.update("")
+            now.show(note)
+            over.show("")
             return
         edges = np.asarray(store.schema["hist_edges"], np.float64)
-        now.update(hist_bars(hists[-1], edges, now.size.width or 40, now.size.height or 8,
+        now.show(hist_bars(hists[-1], edges, now.size.width or 40, now.size.height or 8,
                              f"histogram @ {int(steps[-1])}"))
-        over.update(hist_heatmap(steps, hists, edges, over.size.width or 40,
+        over.show(hist_heatmap(steps, hists, edges, over.size.width or 40,
                                  over.size.height or 8))
 
 
@@ -271,19 +304,19 @@ class GradientsPane(Vertical):
     """
 
     def compose(self) -> ComposeResult:
-        yield Static(id="grad-bars")
+        yield Panel(id="grad-bars")
         yield Plot(id="grad-plot")
 
     def draw(self, store: RunStore, view: View) -> None:
-        bars = self.query_one("#grad-bars", Static)
+        bars = self.query_one("#grad-bars", Panel)
         schema = store.schema or {}
         names, pstats = schema.get("params", []), schema.get("param_stats", [])
         block = store.latest_params()
         if block is None or not names:
-            bars.update(Text("no per-parameter statistics in this run (the agent's"
+            bars.show(Text("no per-parameter statistics in this run (the agent's"
                              " param_stats option)", style="dim"))
             return
-        bars.update(ratio_chart(names, pstats, block, bars.size.width or 80,
+        bars.show(ratio_chart(names, pstats, block, bars.size.width or 80,
                                 bars.size.height or 10, level_styles(bars)))
         if "update_ratio" in pstats:
             x, r = store.param_history("update_ratio")

@@ -140,6 +140,8 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     line (e.g. the 1e-3 update/weight ratio); later series draw over earlier ones."""
     w, h = max(width - LABEL_W, 4), max(height - 2, 2)
     out = Text(title[: max(width, 1)], style="bold", no_wrap=True, overflow="crop")
+    xs = [s.x for s in series if len(s.x)]
+    x0, x1 = (min(float(x[0]) for x in xs), max(float(x[-1]) for x in xs)) if xs else (0, 1)
     ser = []
     for s in series:
         y = s.y.astype(np.float64)
@@ -162,8 +164,6 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
         y0, y1 = min(y0, gy), max(y1, gy)
     if y1 - y0 < 1e-12 * max(1.0, abs(y1)):
         y0, y1 = y0 - 0.5, y1 + 0.5
-    xs = [s.x for s in ser if len(s.x)]
-    x0, x1 = min(float(x[0]) for x in xs), max(float(x[-1]) for x in xs)
     cells = np.zeros((h, w), np.int64)
     owner = np.full((h, w), -1)
     for i, s in enumerate(ser):
@@ -177,6 +177,11 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     def label(v: float) -> str:
         return fmt_axis(10 ** v if log_y else v)[: LABEL_W - 1].rjust(LABEL_W - 1) + "┤"
 
+    codes = np.where(cells > 0, 0x2800 + cells, ord(" "))
+    if 0 <= guide_row < h:
+        codes[guide_row] = np.where(cells[guide_row] > 0, codes[guide_row], ord("┈"))
+        owner[guide_row] = np.where(cells[guide_row] > 0, owner[guide_row], -2)
+    styles = {-1: "", -2: guide_style, **{i: s.style for i, s in enumerate(ser)}}
     for r in range(h):
         out.append("\n")
         if r == 0:
@@ -187,22 +192,10 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
             out.append(label(gy), style=guide_style)
         else:
             out.append(" " * (LABEL_W - 1) + "│", style="dim")
-        run, run_style = [], None
-        for c in range(w):
-            code = int(cells[r, c])
-            if code:
-                ch, st = chr(0x2800 + code), ser[owner[r, c]].style
-            elif r == guide_row:
-                ch, st = "┈", guide_style
-            else:
-                ch, st = " ", ""
-            if st != run_style and run:
-                out.append("".join(run), style=run_style or "")
-                run = []
-            run_style = st
-            run.append(ch)
-        if run:
-            out.append("".join(run), style=run_style or "")
+        line = codes[r].astype("<u4").tobytes().decode("utf-32-le")
+        cuts = [0, *(np.flatnonzero(np.diff(owner[r])) + 1).tolist(), w]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            out.append(line[a:b], style=styles[int(owner[r, a])])
     left, right = f"{int(x0):,}", f"{int(x1):,}"
     out.append("\n" + " " * LABEL_W + left + right.rjust(max(w - len(left), 1)), style="dim")
     return out

@@ -7,8 +7,14 @@ import math
 
 import numpy as np
 from rich.text import Text
+from textual import events
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import DataTable, Static
+from textual.widgets import Static
 
 from tui.health import has_band, levels
 from tui.plotting import sparkline
@@ -77,19 +83,64 @@ class StatusBar(Static):
         self.update(t)
 
 
-class LayerTable(DataTable):
+class LayerTable(ScrollView, can_focus=True):
     """One row per layer (filtered, sorted as the ``View`` says): the latest statistics,
     coloured by health where a band is known, and a sparkline of the chosen one.
-    Clicking a column header sorts by it; enter opens the layer's detail."""
 
-    DEFAULT_CSS = "LayerTable { height: 1fr; }"
+    Only the rows on screen are formatted, so 200 layers cost what 40 do. Keys: up/down,
+    page up/down, home/end move the cursor, enter opens the layer's detail; clicking a
+    column header sorts by it, clicking a row selects it."""
+
+    DEFAULT_CSS = """
+    LayerTable { height: 1fr; }
+    LayerTable > .layer-table--header { text-style: bold; background: $boost; }
+    LayerTable > .layer-table--cursor { background: $accent 40%; }
+    """
+    COMPONENT_CLASSES = {"layer-table--header", "layer-table--cursor"}
+    BINDINGS = [Binding("up", "move(-1)", show=False), Binding("down", "move(1)", show=False),
+                Binding("pageup", "page(-1)", show=False),
+                Binding("pagedown", "page(1)", show=False),
+                Binding("home", "move(-100000)", show=False),
+                Binding("end", "move(100000)", show=False),
+                Binding("enter", "choose", show=False)]
     SPARK_WIDTH = 24
+    NUM_W = 10
+
+    class Chosen(Message):
+        """Enter (or a click on the selected row) on a layer."""
+
+        def __init__(self, layer: str) -> None:
+            super().__init__()
+            self.layer = layer
+
+    class SortBy(Message):
+        def __init__(self, column: str) -> None:
+            super().__init__()
+            self.column = column
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
-        self._columns: tuple | None = None
-        self._rows: tuple = ()
+        super().__init__(**kwargs)
         self.spark_stat = ""
+        self.cursor_row = 0
+        self._rows: tuple[str, ...] = ()  # layer names in the shown order
+        self._index: list[int] = []  # their indices in the schema
+        self._stats: list[str] = []
+        self._block = np.empty((0, 0), np.float32)
+        self._hist = np.empty((0, 0), np.float32)
+        self._levels: dict[int, np.ndarray] = {}
+        self._header = ""
+        self._name_w = 12
+
+    @property
+    def row_count(self) -> int:
+        return len(self._rows)
+
+    @property
+    def shown_layers(self) -> tuple[str, ...]:
+        return self._rows
+
+    def selected_layer(self) -> str:
+        return self._rows[self.cursor_row] if 0 <= self.cursor_row < len(self._rows) else ""
 
     def draw(self, store: RunStore, view: View) -> None:
         schema = store.schema
@@ -98,43 +149,26 @@ class LayerTable(DataTable):
             return
         layers, stats = schema["layers"], schema["stats"]
         self.spark_stat = view.stat if view.stat in stats else stats[-1]
-        columns = (tuple(stats), self.spark_stat, view.sort, view.descending)
-        if columns != self._columns:
-            self.clear(columns=True)
-            self.add_column("layer", key="layer")
-            for st in stats:
-                arrow = (" ▼" if view.descending else " ▲") if st == view.sort else ""
-                self.add_column(st + arrow, key=st)
-            self.add_column(f"trend: {self.spark_stat}", key="spark")
-            self._columns, self._rows = columns, ()
-        shown = self._order(layers, stats, block, view)
-        hist = store.layer_history(self.spark_stat, self.SPARK_WIDTH)
-        styles = level_styles(self)
-        cols = []
-        for j, st in enumerate(stats):
-            text = [fmt(float(v)) for v in block[:, j]]
-            if has_band(st):
-                big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
-                lv = levels(st, block[:, j], big)
-                text = [Text(t, style=styles[k]) for t, k in zip(text, lv.tolist(), strict=True)]
-            cols.append(text)
-        key = self.cursor_row if self._rows else 0
-        current = self._rows[key] if self._rows and key < len(self._rows) else None
-        rows = [(layers[i], *(c[i] for c in cols),
-                 sparkline(hist[i] if len(hist) else np.empty(0), self.SPARK_WIDTH))
-                for i in shown]
-        if tuple(layers[i] for i in shown) != self._rows:
-            self.clear()
-            self._rows = tuple(layers[i] for i in shown)
-            for row in rows:
-                self.add_row(*row, key=row[0])
-            if current in self._rows:
-                self.move_cursor(row=self._rows.index(current), animate=False)
-        else:
-            keys = ["layer", *stats, "spark"]
-            for row in rows:
-                for k, v in zip(keys[1:], row[1:], strict=True):
-                    self.update_cell(row[0], k, v)
+        current = self.selected_layer()
+        self._index = self._order(layers, stats, block, view)
+        self._rows = tuple(layers[i] for i in self._index)
+        if current in self._rows:
+            self.cursor_row = self._rows.index(current)
+        self.cursor_row = min(self.cursor_row, max(len(self._rows) - 1, 0))
+        self._stats, self._block = stats, block
+        self._hist = store.layer_history(self.spark_stat, self.SPARK_WIDTH)
+        big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
+        self._levels = {j: levels(st, block[:, j], big) for j, st in enumerate(stats)
+                        if has_band(st)}
+        self._name_w = min(max((len(n) for n in layers), default=5) + 1, 40)
+        heads = [f"{'layer':<{self._name_w}}"]
+        for st in stats:
+            arrow = ("▼" if view.descending else "▲") if st == view.sort else ""
+            heads.append(f"{(st + arrow)[: self.NUM_W - 1]:>{self.NUM_W}}")
+        self._header = "".join(heads) + f"  trend: {self.spark_stat}"
+        width = len(self._header) + self.SPARK_WIDTH
+        self.virtual_size = Size(width, len(self._rows) + 1)
+        self.refresh()
 
     @staticmethod
     def _order(layers: list[str], stats: list[str], block: np.ndarray, view: View) -> list[int]:
@@ -148,9 +182,66 @@ class LayerTable(DataTable):
             shown = shown[::-1]
         return shown
 
-    @property
-    def shown_layers(self) -> tuple[str, ...]:
-        return self._rows
+    def _row_text(self, r: int) -> Text:
+        i = self._index[r]
+        styles = level_styles(self)
+        t = Text(f"{self._rows[r][-(self._name_w - 1):]:<{self._name_w}}", no_wrap=True)
+        for j in range(len(self._stats)):
+            cell = f"{fmt(float(self._block[i, j]))[: self.NUM_W - 1]:>{self.NUM_W}}"
+            lv = self._levels.get(j)
+            t.append(cell, style=styles[int(lv[i])] if lv is not None else "")
+        spark = sparkline(self._hist[i], self.SPARK_WIDTH) if len(self._hist) else ""
+        t.append("  " + spark)
+        return t
 
-    def selected_layer(self) -> str:
-        return self._rows[self.cursor_row] if 0 <= self.cursor_row < len(self._rows) else ""
+    def render_line(self, y: int) -> Strip:
+        sx, sy = self.scroll_offset
+        width = self.size.width
+        if y == 0:
+            style = self.get_component_rich_style("layer-table--header")
+            text = Text(self._header, style=style)
+        else:
+            r = y - 1 + sy
+            if r >= len(self._rows):
+                return Strip.blank(width, self.rich_style)
+            text = self._row_text(r)
+            if r == self.cursor_row:
+                text.stylize(self.get_component_rich_style("layer-table--cursor"))
+        strip = Strip(text.render(self.app.console), text.cell_len)
+        return strip.crop_extend(sx, sx + width, self.rich_style)
+
+    def _scroll_to_cursor(self) -> None:
+        visible = max(self.size.height - 1, 1)
+        sy = self.scroll_offset.y
+        if self.cursor_row < sy:
+            self.scroll_to(y=self.cursor_row, animate=False)
+        elif self.cursor_row >= sy + visible:
+            self.scroll_to(y=self.cursor_row - visible + 1, animate=False)
+
+    def action_move(self, delta: int) -> None:
+        self.cursor_row = min(max(self.cursor_row + delta, 0), max(len(self._rows) - 1, 0))
+        self._scroll_to_cursor()
+        self.refresh()
+
+    def action_page(self, direction: int) -> None:
+        self.action_move(direction * max(self.size.height - 2, 1))
+
+    def action_choose(self) -> None:
+        if self._rows:
+            self.post_message(self.Chosen(self.selected_layer()))
+
+    def on_click(self, event: events.Click) -> None:
+        y = event.y
+        if y == 0:
+            x = event.x + self.scroll_offset.x - self._name_w
+            col = "layer" if x < 0 else (self._stats[x // self.NUM_W]
+                                         if x // self.NUM_W < len(self._stats) else "")
+            if col:
+                self.post_message(self.SortBy(col))
+            return
+        r = y - 1 + self.scroll_offset.y
+        if 0 <= r < len(self._rows):
+            if r == self.cursor_row:
+                self.action_choose()
+            self.cursor_row = r
+            self.refresh()
