@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
@@ -18,7 +19,7 @@ from textual.widget import Widget
 from textual.widgets import Input, Static
 
 from tui.health import UPDATE_RATIO_GUIDE, has_band, levels
-from tui.plotting import SHADES, Series, braille_plot, heat_strip, smooth, window
+from tui.plotting import SHADES, Lines, Series, braille_plot, heat_strip, smooth, window
 from tui.store import RunStore
 from tui.view import View
 from tui.widgets import LayerTable, fmt, level_styles
@@ -34,18 +35,24 @@ class Panel(Widget):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._strips: list[Strip] = []
+        self._base = Style()
         self.text = ""  # what it shows, as plain text (for tests and screen readers)
 
-    def show(self, text: Text | str) -> None:
+    def show(self, text: Text | Lines | str) -> None:
         text = Text(text) if isinstance(text, str) else text
         self.text = text.plain
-        self._strips = [Strip(line) for line in Segment.split_lines(
-            text.render(self.app.console))]
+        if isinstance(text, Lines):
+            self._strips = [Strip([Segment(t, Style.parse(st)) for t, st in line])
+                            for line in text.lines]
+        else:
+            self._strips = [Strip(line) for line in Segment.split_lines(
+                text.render(self.app.console))]
+        self._base = self.rich_style  # looked up once per draw, not per line
         self.refresh()
 
     def render_line(self, y: int) -> Strip:
         strip = self._strips[y] if y < len(self._strips) else Strip.blank(0)
-        return strip.crop_extend(0, self.size.width, self.rich_style)
+        return strip.crop_extend(0, self.size.width, self._base)
 
     def on_resize(self) -> None:
         self.app.invalidate()

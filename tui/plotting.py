@@ -92,6 +92,27 @@ def fmt_axis(v: float) -> str:
     return f"{v:.4g}"
 
 
+class Lines:
+    """Styled lines, cheaper than ``rich.text.Text`` for what is redrawn every frame:
+    each line a list of (text, style) runs. ``append`` starts a new line at each newline."""
+
+    def __init__(self, text: str = "", style: str = "") -> None:
+        self.lines: list[list[tuple[str, str]]] = [[]]
+        if text:
+            self.append(text, style)
+
+    def append(self, text: str, style: str = "") -> None:
+        first, *rest = text.split("\n")
+        if first:
+            self.lines[-1].append((first, style))
+        for part in rest:
+            self.lines.append([(part, style)] if part else [])
+
+    @property
+    def plain(self) -> str:
+        return "\n".join("".join(t for t, _ in line) for line in self.lines)
+
+
 @dataclass
 class Series:
     x: np.ndarray
@@ -134,12 +155,12 @@ def _cells(grid: np.ndarray) -> np.ndarray:
 
 def braille_plot(series: list[Series], width: int, height: int, title: str = "",
                  log_y: bool = False, guide: float | None = None,
-                 guide_style: str = "dim") -> Text:
+                 guide_style: str = "dim") -> Lines:
     """A line chart as styled text: title line, then ``height - 1`` rows of braille with the
     y range on the left and the x range underneath. ``guide`` draws a dotted horizontal
     line (e.g. the 1e-3 update/weight ratio); later series draw over earlier ones."""
     w, h = max(width - LABEL_W, 4), max(height - 2, 2)
-    out = Text(title[: max(width, 1)], style="bold", no_wrap=True, overflow="crop")
+    out = Lines(title[: max(width, 1)], style="bold")
     xs = [s.x for s in series if len(s.x)]
     x0, x1 = (min(float(x[0]) for x in xs), max(float(x[-1]) for x in xs)) if xs else (0, 1)
     ser = []

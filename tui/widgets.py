@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
@@ -130,6 +132,8 @@ class LayerTable(ScrollView, can_focus=True):
         self._levels: dict[int, np.ndarray] = {}
         self._header = ""
         self._name_w = 12
+        self._style_cache: tuple[Style, Style, Style] | None = None
+        self._level_styles: list[Style] = []
 
     @property
     def row_count(self) -> int:
@@ -168,6 +172,7 @@ class LayerTable(ScrollView, can_focus=True):
         self._header = "".join(heads) + f"  trend: {self.spark_stat}"
         width = len(self._header) + self.SPARK_WIDTH
         self.virtual_size = Size(width, len(self._rows) + 1)
+        self._style_cache = None
         self.refresh()
 
     @staticmethod
@@ -182,33 +187,42 @@ class LayerTable(ScrollView, can_focus=True):
             shown = shown[::-1]
         return shown
 
-    def _row_text(self, r: int) -> Text:
+    def _row_segments(self, r: int, base: Style) -> list[Segment]:
+        """One row as segments (no ``Text`` layout per cell: rows are drawn every frame)."""
         i = self._index[r]
-        styles = level_styles(self)
-        t = Text(f"{self._rows[r][-(self._name_w - 1):]:<{self._name_w}}", no_wrap=True)
+        level_style = [base + st for st in self._level_styles]
+        segs = [Segment(f"{self._rows[r][-(self._name_w - 1):]:<{self._name_w}}", base)]
         for j in range(len(self._stats)):
             cell = f"{fmt(float(self._block[i, j]))[: self.NUM_W - 1]:>{self.NUM_W}}"
             lv = self._levels.get(j)
-            t.append(cell, style=styles[int(lv[i])] if lv is not None else "")
+            segs.append(Segment(cell, level_style[int(lv[i])] if lv is not None else base))
         spark = sparkline(self._hist[i], self.SPARK_WIDTH) if len(self._hist) else ""
-        t.append("  " + spark)
-        return t
+        segs.append(Segment("  " + spark, base))
+        return segs
+
+    def _styles(self) -> tuple[Style, Style, Style]:
+        """Base, header and cursor styles, looked up once per draw (the lookup walks the
+        DOM; doing it per line cost more than drawing the rows)."""
+        if self._style_cache is None:
+            base = self.rich_style
+            self._style_cache = (
+                base, base + self.get_component_rich_style("layer-table--header"),
+                base + self.get_component_rich_style("layer-table--cursor"))
+            self._level_styles = [Style.parse(c) for c in level_styles(self)]
+        return self._style_cache
 
     def render_line(self, y: int) -> Strip:
         sx, sy = self.scroll_offset
         width = self.size.width
+        base, header, cursor = self._styles()
         if y == 0:
-            style = self.get_component_rich_style("layer-table--header")
-            text = Text(self._header, style=style)
+            strip = Strip([Segment(self._header, header)])
         else:
             r = y - 1 + sy
             if r >= len(self._rows):
-                return Strip.blank(width, self.rich_style)
-            text = self._row_text(r)
-            if r == self.cursor_row:
-                text.stylize(self.get_component_rich_style("layer-table--cursor"))
-        strip = Strip(text.render(self.app.console), text.cell_len)
-        return strip.crop_extend(sx, sx + width, self.rich_style)
+                return Strip.blank(width, base)
+            strip = Strip(self._row_segments(r, cursor if r == self.cursor_row else base))
+        return strip.crop_extend(sx, sx + width, base)
 
     def _scroll_to_cursor(self) -> None:
         visible = max(self.size.height - 1, 1)
