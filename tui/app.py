@@ -237,7 +237,8 @@ class NeurotopApp(ControlActions, App[None]):
     def on_layer_table_sort_by(self, event: LayerTable.SortBy) -> None:
         same = event.column == self.view.sort
         self.view.sort = event.column
-        self.view.descending = not self.view.descending if same else True
+        # Numbers sort worst-first (largest); names A to Z (the model's order) first.
+        self.view.descending = not self.view.descending if same else event.column != "layer"
         self._sorted()
 
     def action_filter(self) -> None:

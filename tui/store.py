@@ -171,13 +171,16 @@ class RunStore:
         block, scalars = msg.arrays[:2]
         if block.shape != self._stats.view().shape[1:]:
             raise ValueError(f"block {block.shape} does not match the schema")
+        params = msg.arrays[2] if len(msg.arrays) > 2 else None
+        self._check_params(params)  # before any append: a refused message changes nothing
         step = int(msg.header["step"])
         self._steps.append(step)
         self._stats.append(block)
         names = self.schema["scalars"]
         for i, name in enumerate(names):
             self._scalars[name].append(scalars[i] if i < len(scalars) else np.nan)
-        self._append_params(msg.arrays[2] if len(msg.arrays) > 2 else None)
+        if self._params is not None:
+            self._params.append(np.nan if params is None else params)
         self.status.step = max(self.status.step, step)
         self._compact()
 
@@ -433,13 +436,12 @@ class RunStore:
                 self._params = Growable(shape)
                 self._params.extend(np.full((self._steps.n, *shape), np.nan, np.float32))
 
-    def _append_params(self, block: np.ndarray | None) -> None:
-        if self._params is None:
+    def _check_params(self, block: np.ndarray | None) -> None:
+        if block is None:
             return
-        shape = self._params.view().shape[1:]
-        if block is not None and block.shape != shape:
+        shape = self._params.view().shape[1:] if self._params is not None else (0, 0)
+        if block.shape != shape:
             raise ValueError(f"params {block.shape} do not match the schema {shape}")
-        self._params.append(np.nan if block is None else block)
 
     def _on_hist(self, msg: wire.Message) -> None:
         if self.schema is None:
