@@ -8,6 +8,8 @@ detail layer) live in one ``View`` the app owns, so every pane reads the same ch
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from rich.segment import Segment
 from rich.style import Style
@@ -276,13 +278,14 @@ def _coarsen(counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def hist_bars(counts: np.ndarray, edges: np.ndarray, width: int, height: int,
               title: str) -> Text:
-    """The histogram now: one row per group of bins, a bar as long as its share."""
+    """The histogram now: one row per group of bins (large values on top, as in the
+    heatmap beside it), a bar as long as its count."""
     groups, starts = _coarsen(counts[None, :], max(height - 1, 1))
     g = groups[0]
     top = float(g.max()) or 1.0
     bar_w = max(width - 12, 4)
     out = Text(title, style="bold", no_wrap=True, overflow="crop")
-    for c, b in zip(g, starts, strict=True):
+    for c, b in zip(g[::-1], starts[::-1], strict=True):  # large values on top
         out.append(f"\n{bin_label(edges, int(b)):>10} ", style="dim")
         out.append("█" * int(round(c / top * bar_w)))
     return out
@@ -327,10 +330,11 @@ class GradientsPane(Vertical):
                                 bars.size.height or 10, level_styles(bars)))
         if "update_ratio" in pstats:
             x, r = store.param_history("update_ratio")
-            with np.errstate(invalid="ignore"):
+            with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)  # rows without parameters
                 worst = np.nanmax(np.abs(np.log10(np.abs(r) / UPDATE_RATIO_GUIDE)), axis=1) \
                     if r.size else np.empty(0)
-            med = np.nanmedian(r, axis=1) if r.size and np.isfinite(r).any() else np.empty(0)
+                med = np.nanmedian(r, axis=1) if r.size else np.empty(0)
             title = "median update/weight ratio (guide 1e-3)"
             if len(worst) and np.isfinite(worst[-1]):
                 title += f"; worst parameter {worst[-1]:.1f} decades off"
