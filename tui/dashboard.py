@@ -8,8 +8,6 @@ detail layer) live in one ``View`` the app owns, so every pane reads the same ch
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from rich.segment import Segment
 from rich.style import Style
@@ -38,10 +36,15 @@ class Panel(Widget):
         super().__init__(**kwargs)
         self._strips: list[Strip] = []
         self._base = Style()
+        self._shown: object = None
         self.text = ""  # what it shows, as plain text (for tests and screen readers)
 
     def show(self, text: Text | Lines | str) -> None:
         text = Text(text) if isinstance(text, str) else text
+        key = text.lines if isinstance(text, Lines) else text
+        if key == self._shown and self._strips:
+            return  # one more point often changes no dot: nothing to repaint
+        self._shown = key
         self.text = text.plain
         if isinstance(text, Lines):
             self._strips = [Strip([Segment(t, Style.parse(st)) for t, st in line])
@@ -57,6 +60,7 @@ class Panel(Widget):
         return strip.crop_extend(0, self.size.width, self._base)
 
     def on_resize(self) -> None:
+        self._shown = None
         self.app.invalidate()
 
 
@@ -330,11 +334,12 @@ class GradientsPane(Vertical):
                                 bars.size.height or 10, level_styles(bars)))
         if "update_ratio" in pstats:
             x, r = store.param_history("update_ratio")
-            with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-                warnings.simplefilter("ignore", RuntimeWarning)  # rows without parameters
-                worst = np.nanmax(np.abs(np.log10(np.abs(r) / UPDATE_RATIO_GUIDE)), axis=1) \
-                    if r.size else np.empty(0)
-                med = np.nanmedian(r, axis=1) if r.size else np.empty(0)
+            worst, med = (np.full(len(r), np.nan) for _ in range(2))
+            has = np.isfinite(r).any(axis=1) if r.size else np.zeros(len(r), bool)
+            with np.errstate(invalid="ignore", divide="ignore"):  # rows without parameters
+                worst[has] = np.nanmax(np.abs(np.log10(np.abs(r[has]) / UPDATE_RATIO_GUIDE)),
+                                       axis=1)
+                med[has] = np.nanmedian(r[has], axis=1)
             title = "median update/weight ratio (guide 1e-3)"
             if len(worst) and np.isfinite(worst[-1]):
                 title += f"; worst parameter {worst[-1]:.1f} decades off"
