@@ -156,6 +156,9 @@ def test_live_store_memory_is_bounded_and_keeps_spikes():
     steps = store.steps()
     assert np.all(np.diff(steps) > 0) and steps[-1] == 40_000
     assert store.layer_history("mean", 3).tolist() == [[39_998, 39_999, 40_000]] * 2
+    xs, rows = store.layer_stats(0)  # the "mean" statistic is the step: bucket means
+    assert np.all(np.diff(rows[:, 0]) > 0) and np.all(rows[:, 0] <= xs)
+    assert xs[0] == store.summary.res  # the oldest bucket covers steps 1 … res: the start
 
     replay = RunStore(window=None)  # replay keeps every row: it seeks to any of them
     replay.ingest_schema({"layers": ["a"], "stats": ["mean", "dead_frac"], "scalars": ["loss"]})

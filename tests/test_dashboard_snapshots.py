@@ -47,3 +47,21 @@ def test_screen_snapshot(snap_compare, session, utc, screen, size):
         assert snap_compare(app, terminal_size=size, run_before=loaded)
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("screen", ["overview", "layers"])
+def test_light_theme_snapshot(snap_compare, session, utc, screen):
+    """Health colours and plots come from the theme: a light one reads as well."""
+    source = ReplaySource(session).start()
+    app = ReplayApp(source)
+
+    async def loaded(pilot) -> None:
+        app.theme = "textual-light"
+        await until(pilot, lambda: app.store.status.step == 400, what="the recording")
+        await pilot.press(SCREENS[screen])
+        await pilot.pause(0.5)
+
+    try:
+        assert snap_compare(app, terminal_size=(120, 40), run_before=loaded)
+    finally:
+        source.close()

@@ -91,8 +91,5 @@ class Summary:
         s = self.series.get(name)
         return None if s is None else s[kind][: self.n]
 
-    def rows_covered(self) -> int:
-        return int(self.count[: self.n].sum())
-
     def nbytes(self) -> int:
         return sum(a.nbytes for s in self.series.values() for a in s.values())
