@@ -55,11 +55,14 @@ def schema(layers: int) -> dict:
             "hist_every": 10, "run": "bench", "rank": 0}
 
 
-def report(rng: np.random.Generator, layers: int, step: int) -> list[np.ndarray]:
+def report(rng: np.random.Generator, layers: int, step: int) -> list[tuple[dict, list]]:
+    """One report as the agent publishes it: the stats message, then the params message."""
     block = rng.random((layers, len(STATS)), np.float32)
     scalars = np.array([3 * np.exp(-step / 3e4) + rng.random() * 0.1, 1.0, np.nan, 1e-3,
                         20.0, 640.0, 1e9], np.float32)
-    return [block, scalars, rng.random((8, len(PARAM_STATS)), np.float32) * 2e-3]
+    return [({"kind": "stats", "step": step, "schema_id": 1}, [block, scalars]),
+            ({"kind": "params", "step": step, "schema_id": 1},
+             [rng.random((8, len(PARAM_STATS)), np.float32) * 2e-3])]
 
 
 def filled_store(layers: int, steps: int):
@@ -100,8 +103,8 @@ def frame_times(layers: int, steps: int, frames: int) -> tuple[list[float], list
                 await pilot.pause()
                 for _ in range(frames):
                     step += 1
-                    store.ingest(wire.Message({"kind": "stats", "step": step},
-                                              report(rng, layers, step)))
+                    for h, arrays in report(rng, layers, step):
+                        store.ingest(wire.Message(h, arrays))
                     t, w = time.thread_time(), time.perf_counter()
                     app.redraw()
                     await pilot.pause()
@@ -149,8 +152,7 @@ def cpu_following(layers: int, seconds: float) -> float:
     try:
         while child.poll() is None:
             step += 1
-            msgs = [({"kind": "stats", "step": step, "schema_id": 1},
-                     report(rng, layers, step))]
+            msgs = report(rng, layers, step)
             if step % 10 == 1:
                 msgs.append((dict(sch), []))
                 msgs.append(({"kind": "heartbeat", "step": step, "state": "running",

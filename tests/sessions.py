@@ -128,7 +128,8 @@ def write_dashboard_run(path: Path, steps: int, *, layers: int = 8,
         p[:, 3] = 1e-3 * (0.5 + rng.random(len(params)))
         p[0, 3] = 0.05
         b.put({"kind": "stats", "step": s, "wall": t, "schema_id": 1, "dropped": 0},
-              (block, vec, p), t=t)
+              (block, vec), t=t)
+        b.put({"kind": "params", "step": s, "schema_id": 1}, (p,), t=t)
         if hist_every and s % hist_every == 0:
             centre = 5 + int(3 * frac)
             hist = np.zeros((2, len(edges) + 1), np.float32)

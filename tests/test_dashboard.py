@@ -173,15 +173,15 @@ def test_params_and_histograms_that_do_not_match_the_schema_are_refused():
                          "params": ["w"], "param_stats": ["grad_norm", "update_ratio"],
                          "hist_layers": ["a"], "hist_edges": [-1.0, 1.0]})
     store.ingest(wire.Message({"kind": "stats", "step": 1},
-                              [np.ones((1, 1), np.float32), np.ones(1, np.float32),
-                               np.ones((2, 2), np.float32)]))
+                              [np.ones((1, 1), np.float32), np.ones(1, np.float32)]))
+    store.ingest(wire.Message({"kind": "params", "step": 1}, [np.ones((2, 2), np.float32)]))
     assert store.status.bad_messages == 1
     assert "params (2, 2) do not match the schema (1, 2)" in store.status.last_error
+    assert store.latest_params() is None  # the refused message changed nothing
     store.ingest(wire.Message({"kind": "hist", "step": 1},
                               [np.ones((1, 5), np.float32), np.ones((1, 5), np.float32)]))
     assert "do not have 3 bins" in store.status.last_error
-    store.ingest(wire.Message({"kind": "stats", "step": 2},
-                              [np.ones((1, 1), np.float32), np.ones(1, np.float32),
-                               np.full((1, 2), 1e-3, np.float32)]))
+    store.ingest(wire.Message({"kind": "params", "step": 1},
+                              [np.full((1, 2), 1e-3, np.float32)]))
     assert np.allclose(store.latest_params(), 1e-3)
-    assert len(store.steps()) == 1  # the refused message added no row
+    assert len(store.steps()) == 1

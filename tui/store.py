@@ -168,11 +168,9 @@ class RunStore:
     def _on_stats(self, msg: wire.Message) -> None:
         if self.schema is None or self._stats is None:
             return  # the schema is re-sent every few seconds; until then we cannot label it
-        block, scalars = msg.arrays[:2]
+        block, scalars = msg.arrays
         if block.shape != self._stats.view().shape[1:]:
             raise ValueError(f"block {block.shape} does not match the schema")
-        params = msg.arrays[2] if len(msg.arrays) > 2 else None
-        self._check_params(params)  # before any append: a refused message changes nothing
         step = int(msg.header["step"])
         self._steps.append(step)
         self._stats.append(block)
@@ -180,7 +178,7 @@ class RunStore:
         for i, name in enumerate(names):
             self._scalars[name].append(scalars[i] if i < len(scalars) else np.nan)
         if self._params is not None:
-            self._params.append(np.nan if params is None else params)
+            self._params.append(np.nan)  # filled by the step's params message
         self.status.step = max(self.status.step, step)
         self._compact()
 
@@ -436,12 +434,17 @@ class RunStore:
                 self._params = Growable(shape)
                 self._params.extend(np.full((self._steps.n, *shape), np.nan, np.float32))
 
-    def _check_params(self, block: np.ndarray | None) -> None:
-        if block is None:
-            return
-        shape = self._params.view().shape[1:] if self._params is not None else (0, 0)
+    def _on_params(self, msg: wire.Message) -> None:
+        """``[params x param stats]`` of a step: fills that step's row (the stats message
+        of the step comes first)."""
+        if self._params is None:
+            return  # labelled by the schema, which is re-sent every few seconds
+        (block,) = msg.arrays
+        shape = self._params.view().shape[1:]
         if block.shape != shape:
             raise ValueError(f"params {block.shape} do not match the schema {shape}")
+        if self._steps.n and int(self._steps.view()[-1]) == int(msg.header["step"]):
+            self._params.view()[-1] = block
 
     def _on_hist(self, msg: wire.Message) -> None:
         if self.schema is None:
