@@ -62,7 +62,7 @@ def fmt_axis(v: float) -> str:
     if not math.isfinite(v):
         return str(v)
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-2):
-        return f"{v:.1e}"
+        return f"{v:.2e}"
     return f"{v:.4g}"
 
 
