@@ -40,9 +40,8 @@ class HelpScreen(ModalScreen[None]):
         self._rows = bindings
 
     def compose(self) -> ComposeResult:
-        lines = ["[b]neurotop — keys[/b]"]
+        lines = ["[b]neurotop — keys[/b]  (esc, q or ? closes)"]
         lines += [f"  [b]{k:<10}[/b] {d}" for k, d in self._rows]
-        lines += ["", "Press esc, q or ? to close."]
         yield Static("\n".join(lines))
 
 
