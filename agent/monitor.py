@@ -1,11 +1,11 @@
 """``watch(model, optimizer)``: the only part of neurotop that runs in the training thread.
 
-Forward hooks write each leaf module's statistics into device tensors, on
-report steps only (on other steps a hook returns at once). The optimizer's
-step hooks mark the boundary: the pre-hook takes the global grad norm, the
-post-hook stacks one ``[layers x stats]`` block, starts its copy to the host,
-hands it to the agent thread and applies queued commands (pausing there if
-asked). Nothing here reads a device value back to the host.
+On report steps (every ``report_every``-th; on other steps every hook returns at once),
+forward hooks add each measured layer's sums to device accumulators and hook its output
+gradient; the optimizer's step pre-hook takes the parameter statistics; the post-hook
+packs the report into one device buffer, starts its one copy to the host, hands it to
+the agent thread and applies queued commands (pausing there if asked). Nothing here
+reads a device value back to the host. See ``agent.config.Config`` for the options.
 """
 
 from __future__ import annotations
@@ -23,58 +23,69 @@ from torch import nn
 from agent import connfile
 from agent.autopause import AutoPause
 from agent.binding import CurveKeys, check_bind
+from agent.collector import LayerCollector
+from agent.config import PARAM_STATS, Config
 from agent.control import Controller
+from agent.histograms import hist_edges
 from agent.knobs import Knobs, UserKnob
+from agent.layers import select_layers
+from agent.packing import pack, to_host
+from agent.param_stats import ParamStats, param_names
 from agent.recorder import start_recording
+from agent.report import DEVICE_SCALARS, HOST_SCALARS, PendingReport, lr_names
 from agent.service import AgentService, Report
 from agent.snapshot import Snapshotter
-from agent.stats import LAYER_STATS, first_tensor, global_grad_norm, layer_stats
-
-#: Scalars every run reports; user scalars from ``observe`` follow, then host-side ones.
-DEVICE_SCALARS = ("loss", "grad_norm")
-HOST_SCALARS = ("lr",)
+from agent.stats import first_tensor
 
 
 class Monitor:
     """Live statistics and control for one model and optimizer. Use ``watch`` to make one."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 name: str | None = None, report_every: int = 1, run_id: str | None = None,
-                 bind_host: str = "127.0.0.1", heartbeat_s: float = 0.5,
-                 curve: bool = False, scheduler: Any = None, auto_pause: bool = True,
-                 auto_pause_alerts: tuple[str, ...] = (), snapshot: Any = None,
-                 raise_on_stop: bool = False,
-                 record: bool | str | os.PathLike | None = True) -> None:
-        if report_every < 1:
-            raise ValueError(f"report_every must be >= 1, got {report_every}")
+                 name: str | None = None, config: Config | None = None,
+                 run_id: str | None = None, bind_host: str = "127.0.0.1",
+                 heartbeat_s: float = 0.5, curve: bool = False, scheduler: Any = None,
+                 auto_pause: bool = True, auto_pause_alerts: tuple[str, ...] = (),
+                 snapshot: Any = None, raise_on_stop: bool = False,
+                 record: bool | str | os.PathLike | None = True, **options: Any) -> None:
         check_bind(bind_host, curve)  # before any hook is registered
+        self.config = (config or Config()).replace(**options)
         curve_keys = CurveKeys.generate() if curve else None
         self.model, self.optimizer = model, optimizer
-        self.report_every = report_every
+        self.report_every = self.config.report_every
         self.run_id = run_id or os.environ.get("NEUROTOP_RUN_ID") or connfile.new_run_id()
         self.name = name or Path(sys.argv[0] or "python").stem
         self.step = 0
         self.start_time = time.time()
         self._closed = False
         self._active = True  # report on the first step
-        self._layers = [n for n, m in model.named_modules() if n and not any(m.children())]
-        self._rows: list[torch.Tensor | None] = [None] * len(self._layers)
-        self._observed: dict[str, torch.Tensor] = {}
+        self._specs = select_layers(model, self.config)
+        self._layers = [s.name for s in self._specs]
+        self.collector = LayerCollector(self._specs, self.config)
+        self.param_stats = ParamStats(param_names(model, optimizer), self.config.param_stats,
+                                      self.config.sample)
+        self._observed: dict[str, Any] = {}
         self._user_scalars: list[str] = []
         self._schema_id = 0
-        self._grad_norm: torch.Tensor | None = None
-        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._reports = 0
+        self._samples = 0  # samples seen by the model's forward in this report window
+        self._last_report = (time.monotonic(), 0)  # (t, step) of the previous report
         self._rate = (time.monotonic(), 0, 0.0)  # (t, step, steps/s) for the heartbeat
         self.knobs = Knobs(model, optimizer, scheduler=scheduler, auto_pause=auto_pause)
         self.controller = Controller(
             knobs=self.knobs, raise_on_stop=raise_on_stop,
             snapshot=Snapshotter(model, optimizer, self.run_id, snapshot,
                                  lambda: self.connection.run_dir or "runs"))
-        modules = dict(model.named_modules())
-        self._handles = [modules[n].register_forward_hook(self._forward_hook(i))
-                         for i, n in enumerate(self._layers)]
-        self._handles += [optimizer.register_step_pre_hook(self._pre_step),
+        # Under torch.compile the hooks are traced: the ``_active`` test is cheap to guard
+        # on, and the measuring itself runs eagerly (a graph break on report steps only).
+        self._measure = torch.compiler.disable(self.collector.on_output)
+        self._count = torch.compiler.disable(self._count_samples)
+        self._handles = [s.module.register_forward_hook(self._forward_hook(i))
+                         for i, s in enumerate(self._specs)]
+        self._handles += [model.register_forward_pre_hook(self._batch_hook, with_kwargs=True),
+                          optimizer.register_step_pre_hook(self._pre_step),
                           optimizer.register_step_post_hook(self._post_step)]
+        self._start_window()
         key = os.urandom(32)
         self.recorder = start_recording(record, self.run_id, self.name, self.start_time)
         self.service = AgentService(run_id=self.run_id, key=key, controller=self.controller,
@@ -104,7 +115,7 @@ class Monitor:
             if k not in DEVICE_SCALARS and k not in self._user_scalars:
                 self._user_scalars.append(k)
                 self._schema_id += 1
-            self._observed[k] = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v)
+            self._observed[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
 
     @property
     def paused(self) -> bool:
@@ -151,16 +162,23 @@ class Monitor:
 
     def _forward_hook(self, i: int):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if not self._active:
-                return
-            t = first_tensor(out)
-            if t is not None:
-                self._rows[i] = layer_stats(t)
+            if self._active:
+                self._measure(i, out)
         return hook
+
+    def _batch_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self._active:
+            self._count(args, kwargs)
+
+    def _count_samples(self, args: Any, kwargs: Any) -> None:
+        """Samples = dim 0 of the model's first tensor input, in forwards that track grad."""
+        t = first_tensor(args) if args else first_tensor(kwargs)
+        if t is not None and t.dim() and torch.is_grad_enabled():
+            self._samples += t.shape[0]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._active:
-            self._grad_norm = global_grad_norm(self._params)
+            self.param_stats.before_step()
         self.knobs.pre_step()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -168,35 +186,80 @@ class Monitor:
         if self._active:
             self._report()
         self._active = self.step % self.report_every == 0
+        if self._active:
+            self._start_window()
         self.controller.at_boundary(self.step)
 
+    def _start_window(self) -> None:
+        every = self.config.hist_every
+        self.collector.hist_now = every > 0 and self._reports % every == 0
+        self._samples = 0
+
     def _report(self) -> None:
-        rows = self._rows
-        dev = next((r.device for r in rows if r is not None), torch.device("cpu"))
-        nan_row = torch.full((len(LAYER_STATS),), float("nan"), device=dev)
-        block = torch.stack([nan_row if r is None else r.to(dev) for r in rows]) if rows \
-            else torch.empty((0, len(LAYER_STATS)), device=dev)
-        nan = torch.full((), float("nan"), device=dev)
-        scal = [self._observed.get("loss", nan), self._grad_norm if self._grad_norm is not None
-                else nan] + [self._observed.get(k, nan) for k in self._user_scalars]
-        scalars = torch.stack([s.to(dev, torch.float32).reshape(()) for s in scal])
-        host = [float(self.optimizer.param_groups[0].get("lr", float("nan")))]
-        block, scalars, ready = _to_host(block), _to_host(scalars), None
+        """Pack the window into one device buffer, start its copy, hand it over."""
+        dev = self.collector.device or _device_of(self.param_stats.params)
+        parts, meta = self.collector.pack(dev)
+        pblock = self.param_stats.after_step(dev)
+        if pblock is not None:
+            parts["params"] = pblock
+        names = self._scalar_names()
+        slots, values, host = [], [], {}
+        for k, v in self._scalar_values(dev).items():
+            if isinstance(v, torch.Tensor) and v.device == dev:
+                slots.append(k)
+                values.append(v.reshape(()).to(torch.float32))
+            else:
+                host[k] = v  # a float, or a tensor on another device read by the agent thread
+        if values:
+            parts["scalars"] = torch.stack(values)
+        buf, layout = pack(parts, dev)
+        buf, ready = to_host(buf), None
         if dev.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        self.service.submit_report(Report(self.step, time.time(), block, scalars, host, ready))
-        self._rows = [None] * len(self._layers)
-        self._grad_norm = None
+        pending = PendingReport(self._schema_id, self.config, layout, meta,
+                                list(self.collector.hist_rows), names, slots, host)
+        self.service.submit_report(Report(self.step, time.time(), buf, pending.messages,
+                                          ready))
+        self._reports += 1
+
+    def _scalar_values(self, dev: torch.device) -> dict[str, Any]:
+        """This report's scalars by name: device tensors, CPU tensors or floats."""
+        now, step = time.monotonic(), self.step
+        t0, s0 = self._last_report
+        self._last_report = (now, step)
+        rate = (step - s0) / (now - t0) if s0 and now > t0 else float("nan")
+        out: dict[str, Any] = dict(self._observed)
+        out["grad_norm"] = self.param_stats.grad_norm
+        for name, g in zip(lr_names(len(self.optimizer.param_groups)),
+                           self.optimizer.param_groups, strict=True):
+            lr = g.get("lr", float("nan"))
+            out[name] = lr if isinstance(lr, torch.Tensor) else float(lr)
+        out["steps_per_s"] = rate
+        out["samples_per_s"] = rate * self._samples if self._samples else float("nan")
+        if dev.type == "cuda":
+            out["mem_device"] = float(torch.cuda.memory_allocated(dev))
+            out["mem_device_peak"] = float(torch.cuda.max_memory_allocated(dev))
+        return {k: v for k, v in out.items() if v is not None}
+
+    def _scalar_names(self) -> list[str]:
+        return [*DEVICE_SCALARS, *self._user_scalars,
+                *lr_names(len(self.optimizer.param_groups)), *HOST_SCALARS]
 
     # -- read by the agent thread -------------------------------------------------------
 
     def _schema(self) -> dict[str, Any]:
+        c = self.config
         return {"schema_id": self._schema_id, "run_name": self.name, "layers": self._layers,
-                "stats": list(LAYER_STATS),
-                "scalars": [*DEVICE_SCALARS, *self._user_scalars, *HOST_SCALARS],
-                "report_every": self.report_every, "start_time": self.start_time,
-                "pid": os.getpid()}
+                "layer_types": [s.type_name for s in self._specs],
+                "blocks": [s.name for s in self._specs if s.kind == "block"],
+                "stats": list(c.stats), "scalars": self._scalar_names(),
+                "params": self.param_stats.names if c.param_stats else [],
+                "param_stats": list(PARAM_STATS) if c.param_stats else [],
+                "hist_layers": [s.name for s in self._specs if s.hist],
+                "hist_edges": hist_edges(c.hist_exponents).tolist(),
+                "hist_every": c.hist_every, "report_every": self.report_every,
+                "config": c.to_dict(), "start_time": self.start_time, "pid": os.getpid()}
 
     def _status(self) -> dict[str, Any]:
         t0, s0, rate = self._rate
@@ -209,16 +272,13 @@ class Monitor:
                 "steps_per_s": rate}
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """Start the report's one device-to-host copy without waiting for it."""
-    if t.device.type == "cpu":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
+def _device_of(params: list[torch.Tensor]) -> torch.device:
+    return params[0].device if params else torch.device("cpu")
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Monitor:
     """Start monitoring: ``mon = agent.watch(model, opt)``; ``mon.observe(loss=loss)`` each
-    step; ``mon.close()`` (or use it as a context manager). See ``Monitor`` for options."""
+    step; ``mon.close()`` (or use it as a context manager). Options: ``name``, ``run_id``,
+    ``bind_host``, ``config=Config(...)`` and any ``Config`` field by name
+    (``report_every=5``)."""
     return Monitor(model, optimizer, **kwargs)

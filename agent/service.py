@@ -41,13 +41,13 @@ HISTORY_CHUNK = 512 << 10
 
 @dataclass
 class Report:
-    """One report as the training thread hands it over: host copies possibly in flight."""
+    """One report as the training thread hands it over: its host copy possibly in flight."""
 
     step: int
     t: float
-    block: Any  # torch.Tensor [layers x stats] on the host (pinned) or CPU
-    scalars: Any  # torch.Tensor of device scalars, on the host
-    host_scalars: list[float]
+    data: Any  # torch.Tensor: the report's one flat float32 buffer, on the host
+    #: Turns the buffer (as NumPy) into messages: ``[(header fields, arrays), ...]``.
+    finalize: Callable[[np.ndarray], list[tuple[dict[str, Any], list[np.ndarray]]]]
     ready: Any = None  # a CUDA event to wait on before reading, or None
 
 
@@ -195,18 +195,20 @@ class AgentService(threading.Thread):
                 r = self.reports.get_nowait()
             except queue.Empty:
                 return
-            if r.ready is not None:
-                r.ready.synchronize()
-            block = r.block.numpy().astype(np.float32, copy=False)
-            scalars = np.concatenate([r.scalars.numpy().astype(np.float32, copy=False),
-                                      np.asarray(r.host_scalars, dtype=np.float32)])
-            schema = self._schema()
-            self._publish(pub, {"kind": wire.STATS, "step": r.step, "wall": r.t,
-                                "schema_id": schema["schema_id"],
-                                "dropped": self.dropped}, [block, scalars])
-            if self.auto_pause is not None:
-                self._maybe_auto_pause(self.auto_pause.check_report(r.step, block, scalars,
-                                                                     schema))
+            if r.ready is not None:  # poll the copy's event: no device sync, even here
+                while not r.ready.query():
+                    time.sleep(0.0002)
+            try:
+                messages = r.finalize(r.data.numpy())
+            except Exception:  # a bug here must not stop telemetry and control
+                log.exception("could not finalize the report of step %d", r.step)
+                continue
+            for header, arrays in messages:
+                self._publish(pub, {"step": r.step, "wall": r.t, "dropped": self.dropped,
+                                    **header}, arrays)
+                if header["kind"] == wire.STATS and self.auto_pause is not None:
+                    self._maybe_auto_pause(self.auto_pause.check_report(
+                        r.step, arrays[0], arrays[1], self._schema()))
 
     # -- control ------------------------------------------------------------------------
 

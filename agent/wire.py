@@ -24,7 +24,13 @@ PROTOCOL_VERSION = 1
 
 #: Telemetry kinds published on PUB.
 SCHEMA, STATS, HEARTBEAT, EVENT = "schema", "stats", "heartbeat", "event"
-TELEMETRY_KINDS = frozenset({SCHEMA, STATS, HEARTBEAT, EVENT})
+#: Per-parameter statistics, after each report's stats: one ``[params x param_stats]``
+#: array (names in the schema).
+PARAMS = "params"
+#: Histograms, every ``hist_every`` reports: ``[hist_layers x bins]`` of activations, then
+#: of gradients dL/dh, in the bins of the schema's ``hist_edges``.
+HIST = "hist"
+TELEMETRY_KINDS = frozenset({SCHEMA, STATS, HEARTBEAT, EVENT, PARAMS, HIST})
 
 #: Largest header or array frame we will decode; anything bigger is refused unread.
 MAX_HEADER_BYTES = 1 << 20

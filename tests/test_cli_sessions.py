@@ -31,7 +31,9 @@ def test_ls_lists_live_runs_and_recorded_sessions_and_export_finds_them(start_ru
     assert out.stdout.split() == [str(tmp_path / "csv" / f) for f in
                                   ("scalars.csv", "layers.csv", "events.csv")]
     scalars = (tmp_path / "csv" / "scalars.csv").read_text().splitlines()
-    assert scalars[0] == "step,time,loss,grad_norm,lr" and len(scalars) == 31
+    assert scalars[0] == ("step,time,loss,grad_norm,first_nonfinite,lr,steps_per_s,"
+                          "samples_per_s,mem_device,mem_device_peak,mem_host")
+    assert len(scalars) == 31
 
 
 def test_replay_and_export_explain_bad_input(tmp_path):

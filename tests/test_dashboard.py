@@ -52,18 +52,18 @@ async def test_every_screen_sort_filter_toggles(dash_app):
         await pilot.press("2")
         table = app.query_one(LayerTable)
         await until(pilot, lambda: table.row_count == 8, what="the layer rows")
-        dead = DASH_STATS.index("dead_frac")
+        dead = table.column_names().index("dead_frac")  # the overview preset's columns
         while app.view.sort != "dead_frac":
-            await pilot.press("o")
+            await pilot.press("S")
         await pilot.pause(0.3)
         assert table.shown_layers[0] == DYING  # descending: the dead layer first
         line = table.render_line(1)
         cell = next(s for s in line if s.text.strip() == "1.0000")
         assert cell.style.color.triplet.hex == app.current_theme.error.lower()
-        await pilot.press("O")
+        await pilot.press("R")
         await pilot.pause(0.3)
         assert table.shown_layers[-1] == DYING
-        assert float(row_text(table, 0).split()[1 + dead]) < 0.1
+        assert float(row_text(table, 0).split()[dead]) < 0.1
         await pilot.click(LayerTable, offset=(3, 0))  # the "layer" header: model order
         await pilot.pause(0.3)
         assert app.view.sort == "layer"
@@ -87,7 +87,8 @@ async def test_every_screen_sort_filter_toggles(dash_app):
         await pilot.press("comma", "comma", "comma", "comma")  # back to net.0
         await pilot.pause(0.3)
         assert app.view.layer == "net.0"
-        assert "histogram @ 400" in app.query_one("#hist-now", Panel).text
+        assert "activations, step 400" in app.query_one("#hist-now", Panel).text
+        assert "gradients dL/dh, step 400" in app.query_one("#hist-grad", Panel).text
         assert "40 reports" in app.query_one("#hist-time", Panel).text
 
         # Toggles: log scale, smoothing, window.
@@ -120,7 +121,7 @@ async def test_every_screen_sort_filter_toggles(dash_app):
         await pilot.pause(0.3)
         assert isinstance(app.screen, HelpScreen)
         help_text = str(app.screen.query_one("Static").render())
-        for key in ("1 … 5", "/", "o, O", ", .", "space", "[ ]"):
+        for key in ("1 … 5", "/", "S, R", ", .", "space", "[ ]", "o ", "p "):
             assert key in help_text
         await pilot.press("escape")
 
@@ -131,6 +132,7 @@ def test_help_covers_every_binding():
     helped = {a for _, a, _ in (*NeurotopApp.VIEW_HELP, *NeurotopApp.HELP)}
     bound = {b.action.split("(")[0] for b in NeurotopApp.BINDINGS}
     assert bound - {"next_layer", "reverse_sort"} <= helped | {"help"}
+    assert {"pick_columns", "next_preset", "back"} <= helped
     assert {"next_layer", "sort"} <= helped
 
 
@@ -167,21 +169,14 @@ def test_live_store_memory_is_bounded_and_keeps_spikes():
     assert len(replay.steps()) == 3000
 
 
-def test_params_and_histograms_that_do_not_match_the_schema_are_refused():
+def test_histogram_history_for_the_heatmap_is_bounded():
     store = RunStore()
-    store.ingest_schema({"layers": ["a"], "stats": ["mean"], "scalars": ["loss"],
-                         "params": ["w"], "param_stats": ["grad_norm", "update_ratio"],
-                         "hist_layers": ["a"], "hist_edges": [-1.0, 1.0]})
-    store.ingest(wire.Message({"kind": "stats", "step": 1},
-                              [np.ones((1, 1), np.float32), np.ones(1, np.float32)]))
-    store.ingest(wire.Message({"kind": "params", "step": 1}, [np.ones((2, 2), np.float32)]))
-    assert store.status.bad_messages == 1
-    assert "params (2, 2) do not match the schema (1, 2)" in store.status.last_error
-    assert store.latest_params() is None  # the refused message changed nothing
-    store.ingest(wire.Message({"kind": "hist", "step": 1},
-                              [np.ones((1, 5), np.float32), np.ones((1, 5), np.float32)]))
-    assert "do not have 3 bins" in store.status.last_error
-    store.ingest(wire.Message({"kind": "params", "step": 1},
-                              [np.full((1, 2), 1e-3, np.float32)]))
-    assert np.allclose(store.latest_params(), 1e-3)
-    assert len(store.steps()) == 1
+    store.ingest_schema({"layers": ["a", "b"], "stats": ["mean"], "scalars": ["loss"],
+                         "hist_layers": ["b"], "hist_edges": [-1.0, 1.0]})
+    for step in range(1, 301):
+        counts = np.full((1, 3), step, np.float32)
+        store.ingest(wire.Message({"kind": "hist", "step": step}, [counts, counts]))
+    steps, hists = store.histograms("b")
+    assert steps.tolist() == list(range(45, 301))  # the last 256 reports, oldest first
+    assert hists.shape == (256, 3) and hists[-1].tolist() == [300.0] * 3
+    assert store.histograms("a")[0].size == 0  # not a histogram layer

@@ -34,13 +34,14 @@ def test_tui_works_with_torch_unimportable():
 def test_agent_never_imports_textual_or_plotext():
     code = ("import sys, agent.monitor, agent.service, agent.stats, agent.control,"
             " agent.knobs, agent.autopause, agent.snapshot, agent.recorder, agent.sessionfile,"
-            " agent.runs\n"
+            " agent.runs, agent.collector, agent.layers, agent.param_stats, agent.report,"
+            " agent.packing\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('textual', 'plotext')))")
     assert run_py(code) == "[]"
 
 
 def test_agent_package_import_is_lazy():
     code = ("import sys, agent, agent.wire, agent.connfile, agent.binding, agent.control,"
-            " agent.autopause, agent.sessionfile, agent.runs, agent.recorder;"
-            " agent.StopTraining; print('torch' in sys.modules)")
+            " agent.autopause, agent.sessionfile, agent.runs, agent.recorder, agent.config,"
+            " agent.histograms; agent.StopTraining; print('torch' in sys.modules)")
     assert run_py(code) == "False"

@@ -20,7 +20,7 @@ from tui.control_panel import ControlActions, ControlPanel
 from tui.dashboard import DetailPane, GradientsPane, LayersPane, OverviewPane
 from tui.store import RunStore
 from tui.view import WINDOW_STEPS, View
-from tui.widgets import LayerTable, StatusBar
+from tui.widgets import ColumnPicker, LayerTable, StatusBar
 
 REDRAW_HZ = 5  # a busy screen at 200 layers costs ~40 ms: 5 Hz stays under 30 % of a core
 
@@ -57,10 +57,11 @@ class NeurotopApp(ControlActions, App[None]):
         Binding("5", "screen('control')", "control"),
         Binding("6", "help", show=False),
         Binding("slash", "filter", "filter", show=False),
-        Binding("o", "sort", "sort", show=False),
-        Binding("O", "reverse_sort", show=False),
+        Binding("S", "sort", "sort", show=False),
+        Binding("R", "reverse_sort", show=False),
         Binding("m", "toggle_smooth", "smooth", show=False),
         Binding("a", "toggle_window", "window", show=False),
+        Binding("escape", "back", show=False),
         Binding("comma", "next_layer(-1)", show=False),
         Binding("full_stop", "next_layer(1)", show=False),
         Binding("space", "toggle_pause", "pause/resume"),
@@ -71,6 +72,8 @@ class NeurotopApp(ControlActions, App[None]):
         Binding("X", "stop_run", "stop run", show=False),
         Binding("s", "cycle_spark", "statistic", show=False),
         Binding("l", "toggle_log", "log", show=False),
+        Binding("o", "pick_columns", "columns", show=False),
+        Binding("p", "next_preset", "preset", show=False),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
     ]
@@ -86,10 +89,13 @@ class NeurotopApp(ControlActions, App[None]):
                  ("l", "toggle_log", "log scale of the plots"),
                  ("m", "toggle_smooth", "smoothing of the plots"),
                  ("a", "toggle_window", f"window: the last {WINDOW_STEPS:,} steps / all"),
-                 ("o, O", "sort", "layers: sort by the next column / reverse the order"),
+                 ("S, R", "sort", "layers: sort by the next column / reverse the order"),
+                 ("o", "pick_columns", "layers: choose the columns"),
+                 ("p", "next_preset", "layers: next column preset (overview, activations, …)"),
                  ("/", "filter", "layers: filter by name glob (esc clears)"),
                  ("enter", "detail", "layers: open the layer's detail"),
-                 (", .", "next_layer", "detail: previous / next layer"))
+                 (", .", "next_layer", "detail: previous / next layer"),
+                 ("esc", "back", "detail: back to the layers"))
     #: Actions that drive the run: a read-only view neither shows nor runs them (the footer
     #: and the help leave their keys out). Add every control action here.
     CONTROL_ACTIONS = frozenset({"toggle_pause", "step_one", "toggle_controls", "edit_knob",
@@ -187,6 +193,26 @@ class NeurotopApp(ControlActions, App[None]):
             self.notify(f"statistic: {self.view.stat}", timeout=2)
             self.redraw(force=True)
 
+    def action_pick_columns(self) -> None:
+        if self.store.schema is None:
+            return
+        table = self.query_one(LayerTable)
+        stats = self.store.schema["stats"]
+
+        def apply(chosen: list[str] | None) -> None:
+            if chosen:
+                table.choose(chosen)
+                self.redraw(force=True)
+        if self.screen_name != "layers":
+            self.action_screen("layers")
+        self.push_screen(ColumnPicker(stats, table.shown(stats)), apply)
+
+    def action_next_preset(self) -> None:
+        self.notify(f"columns: {self.query_one(LayerTable).next_preset()}")
+        if self.screen_name != "layers":
+            self.action_screen("layers")
+        self.redraw(force=True)
+
     def action_toggle_log(self) -> None:
         self.view.log_y = not self.view.log_y
         self.redraw(force=True)
@@ -273,6 +299,10 @@ class NeurotopApp(ControlActions, App[None]):
     def on_layer_table_chosen(self, event: LayerTable.Chosen) -> None:
         self.view.layer = event.layer
         self.action_screen("detail")
+
+    def action_back(self) -> None:
+        if self.screen_name == "detail":
+            self.action_screen("layers")
 
     def action_next_layer(self, step: int) -> None:
         layers = self.store.schema["layers"] if self.store.schema else []

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 CHUNK_BYTES = 512 << 10
 MAX_HELD = 200_000  # live messages held while the history loads; more are counted as missed
+#: Extra ``history`` requests made when the file does not yet reach the first live message
+#: (the agent's recorder flushes in the background, so the file catches up within moments).
+MAX_CATCH_UP = 50
 
 
 class Backfill:
@@ -45,6 +48,7 @@ class Backfill:
         self._offset = 0
         self._target: int | None = None
         self._pending = b""
+        self._catch_up = 0
 
     def hold(self, frames: list[bytes]) -> bool:
         """Keep a live message for later; ``False`` once the history is in."""
@@ -86,15 +90,34 @@ class Backfill:
                 return
             base = FILE_HEADER.size
         done = not data or self._offset >= self._target
-        recs, used = scan(buf, base, final=done, problems=self.problems)
+        recs, used = scan(buf, base, final=False, problems=self.problems)
         self._pending = buf[used:]
         self.loader.add_chunk(Chunk.of(buf, base, recs))
-        if done:
+        if done and self._gap() and self._catch_up < MAX_CATCH_UP:
+            # The file ends before the first message we hold: ask again from here; the
+            # reply's size covers what the recorder has flushed since.
+            self._catch_up += 1
+            self._target = None
+            self._request()
+        elif done:
+            if self._pending:
+                self.problems.append(f"an incomplete last record ({len(self._pending)} bytes)"
+                                     " ignored")
             self.loader.flush()
             self._finish("")
         else:
             self.store.set_status(history=f"history {100 * self._offset // self._target}%")
             self._request()
+
+    def _gap(self) -> bool:
+        """Whether messages are missing between the history's end and the first held one."""
+        for frames in self._held[:1]:
+            try:
+                seq = wire.decode_header(frames[0]).get("seq")
+            except wire.WireError:
+                return False
+            return isinstance(seq, int) and seq > self.loader.max_seq + 1
+        return False
 
     def _check_file_header(self, buf: bytes) -> bytes:
         if len(buf) < FILE_HEADER.size or not buf.startswith(FILE_MAGIC):

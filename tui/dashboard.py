@@ -19,7 +19,16 @@ from textual.widget import Widget
 from textual.widgets import Input, Static
 
 from tui.health import UPDATE_RATIO_GUIDE, has_band, levels
-from tui.plotting import SHADES, Lines, Series, braille_plot, heat_strip, smooth, window
+from tui.plotting import (
+    SHADES,
+    Lines,
+    Series,
+    braille_plot,
+    heat_strip,
+    hist_labels,
+    smooth,
+    window,
+)
 from tui.store import RunStore
 from tui.view import View
 from tui.widgets import LayerTable, fmt, level_styles
@@ -206,7 +215,8 @@ class LayersPane(Vertical):
 
 
 class DetailPane(Vertical):
-    """Every statistic of one layer over time; its histogram now and over time."""
+    """Every statistic of one layer over time; its histograms now (activations and
+    gradients) and the activations' over time."""
 
     DEFAULT_CSS = """
     DetailPane > #detail-title { height: 1; background: $boost; padding: 0 1; }
@@ -223,6 +233,7 @@ class DetailPane(Vertical):
                 yield Plot(id=f"dt-plot-{i}")
         with Horizontal():
             yield Panel(id="hist-now")
+            yield Panel(id="hist-grad")
             yield Panel(id="hist-time")
 
     def draw(self, store: RunStore, view: View) -> None:
@@ -235,7 +246,7 @@ class DetailPane(Vertical):
         if not view.layer:
             return
         i = layers.index(view.layer)
-        kinds = schema.get("layer_types") or []
+        kinds = store.schema_extra["layer_types"]
         kind = f"  ({kinds[i]})" if i < len(kinds) else ""
         self.query_one("#detail-title", Static).update(Text.assemble(
             ("layer ", "bold"), (view.layer, "bold"), kind,
@@ -252,24 +263,21 @@ class DetailPane(Vertical):
 
     def _draw_histograms(self, store: RunStore, view: View) -> None:
         now, over = self.query_one("#hist-now", Panel), self.query_one("#hist-time", Panel)
-        steps, hists = store.histograms(view.layer, 0)
-        if not len(steps):
+        grad = self.query_one("#hist-grad", Panel)
+        latest = store.latest_histogram(view.layer)
+        if latest is None:
             note = Text("histogram: none for this layer (see the run's hist_layers)", "dim")
             now.show(note)
+            grad.show("")
             over.show("")
             return
-        edges = np.asarray(store.schema["hist_edges"], np.float64)
-        now.show(hist_bars(hists[-1], edges, now.size.width or 40, now.size.height or 8,
-                             f"histogram @ {int(steps[-1])}"))
-        over.show(hist_heatmap(steps, hists, edges, over.size.width or 40,
-                                 over.size.height or 8))
-
-
-def bin_label(edges: np.ndarray, b: int) -> str:
-    """The lower edge of bin ``b`` (bins: below the first edge, between edges, above)."""
-    if b == 0:
-        return f"<{edges[0]:.0e}"
-    return f"{edges[b - 1]:.0e}"
+        labels = hist_labels(latest["edges"])
+        for panel, key, name in ((now, "act", "activations"), (grad, "grad", "gradients dL/dh")):
+            panel.show(hist_bars(latest[key], labels, panel.size.width or 40,
+                                 panel.size.height or 8, f"{name}, step {latest['step']}"))
+        steps, hists = store.histograms(view.layer, 0)
+        over.show(hist_heatmap(steps, hists, labels, over.size.width or 40,
+                               over.size.height or 8))
 
 
 def _coarsen(counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +288,7 @@ def _coarsen(counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.add.reduceat(counts, starts, axis=-1), starts
 
 
-def hist_bars(counts: np.ndarray, edges: np.ndarray, width: int, height: int,
+def hist_bars(counts: np.ndarray, labels: list[str], width: int, height: int,
               title: str) -> Text:
     """The histogram now: one row per group of bins (large values on top, as in the
     heatmap beside it), a bar as long as its count."""
@@ -290,12 +298,12 @@ def hist_bars(counts: np.ndarray, edges: np.ndarray, width: int, height: int,
     bar_w = max(width - 12, 4)
     out = Text(title, style="bold", no_wrap=True, overflow="crop")
     for c, b in zip(g[::-1], starts[::-1], strict=True):  # large values on top
-        out.append(f"\n{bin_label(edges, int(b)):>10} ", style="dim")
+        out.append(f"\n{labels[int(b)]:>10} ", style="dim")
         out.append("█" * int(round(c / top * bar_w)))
     return out
 
 
-def hist_heatmap(steps: np.ndarray, hists: np.ndarray, edges: np.ndarray, width: int,
+def hist_heatmap(steps: np.ndarray, hists: np.ndarray, labels: list[str], width: int,
                  height: int) -> Text:
     """Bins (rows, large values on top) x reports (columns): where the mass moves."""
     groups, starts = _coarsen(hists, max(height - 2, 1))
@@ -304,7 +312,7 @@ def hist_heatmap(steps: np.ndarray, hists: np.ndarray, edges: np.ndarray, width:
     out = Text(f"histogram over time ({len(steps)} reports, {int(steps[0])}…{int(steps[-1])})",
                style="bold", no_wrap=True, overflow="crop")
     for b, line in zip(starts[::-1], lines, strict=True):
-        out.append(f"\n{bin_label(edges, int(b)):>10} ", style="dim")
+        out.append(f"\n{labels[int(b)]:>10} ", style="dim")
         out.append_text(line)
     return out
 
@@ -323,17 +331,17 @@ class GradientsPane(Vertical):
 
     def draw(self, store: RunStore, view: View) -> None:
         bars = self.query_one("#grad-bars", Panel)
-        schema = store.schema or {}
-        names, pstats = schema.get("params", []), schema.get("param_stats", [])
-        block = store.latest_params()
-        if block is None or not names:
+        names, pstats = store.schema_extra["params"], store.schema_extra["param_stats"]
+        latest = store.latest_params()
+        if latest is None or not names:
             bars.show(Text("no per-parameter statistics in this run (the agent's"
                              " param_stats option)", style="dim"))
             return
-        bars.show(ratio_chart(names, pstats, block, bars.size.width or 80,
+        bars.show(ratio_chart(names, pstats, latest[1], bars.size.width or 80,
                                 bars.size.height or 10, level_styles(bars)))
         if "update_ratio" in pstats:
-            x, r = store.param_history("update_ratio")
+            x, r = store.param_history("update_ratio", store.param_rows())
+            r = r.T  # [reports x params]
             worst, med = (np.full(len(r), np.nan) for _ in range(2))
             has = np.isfinite(r).any(axis=1) if r.size else np.zeros(len(r), bool)
             with np.errstate(invalid="ignore", divide="ignore"):  # rows without parameters

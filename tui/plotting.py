@@ -223,3 +223,12 @@ def heat_strip(rows: np.ndarray, width: int, levels: np.ndarray | None = None,
             line.append("".join(chars[i, a:b]), style=styles[lvl[i, a]])
         lines.append(line)
     return lines
+
+
+def hist_labels(edges: np.ndarray) -> list[str]:
+    """A short label per bin of a symmetric log histogram (its lower magnitude edge)."""
+    k = (len(edges) - 2) // 2  # bins per side besides overflow
+    mags = edges[k + 1:]  # m_0 .. m_K
+    neg = [f"-{m:.0e}" for m in mags[::-1]]  # overflow and the negative octaves
+    pos = [f"{m:.0e}" for m in mags]
+    return [*neg, "0", *pos]

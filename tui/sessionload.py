@@ -84,7 +84,13 @@ class StoreLoader:
 
     def add(self, pos: int, kind: int, body: memoryview | bytes) -> None:
         """Apply one recorded message through the live decoder."""
-        if kind == HEARTBEAT:
+        if kind == HEARTBEAT:  # not shown from the past, but its sequence number counts
+            try:
+                seq = wire.decode_header(bytes(split_frames(body)[0])).get("seq")
+            except (SessionFormatError, wire.WireError, IndexError):
+                return
+            if isinstance(seq, int):
+                self.max_seq = max(self.max_seq, seq)
             return
         try:  # copies: the file's buffer is reused, a message may keep its arrays
             msg = wire.decode([bytes(f) for f in split_frames(body)])

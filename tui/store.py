@@ -106,8 +106,7 @@ class RunStore:
         self.lock = threading.Lock()
         self.window = window
         self.summary = Summary(window or 2)
-        self._params: Growable | None = None
-        self._hists: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._hists: list[tuple[int, np.ndarray, np.ndarray]] = []  # the heatmap's
         self.schema: dict[str, Any] | None = None
         self.status = RunState()
         self.version = 0  # bumped on every change; the redraw timer compares it
@@ -117,6 +116,7 @@ class RunStore:
         self._last_seq: int | None = None
         self.knobs: list[dict[str, Any]] = []  # the last `knobs` listing (types, bounds, docs)
         self.knob_values: dict[str, Any] = {}  # current values, from every heartbeat
+        self._reset_extras()
 
     # -- writer ---------------------------------------------------------------------------
 
@@ -125,8 +125,7 @@ class RunStore:
         ``count_gaps=False`` for recorded messages, which skip sequence numbers."""
         with self.lock:
             self.status.last_message = time.time()
-            if count_gaps:
-                self._count_gaps(msg.header)
+            self._count_gaps(msg.header, count_gaps)
             try:
                 getattr(self, f"_on_{msg.kind}", self._on_unknown)(msg)
             except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -137,10 +136,12 @@ class RunStore:
     def ingest_schema(self, schema: dict[str, Any]) -> None:
         self.ingest(wire.Message({"kind": wire.SCHEMA, **schema}))
 
-    def _count_gaps(self, h: dict[str, Any]) -> None:
+    def _count_gaps(self, h: dict[str, Any], count: bool = True) -> None:
+        """Track the sender's sequence number; count a jump as missed messages (live only:
+        recorded messages skip numbers, and must still move the mark for what follows)."""
         seq = h.get("seq")
         if isinstance(seq, int):
-            if self._last_seq is not None and seq > self._last_seq + 1:
+            if count and self._last_seq is not None and seq > self._last_seq + 1:
                 self.status.missed += seq - self._last_seq - 1
             self._last_seq = seq
 
@@ -161,7 +162,7 @@ class RunStore:
                 self._scalars[name] = g
         self.schema = {"layers": layers, "stats": stats, "scalars": scalars,
                        "schema_id": h.get("schema_id", 0)}
-        self._on_schema_extras(h)
+        self._schema_extras(h)
         self.status.run_name = str(h.get("run_name", self.status.run_name))
         self.status.run_id = str(h.get("run", self.status.run_id))
 
@@ -177,8 +178,6 @@ class RunStore:
         names = self.schema["scalars"]
         for i, name in enumerate(names):
             self._scalars[name].append(scalars[i] if i < len(scalars) else np.nan)
-        if self._params is not None:
-            self._params.append(np.nan)  # filled by the step's params message
         self.status.step = max(self.status.step, step)
         self._compact()
 
@@ -212,6 +211,50 @@ class RunStore:
         self.status.events.append(dict(h))
         del self.status.events[:-500]
 
+    # -- the statistics engine's extras: parameters, histograms, layer details ----------
+
+    def _reset_extras(self) -> None:
+        self._param_steps = Growable((), np.int64, 0)
+        self._params: Growable | None = None
+        self._hist: dict[str, Any] | None = None  # the latest histograms
+        self.schema_extra: dict[str, Any] = {
+            "params": [], "param_stats": [], "hist_layers": [], "hist_edges": np.empty(0),
+            "layer_types": [], "blocks": [], "config": {}}
+
+    def _schema_extras(self, h: dict[str, Any]) -> None:
+        """Parameter names, histogram bins and layer details; older agents send none."""
+        params, pstats = list(h.get("params", [])), list(h.get("param_stats", []))
+        old = self.schema_extra
+        if self._params is None or old["params"] != params or old["param_stats"] != pstats:
+            self._param_steps = Growable((), np.int64, 0)
+            self._params = Growable((len(params), len(pstats)))
+        self.schema_extra = {
+            "params": params, "param_stats": pstats,
+            "hist_layers": list(h.get("hist_layers", [])),
+            "hist_edges": np.asarray(h.get("hist_edges", []), np.float64),
+            "layer_types": list(h.get("layer_types", [])), "blocks": list(h.get("blocks", [])),
+            "config": dict(h.get("config", {}))}
+
+    def _on_params(self, msg: wire.Message) -> None:
+        if self._params is None:
+            return  # labelled by the schema, which is re-sent every few seconds
+        (block,) = msg.arrays
+        if block.shape != self._params.view().shape[1:]:
+            raise ValueError(f"params block {block.shape} does not match the schema")
+        self._param_steps.append(int(msg.header["step"]))
+        self._params.append(block)
+
+    def _on_hist(self, msg: wire.Message) -> None:
+        if self.schema is None:
+            return
+        act, grad = msg.arrays
+        n, bins = len(self.schema_extra["hist_layers"]), len(self.schema_extra["hist_edges"]) + 1
+        if act.shape != (n, bins) or grad.shape != (n, bins):
+            raise ValueError(f"histograms {act.shape} do not match the schema ({n}, {bins})")
+        self._hist = {"step": int(msg.header["step"]), "act": act.copy(), "grad": grad.copy()}
+        self._hists.append((self._hist["step"], self._hist["act"], self._hist["grad"]))
+        del self._hists[:-HIST_KEEP]  # the heatmap over time; bounded
+
     def _on_unknown(self, msg: wire.Message) -> None:
         raise ValueError(f"unknown kind {msg.kind!r}")
 
@@ -236,9 +279,6 @@ class RunStore:
             for i, name in enumerate(self.schema["scalars"]):
                 col = scalars[:, i] if i < k else np.full(len(steps), np.nan, np.float32)
                 self._scalars[name].extend(col, reserve)
-            if self._params is not None:
-                self._params.extend(np.full((len(steps), *self._params.view().shape[1:]),
-                                            np.nan, np.float32), reserve)
             self.status.step = max(self.status.step, int(steps.max()))
             self._compact()
             return len(steps)
@@ -246,7 +286,7 @@ class RunStore:
     def show_rows(self, n: int) -> None:
         """Show only the first ``n`` stats rows (replay's cursor); the rest stay filled."""
         with self.lock:
-            for g in (self._steps, self._stats, self._params, *self._scalars.values()):
+            for g in (self._steps, self._stats, *self._scalars.values()):
                 if g is not None:
                     g.show(n)
             self.status.step = int(self._steps.view()[-1]) if self._steps.n else 0
@@ -268,7 +308,8 @@ class RunStore:
         with self.lock:
             self.schema = None
             self._steps, self._stats, self._scalars = Growable((), np.int64, 0), None, {}
-            self._params, self._hists, self.summary = None, [], Summary(self.window or 2)
+            self._hists, self.summary = [], Summary(self.window or 2)
+            self._reset_extras()
             self._last_seq = None
             self.status.events = []
             self.status.step = 0
@@ -335,6 +376,40 @@ class RunStore:
                 return None
             return self._stats.view()[-1].copy()
 
+    def layer_series(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[steps x stats]`` of one layer (the layer-detail screen's data)."""
+        with self.lock:
+            if self._stats is None or self.schema is None or layer not in self.schema["layers"]:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            i = self.schema["layers"].index(layer)
+            return self._steps.view().copy(), self._stats.view()[:, i, :].copy()
+
+    def latest_params(self) -> tuple[int, np.ndarray] | None:
+        """The step and ``[params x param_stats]`` of the latest report, if any."""
+        with self.lock:
+            if self._params is None or self._params.n == 0:
+                return None
+            return int(self._param_steps.view()[-1]), self._params.view()[-1].copy()
+
+    def param_history(self, stat: str, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[params x last]`` history of one parameter statistic."""
+        with self.lock:
+            pstats = self.schema_extra["param_stats"] if self._params is not None else []
+            if stat not in pstats:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            j = pstats.index(stat)
+            return (self._param_steps.view()[-last:].copy(),
+                    self._params.view()[-last:, :, j].T.copy())
+
+    def latest_histogram(self, layer: str) -> dict[str, Any] | None:
+        """``{step, edges, act, grad}`` of a layer's latest histograms, or None."""
+        with self.lock:
+            if self._hist is None or layer not in self.schema_extra["hist_layers"]:
+                return None
+            h = self.schema_extra["hist_layers"].index(layer)
+            return {"step": self._hist["step"], "edges": self.schema_extra["hist_edges"].copy(),
+                    "act": self._hist["act"][h].copy(), "grad": self._hist["grad"][h].copy()}
+
     def layer_history(self, stat: str, last: int) -> np.ndarray:
         """``[layers x last]`` history of one statistic (fewer columns early in a run)."""
         with self.lock:
@@ -369,33 +444,16 @@ class RunStore:
                     self._with_past(None if past is None else past[:, layer],
                                     self._stats.view()[:, layer]))
 
-    def latest_params(self) -> np.ndarray | None:
-        """``[params x param stats]`` of the last report that carried them."""
+    def param_rows(self) -> int:
+        """How many reports of per-parameter statistics the store holds."""
         with self.lock:
-            if self._params is None or self._params.n == 0:
-                return None
-            v = self._params.view()
-            ok = np.flatnonzero(~np.isnan(v).all(axis=(1, 2)))
-            return v[ok[-1]].copy() if len(ok) else None
-
-    def param_history(self, pstat: str) -> tuple[np.ndarray, np.ndarray]:
-        """Steps and ``[rows x params]`` of one parameter statistic over the run."""
-        with self.lock:
-            names = (self.schema or {}).get("param_stats", [])
-            if self._params is None or pstat not in names:
-                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-            j = names.index(pstat)
-            past = self.summary.get("params")
-            return (self._with_past(self.summary.steps[: self.summary.n], self._steps.view()),
-                    self._with_past(None if past is None or past.shape[1:] !=
-                                    self._params.view().shape[1:] else past[:, :, j],
-                                    self._params.view()[:, :, j]))
+            return self._param_steps.n
 
     def histograms(self, layer: str, which: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Steps and ``[reports x bins]`` of one layer's histograms (``which``: 0 the
         activations, 1 the gradients), oldest first; empty without histograms."""
         with self.lock:
-            names = (self.schema or {}).get("hist_layers", [])
+            names = self.schema_extra["hist_layers"]
             if layer not in names or not self._hists:
                 return np.empty(0, np.int64), np.empty((0, 0), np.float32)
             i = names.index(layer)
@@ -407,7 +465,8 @@ class RunStore:
     def memory_bytes(self) -> int:
         """What the series hold (arrays' allocated sizes), for the benchmark's report."""
         with self.lock:
-            gs = [self._steps, self._stats, self._params, *self._scalars.values()]
+            gs = [self._steps, self._stats, self._params, self._param_steps,
+                  *self._scalars.values()]
             return (sum(g._a.nbytes for g in gs if g is not None) + self.summary.nbytes()
                     + sum(a.nbytes + b.nbytes for _, a, b in self._hists))
 
@@ -419,43 +478,6 @@ class RunStore:
 
     # -- dashboard additions (writer side) ------------------------------------------------
 
-    def _on_schema_extras(self, h: dict[str, Any]) -> None:
-        """The statistics engine's extra schema fields: layer types and blocks, parameters,
-        histogram layers and bins. Absent fields read as empty."""
-        for key in ("layer_types", "blocks", "params", "param_stats", "hist_layers",
-                    "hist_edges"):
-            v = h.get(key)
-            self.schema[key] = list(v) if isinstance(v, list) else []
-        self.schema["hist_every"] = int(h.get("hist_every") or 0)
-        shape = (len(self.schema["params"]), len(self.schema["param_stats"]))
-        if self._params is None or self._params.view().shape[1:] != shape:
-            self._params = None
-            if all(shape):
-                self._params = Growable(shape)
-                self._params.extend(np.full((self._steps.n, *shape), np.nan, np.float32))
-
-    def _on_params(self, msg: wire.Message) -> None:
-        """``[params x param stats]`` of a step: fills that step's row (the stats message
-        of the step comes first)."""
-        if self._params is None:
-            return  # labelled by the schema, which is re-sent every few seconds
-        (block,) = msg.arrays
-        shape = self._params.view().shape[1:]
-        if block.shape != shape:
-            raise ValueError(f"params {block.shape} do not match the schema {shape}")
-        if self._steps.n and int(self._steps.view()[-1]) == int(msg.header["step"]):
-            self._params.view()[-1] = block
-
-    def _on_hist(self, msg: wire.Message) -> None:
-        if self.schema is None:
-            return
-        act, grad = msg.arrays[:2]
-        bins = len(self.schema["hist_edges"]) + 1
-        if act.ndim != 2 or act.shape[1] != bins or grad.ndim != 2:
-            raise ValueError(f"histograms {act.shape} do not have {bins} bins")
-        self._hists.append((int(msg.header.get("step", self.status.step)), act, grad))
-        del self._hists[:-HIST_KEEP]
-
     def _compact(self) -> None:
         """Live stores: move the oldest ``window`` rows into the summary once twice that
         many are held, so memory stays bounded however long the run."""
@@ -465,9 +487,11 @@ class RunStore:
         while self._steps.n >= 2 * w:
             rows = {"stats": self._stats.view()[:w]}
             rows.update({f"s:{k}": g.view()[:w] for k, g in self._scalars.items()})
-            if self._params is not None:
-                rows["params"] = self._params.view()[:w]
             self.summary.add(self._steps.view()[:w], rows)
-            for g in (self._steps, self._stats, self._params, *self._scalars.values()):
+            for g in (self._steps, self._stats, *self._scalars.values()):
                 if g is not None:
                     g.drop_front(w)
+        if self._params is not None and self._param_steps.n >= 2 * w:
+            # Per-parameter statistics keep their recent reports only (no summary).
+            self._params.drop_front(w)
+            self._param_steps.drop_front(w)

@@ -10,13 +10,16 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import events
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.geometry import Size
 from textual.message import Message
+from textual.screen import ModalScreen
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Static
+from textual.widgets import SelectionList, Static
+from textual.widgets.selection_list import Selection
 
 from tui.health import has_band, levels
 from tui.plotting import sparkline
@@ -85,6 +88,16 @@ class StatusBar(Static):
         self.update(t)
 
 
+#: Named column sets of the layers table, cycled with ``p`` (``None``: every statistic).
+COLUMN_PRESETS: dict[str, tuple[str, ...] | None] = {
+    "overview": ("mean", "std", "max_abs", "zero_frac", "dead_frac", "nonfinite", "grad_rms"),
+    "activations": ("mean", "std", "rms", "max_abs", "massive_ratio", "kurtosis"),
+    "sparsity": ("zero_frac", "near_zero_frac", "dead_frac", "dead_frac_window"),
+    "gradients": ("grad_rms", "nonfinite", "max_abs", "rms"),
+    "all": None,
+}
+
+
 class LayerTable(ScrollView, can_focus=True):
     """One row per layer (filtered, sorted as the ``View`` says): the latest statistics,
     coloured by health where a band is known, and a sparkline of the chosen one.
@@ -134,6 +147,27 @@ class LayerTable(ScrollView, can_focus=True):
         self._name_w = 12
         self._style_cache: tuple[Style, Style, Style] | None = None
         self._level_styles: list[Style] = []
+        self.preset = "overview"
+        self.columns_chosen: tuple[str, ...] | None = COLUMN_PRESETS[self.preset]
+        self._cols: list[int] = []  # indices of the shown statistics in the schema
+
+    def shown(self, stats: list[str]) -> list[str]:
+        """The columns to draw: the chosen ones this run has, in the schema's order."""
+        chosen = self.columns_chosen
+        cols = [s for s in stats if chosen is None or s in chosen]
+        return cols or list(stats)
+
+    def use_preset(self, name: str) -> None:
+        self.preset, self.columns_chosen = name, COLUMN_PRESETS[name]
+
+    def next_preset(self) -> str:
+        names = list(COLUMN_PRESETS)
+        i = names.index(self.preset) if self.preset in names else -1
+        self.use_preset(names[(i + 1) % len(names)])
+        return self.preset
+
+    def choose(self, columns: list[str]) -> None:
+        self.preset, self.columns_chosen = "custom", tuple(columns)
 
     @property
     def row_count(self) -> int:
@@ -160,13 +194,14 @@ class LayerTable(ScrollView, can_focus=True):
             self.cursor_row = self._rows.index(current)
         self.cursor_row = min(self.cursor_row, max(len(self._rows) - 1, 0))
         self._stats, self._block = stats, block
+        self._cols = [stats.index(c) for c in self.shown(stats)]
         self._hist = store.layer_history(self.spark_stat, self.SPARK_WIDTH)
         big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
         self._levels = {j: levels(st, block[:, j], big) for j, st in enumerate(stats)
                         if has_band(st)}
         self._name_w = min(max((len(n) for n in layers), default=5) + 1, 40)
         heads = [f"{'layer':<{self._name_w}}"]
-        for st in stats:
+        for st in (stats[j] for j in self._cols):
             arrow = ("▼" if view.descending else "▲") if st == view.sort else ""
             heads.append(f"{(st + arrow)[: self.NUM_W - 1]:>{self.NUM_W}}")
         self._header = "".join(heads) + f"  trend: {self.spark_stat}"
@@ -192,7 +227,7 @@ class LayerTable(ScrollView, can_focus=True):
         i = self._index[r]
         level_style = [base + st for st in self._level_styles]
         segs = [Segment(f"{self._rows[r][-(self._name_w - 1):]:<{self._name_w}}", base)]
-        for j in range(len(self._stats)):
+        for j in self._cols:
             cell = f"{fmt(float(self._block[i, j]))[: self.NUM_W - 1]:>{self.NUM_W}}"
             lv = self._levels.get(j)
             segs.append(Segment(cell, level_style[int(lv[i])] if lv is not None else base))
@@ -237,6 +272,9 @@ class LayerTable(ScrollView, can_focus=True):
         self._scroll_to_cursor()
         self.refresh()
 
+    def move_cursor(self, row: int) -> None:
+        self.action_move(row - self.cursor_row)
+
     def action_page(self, direction: int) -> None:
         self.action_move(direction * max(self.size.height - 2, 1))
 
@@ -248,8 +286,9 @@ class LayerTable(ScrollView, can_focus=True):
         y = event.y
         if y == 0:
             x = event.x + self.scroll_offset.x - self._name_w
-            col = "layer" if x < 0 else (self._stats[x // self.NUM_W]
-                                         if x // self.NUM_W < len(self._stats) else "")
+            k = x // self.NUM_W
+            col = "layer" if x < 0 else (self._stats[self._cols[k]]
+                                         if k < len(self._cols) else "")
             if col:
                 self.post_message(self.SortBy(col))
             return
@@ -259,3 +298,31 @@ class LayerTable(ScrollView, can_focus=True):
                 self.action_choose()
             self.cursor_row = r
             self.refresh()
+
+    def column_names(self) -> list[str]:
+        """Headers as drawn, without the sort mark (for tests and the help)."""
+        return ["layer", *(self._stats[j] for j in self._cols), f"trend: {self.spark_stat}"]
+
+
+class ColumnPicker(ModalScreen[list[str]]):
+    """Tick the statistics the layers table shows; ``esc`` or ``enter`` on Done applies."""
+
+    BINDINGS = [Binding("escape", "done", "apply")]
+    DEFAULT_CSS = """
+    ColumnPicker { align: center middle; }
+    ColumnPicker > SelectionList { width: 48; height: auto; max-height: 80%;
+                                   border: round $accent; background: $panel; }
+    """
+
+    def __init__(self, stats: list[str], shown: list[str]) -> None:
+        super().__init__()
+        self._stats, self._shown = stats, set(shown)
+
+    def compose(self) -> ComposeResult:
+        picker = SelectionList[str](*(Selection(s, s, s in self._shown) for s in self._stats))
+        picker.border_title = "columns (space: toggle, esc: apply)"
+        yield picker
+
+    def action_done(self) -> None:
+        chosen = list(self.query_one(SelectionList).selected)
+        self.dismiss([s for s in self._stats if s in chosen])

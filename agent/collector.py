@@ -1,0 +1,188 @@
+"""What the hooks collect during one report window, on the training thread.
+
+A window is the forwards and backwards between two report boundaries. Every call of a
+measured module appends one row and one sample (see ``agent.stats``) and keeps its
+per-unit maxima; every gradient hook call keeps ||dL/dh|| (and, on histogram reports, a
+sample of dL/dh). ``pack`` concatenates them into a few device tensors for the report's
+one copy and starts a fresh window. Host-side facts (which layer each row belongs to,
+sample sizes, unit counts, the forward order) are Python ints taken from shapes, never
+from values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from agent.config import Config
+from agent.layers import LayerSpec, unit_dim_for
+from agent.stats import ROW_COLS, Needs, activation_row, first_tensor, sample_rows
+
+
+class LayerCollector:
+    """Per-window lists of device rows; the hook bodies append to them."""
+
+    def __init__(self, specs: list[LayerSpec], config: Config) -> None:
+        self.specs, self.config = specs, config
+        self.need = Needs(config.stats)
+        self.hist_rows = {i: h for h, i in enumerate(i for i, s in enumerate(specs) if s.hist)}
+        self.hist_now = False  # set by the monitor: this window's report carries histograms
+        self.device: torch.device | None = None
+        self._grad_fns = [self._grad_hook(i) for i in range(len(specs))]
+        self._scratch: torch.Tensor | None = None
+        self._width = 0  # columns of the unit-maxima matrices
+        self._ring: torch.Tensor | None = None  # [dead_window, layers, width] past maxima
+        self._ring_pos = 0
+        self._units = [0] * len(specs)
+        self._valid: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.samples: list[torch.Tensor] = []
+        self.row_layer: list[int] = []
+        self.order: list[int] = []  # layers in the order of their first call
+        self._seen: set[int] = set()
+        self.umax: list[torch.Tensor | None] = [None] * len(self.specs)
+        self.grad_norms: list[torch.Tensor] = []
+        self.grad_layer: list[int] = []
+        self.grad_elements: list[int] = []
+        self.grad_samples: list[torch.Tensor] = []  # on histogram reports
+        self.grad_sample_layer: list[int] = []
+
+    # -- hook bodies (training thread, report windows only) -------------------------------
+
+    def on_output(self, i: int, out: Any) -> None:
+        """Forward hook body: this call's row; hook the output's gradient if asked."""
+        t = first_tensor(out)
+        if t is None or not t.is_floating_point() or t.numel() == 0:
+            return
+        spec = self.specs[i]
+        if spec.signal and self.need.grad and t.requires_grad and torch.is_grad_enabled():
+            t.register_hook(self._grad_fns[i])
+        if self.device is None:
+            self.device = t.device
+        # Detached, so nothing below is recorded by autograd; and none of these kernels is
+        # one that autocast changes (matmul-like), so no context managers are needed.
+        x = t.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        row, umax, sample = activation_row(
+            x, self.need, self.config, self._zero(x.device), unit_dim_for(spec, x.dim()),
+            self._scratch_for(x))
+        if i not in self._seen:
+            self._seen.add(i)
+            self.order.append(i)
+        self.rows.append(row)
+        self.samples.append(sample)
+        self.row_layer.append(i)
+        if umax is not None:
+            prev = self.umax[i]
+            self.umax[i] = umax if prev is None or prev.shape != umax.shape \
+                else torch.maximum(prev, umax)
+
+    def _grad_hook(self, i: int):
+        def hook(g: torch.Tensor) -> None:
+            self.on_grad(i, g)
+        return hook
+
+    def on_grad(self, i: int, g: torch.Tensor) -> None:
+        """Tensor hook body on a layer's output: ||dL/dh|| over a row sample (the same rule
+        as for activations) and, on histogram reports, the sample itself."""
+        sample = sample_rows(g.detach(), self.config.sample)
+        self.grad_norms.append(torch.linalg.vector_norm(sample, dtype=torch.float32))
+        self.grad_layer.append(i)
+        self.grad_elements.append(sample.numel())
+        if self.hist_now and i in self.hist_rows:
+            owned = sample.numel() < g.numel() and sample.dtype == torch.float32
+            self.grad_samples.append(sample if owned else sample.float().clone())
+            self.grad_sample_layer.append(i)
+
+    def _zero(self, device: torch.device) -> torch.Tensor:
+        z = getattr(self, "_zero_t", None)
+        if z is None or z.device != device:
+            z = self._zero_t = torch.zeros((), device=device)
+        return z
+
+    def _scratch_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A reusable CPU buffer for the one full-size temporary (see ``activation_row``)."""
+        if x.device.type != "cpu":
+            return None
+        if self._scratch is None or self._scratch.numel() < x.numel():
+            self._scratch = torch.empty(x.numel())
+        return self._scratch
+
+    # -- report ---------------------------------------------------------------------------
+
+    def pack(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This window's device tensors and host facts; then a fresh window starts."""
+        dev = self.device or device
+        parts: dict[str, torch.Tensor] = {
+            "rows": _stack(self.rows, dev, (0, len(ROW_COLS))),
+            "samples": _cat(self.samples, dev),
+            "grad_norms": _stack(self.grad_norms, dev, (0,)),
+        }
+        units = [u.numel() if u is not None else 0 for u in self.umax]
+        if self.need.units and any(units):
+            parts["dead"], parts["dead_window"] = self._dead_counts(dev, units)
+        meta: dict[str, Any] = {
+            "layers": len(self.specs), "row_layer": self.row_layer, "order": self.order,
+            "sample_sizes": [t.numel() for t in self.samples], "units": units,
+            "grad_layer": self.grad_layer, "grad_elements": self.grad_elements,
+            "hist": self.hist_now}
+        if self.hist_now:
+            parts["grad_samples"] = _cat(self.grad_samples, dev)
+            meta["grad_sample_layer"] = self.grad_sample_layer
+            meta["grad_sample_sizes"] = [t.numel() for t in self.grad_samples]
+        self._new_window()
+        return parts, meta
+
+    def _dead_counts(self, dev: torch.device, units: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Units never positive in this window, and over the last ``dead_window`` windows.
+
+        The per-unit maxima of all layers go into one NaN-padded matrix (NaN <= 0 is
+        false, so padding never counts); a ring of the last windows' matrices gives the
+        running max. A layer whose unit count changed restarts its window.
+        """
+        nan = float("nan")
+        width = max(max(units), self._width)
+        cur = torch.nn.utils.rnn.pad_sequence(
+            [u.to(dev) if u is not None else torch.zeros(0, device=dev) for u in self.umax],
+            batch_first=True, padding_value=nan)
+        if cur.shape[1] < width:
+            cur = torch.nn.functional.pad(cur, (0, width - cur.shape[1]), value=nan)
+        if self._ring is None or self._ring.device != dev or width > self._width:
+            ring = torch.full((self.config.dead_window, len(self.specs), width), nan,
+                              device=dev)
+            if self._ring is not None and self._ring.device == dev:
+                ring[:, :, : self._width] = self._ring
+            self._ring, self._width = ring, width
+        for i, u in enumerate(units):
+            if u and u != self._units[i]:
+                self._ring[:, i].fill_(nan)
+                self._units[i] = u
+        self._ring[self._ring_pos % self.config.dead_window].copy_(cur)
+        self._ring_pos += 1
+        window = self._ring.nan_to_num(nan=float("-inf")).amax(0)
+        return (cur <= 0).sum(1), ((window <= 0) & self._valid_mask(dev, units, width)).sum(1)
+
+    def _valid_mask(self, dev: torch.device, units: list[int], width: int) -> torch.Tensor:
+        """``[layers x width]``: which columns are units this window (cached by layout)."""
+        key = (*units, width)
+        if self._valid is None or self._valid[0] != key or self._valid[1].device != dev:
+            mask = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones(u, dtype=torch.bool, device=dev) for u in units],
+                batch_first=True, padding_value=False)
+            mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=False)
+            self._valid = (key, mask)
+        return self._valid[1]
+
+
+def _stack(ts: list[torch.Tensor], dev: torch.device, empty: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([t.to(dev) for t in ts]) if ts else torch.zeros(empty, device=dev)
+
+
+def _cat(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+    return torch.cat([t.to(dev) for t in ts]) if ts else torch.zeros(0, device=dev)

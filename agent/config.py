@@ -1,0 +1,134 @@
+"""What the agent measures and how often: one plain-data object with sane defaults.
+
+Imports no torch, so the UI and the control path can read and validate it. Every field is
+plain data (numbers, strings, tuples, a dict), so a later control command can send a
+change as a map and the agent can apply it at a step boundary (``Config.replace``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Per-layer statistics, in column order. The same names are used on the wire, in session
+#: files, in the CLI and as the UI's column headers.
+LAYER_STATS: tuple[str, ...] = (
+    "mean", "std", "rms", "max_abs", "massive_ratio", "kurtosis",
+    "zero_frac", "near_zero_frac", "dead_frac", "dead_frac_window", "nonfinite", "grad_rms",
+)
+
+#: Per-parameter statistics (one row per parameter tensor the optimizer updates).
+PARAM_STATS: tuple[str, ...] = (
+    "grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "nlm_cos",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the field."""
+
+
+@dataclass
+class Config:
+    """Defaults keep the agent under 3 % of a training step (see benchmarks/overhead.py)."""
+
+    #: Statistics are computed on every N-th step only; the hooks return at once otherwise.
+    report_every: int = 10
+    #: Leaf modules to measure: globs over the ``named_modules()`` path ("*" = every leaf).
+    layers: tuple[str, ...] = ("*",)
+    #: Keep only leaves whose class (or a base class) has one of these names; empty = any.
+    layer_types: tuple[str, ...] = ()
+    #: Leaves to skip (globs over the path).
+    exclude: tuple[str, ...] = ()
+    #: Residual-stream blocks, measured on their output: ``None`` finds them (the children
+    #: of a ModuleList/Sequential that are all non-leaf modules of one class); globs pick
+    #: them; an empty tuple measures none.
+    blocks: tuple[str, ...] | None = None
+    #: Layers whose output gradient RMS (the backprop signal) is measured by a tensor
+    #: hook: ``None`` = the blocks, or every measured layer when the model has no blocks.
+    signal_layers: tuple[str, ...] | None = None
+    #: Which columns of ``LAYER_STATS`` to compute and send.
+    stats: tuple[str, ...] = LAYER_STATS
+    #: ``near_zero_frac`` counts |a| < eps.
+    eps: float = 1e-3
+    #: mean, std, rms, kurtosis, zero and near-zero fractions and the median |a| of
+    #: ``massive_ratio`` come from at most this many elements of each activation: every
+    #: r-th row (last dimension), r coprime with the second-to-last dimension. Activations
+    #: this small or smaller are used whole. Also the row sample of each parameter for
+    #: ``update_ratio`` and ``nlm_cos``.
+    sample: int = 8192
+    #: ``dead_frac_window``: units never positive over this many reports.
+    dead_window: int = 10
+    #: Histograms every K reports (0: never), of these layers' activations and gradients.
+    hist_every: int = 10
+    hist_layers: tuple[str, ...] = ("*",)
+    #: A histogram counts at most this many values of the layer's sample (every s-th).
+    hist_sample: int = 2048
+    #: Symmetric log-spaced bins, one per octave: magnitudes 2**lo .. 2**hi, plus a zero
+    #: bin (|a| < 2**lo) and two overflow bins (see ``agent.histograms``).
+    hist_exponents: tuple[int, int] = (-24, 16)
+    #: Per-parameter statistics (``PARAM_STATS``); the update ratio keeps one copy of the
+    #: parameters on the device, taken just before the optimizer step of a report.
+    param_stats: bool = True
+    #: Which dimension holds the units (features/channels) for dead-unit counting, by
+    #: layer glob; others: dim 1 for 4-D/5-D outputs and for 3-D outputs of conv, pooling
+    #: and batch/instance-norm modules (channels first), the last dimension otherwise.
+    unit_dim: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "layer_types", "exclude", "stats", "hist_layers"):
+            setattr(self, name, _strings(name, getattr(self, name)))
+        for name in ("blocks", "signal_layers"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, _strings(name, v))
+        unknown = [s for s in self.stats if s not in LAYER_STATS]
+        if unknown:
+            raise ConfigError(f"stats: unknown {unknown}; known: {', '.join(LAYER_STATS)}")
+        self.stats = tuple(s for s in LAYER_STATS if s in self.stats)  # canonical order
+        _int_at_least("report_every", self.report_every, 1)
+        _int_at_least("dead_window", self.dead_window, 1)
+        _int_at_least("hist_every", self.hist_every, 0)
+        for name in ("sample", "hist_sample"):
+            _int_at_least(name, getattr(self, name), 16)
+        if not (isinstance(self.eps, (int, float)) and self.eps >= 0):
+            raise ConfigError(f"eps must be a number >= 0, got {self.eps!r}")
+        lo_hi = tuple(self.hist_exponents)
+        if (len(lo_hi) != 2 or not all(isinstance(v, int) for v in lo_hi)
+                or not -126 <= lo_hi[0] < lo_hi[1] <= 127):
+            raise ConfigError(f"hist_exponents must be two integers -126 <= lo < hi <= 127,"
+                              f" got {lo_hi!r}")
+        self.hist_exponents = lo_hi
+        if not isinstance(self.unit_dim, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) for k, v in self.unit_dim.items()):
+            raise ConfigError(f"unit_dim must map layer globs to ints, got {self.unit_dim!r}")
+
+    def replace(self, **changes: Any) -> Config:
+        """A validated copy with ``changes``; unknown names are refused."""
+        known = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(changes) - known)
+        if bad:
+            raise ConfigError(f"unknown option(s) {bad}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the schema message (lists, not tuples, as msgpack sends them)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def _strings(name: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = (v,)
+    try:
+        out = tuple(v)
+    except TypeError:
+        raise ConfigError(f"{name} must be a string or a list of strings, got {v!r}") from None
+    if not all(isinstance(s, str) for s in out):
+        raise ConfigError(f"{name} must hold strings only, got {v!r}")
+    return out
+
+
+def _int_at_least(name: str, v: Any, lo: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")

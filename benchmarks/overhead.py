@@ -1,0 +1,198 @@
+"""Training-step overhead of the agent: with and without it, interleaved in fresh processes.
+
+    python benchmarks/overhead.py                 # CPU (and CUDA when there is one)
+    python benchmarks/overhead.py --reps 6        # more processes per mode, less noise
+
+Two models: a GPT-style transformer (4 pre-LN blocks, width 256, 4 heads, 128 tokens,
+batch 8) and a ReLU MLP (6 hidden layers of 1024, batch 256), each trained with AdamW.
+Three modes, each in its own fresh process, run in rotated order rep after rep
+(off, default, all / default, all, off / ...): ``off`` is the bare loop, ``default`` is
+``agent.watch(model, opt)`` with the default settings, ``all`` computes every statistic on
+every step (report_every=1, histograms of every layer on every report, the backprop signal
+on every layer, parameter statistics). Each process warms up, then times chunks of 10
+steps, so that every chunk holds exactly one report step of the default mode; a step's
+time is its chunk's time / 10, and the figure per mode is the median over all chunks of
+all its processes. The last line is ``overhead_default=R1 overhead_all=R2``: the largest
+ratio over the models (and devices) measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("off", "default", "all")
+CHUNK = 10
+
+
+def build(model_name: str, device: str):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self, d: int, heads: int) -> None:
+            super().__init__()
+            self.heads = heads
+            self.qkv = nn.Linear(d, 3 * d)
+            self.proj = nn.Linear(d, d)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(
+                2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+    class Block(nn.Module):
+        def __init__(self, d: int, heads: int) -> None:
+            super().__init__()
+            self.ln1, self.attn = nn.LayerNorm(d), Attention(d, heads)
+            self.ln2 = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+
+    class GPT(nn.Module):
+        def __init__(self, vocab=1024, d=256, heads=4, depth=4, ctx=128) -> None:
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+            self.blocks = nn.ModuleList([Block(d, heads) for _ in range(depth)])
+            self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+        def forward(self, idx):
+            x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+            for b in self.blocks:
+                x = b(x)
+            return self.head(self.ln(x))
+
+    torch.manual_seed(0)
+    if model_name == "transformer":
+        model = GPT().to(device)
+        x = torch.randint(0, 1024, (8, 128), device=device)
+
+        def loss_fn(m):
+            return F.cross_entropy(m(x).flatten(0, 1), x.flatten())
+    else:
+        layers: list[nn.Module] = [nn.Linear(512, 1024), nn.ReLU()]
+        for _ in range(5):
+            layers += [nn.Linear(1024, 1024), nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Linear(1024, 10)).to(device)
+        x = torch.randn(256, 512, device=device)
+        y = torch.randint(0, 10, (256,), device=device)
+
+        def loss_fn(m):
+            return F.cross_entropy(m(x), y)
+    return model, loss_fn
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, loss_fn = build(args.model, args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    mon = None
+    if args.mode != "off":
+        import agent
+
+        opts = {} if args.mode == "default" else dict(
+            report_every=1, hist_every=1, signal_layers=("*",), hist_layers=("*",))
+        mon = agent.watch(model, opt, name=f"bench-{args.model}", **opts)
+
+    def sync() -> None:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    def step() -> None:
+        loss = loss_fn(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if mon is not None:
+            mon.observe(loss=loss)
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    wall, cpu = [], []
+    for _ in range(args.chunks):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(CHUNK):
+            step()
+        sync()
+        wall.append((time.perf_counter() - t0) / CHUNK)
+        cpu.append((time.process_time() - c0) / CHUNK)
+    if mon is not None:
+        mon.close()
+    print(json.dumps({"wall": wall, "cpu": cpu}))
+
+
+def run_child(model: str, mode: str, device: str, args: argparse.Namespace
+              ) -> dict[str, list[float]]:
+    cmd = [sys.executable, __file__, "--child", "--model", model, "--mode", mode,
+           "--device", device, "--warmup", str(args.warmup), "--chunks", str(args.chunks),
+           "--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        sys.exit(f"benchmark child failed ({model} {mode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(model: str, device: str, args: argparse.Namespace) -> dict[str, float]:
+    times = {k: {m: [] for m in MODES} for k in ("wall", "cpu")}
+    for rep in range(args.reps):
+        order = MODES[rep % 3:] + MODES[: rep % 3]
+        for mode in order:
+            got = run_child(model, mode, device, args)
+            for k in times:
+                times[k][mode] += got[k]
+    for k, what in (("cpu", "process CPU time per step (less sensitive to a busy machine)"),
+                    ("wall", "median step")):
+        med = {m: statistics.median(v) for m, v in times[k].items()}
+        print(f"{device} {model}: {what}: off {med['off'] * 1e3:.1f} ms  "
+              f"default {med['default'] * 1e3:.1f} ms ({med['default'] / med['off']:.3f})  "
+              f"all {med['all'] * 1e3:.1f} ms ({med['all'] / med['off']:.3f})", flush=True)
+    print(f"  [{args.reps} processes x {args.chunks} chunks of {CHUNK} steps per mode]")
+    return {m: med[m] / med["off"] for m in ("default", "all")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=4, help="processes per mode and model")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per process")
+    p.add_argument("--chunks", type=int, default=4, help="timed chunks of 10 steps")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--models", default="transformer,mlp")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    devices = [args.device]
+    if args.device == "auto":
+        import torch
+
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    ratios = [measure(m, d, args) for d in devices for m in args.models.split(",")]
+    print(f"overhead_default={max(r['default'] for r in ratios):.3f} "
+          f"overhead_all={max(r['all'] for r in ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()

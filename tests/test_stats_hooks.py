@@ -1,0 +1,267 @@
+"""The hooks in the awkward cases a real model brings, each checked against NumPy on the
+tensors the model produced: tuple and dict outputs, in-place ReLU, a module called
+several times per forward, gradient accumulation, bf16 autocast, torch.compile, and (on
+CUDA) no host-device sync. Training runs in this process; the statistics are read from the
+agent's real telemetry socket."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+import zmq
+from torch import nn
+
+import agent
+from agent import wire
+from agent.config import Config
+from agent.stats import first_tensor
+from tests import numpy_reference as ref
+
+
+class Telemetry:
+    """A SUB socket on a monitor's telemetry, ready once the first schema came through."""
+
+    def __init__(self, mon: agent.Monitor) -> None:
+        self.sub = zmq.Context.instance().socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.subscribe(b"")
+        self.sub.connect(mon.connection.telemetry)
+        self.msgs: list[wire.Message] = []
+        deadline = time.monotonic() + 10
+        while not any(m.kind == wire.SCHEMA for m in self.msgs):
+            assert time.monotonic() < deadline, "no schema from the agent"
+            self._read(50)
+
+    def _read(self, ms: int) -> None:
+        if self.sub.poll(ms):
+            self.msgs.append(wire.decode(self.sub.recv_multipart()))
+
+    def stats(self, step: int) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Schema, block and scalars of the report of ``step``."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = [m for m in self.msgs if m.kind == wire.STATS and m.header["step"] == step]
+            if found:
+                schema = [m for m in self.msgs if m.kind == wire.SCHEMA][-1].header
+                return schema, *found[0].arrays
+            assert time.monotonic() < deadline, f"no report of step {step}"
+            self._read(50)
+
+    def close(self) -> None:
+        self.sub.close()
+
+
+class Capture:
+    """What each named module output (every call) and the gradient at each output."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outs: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.grads: dict[str, list[np.ndarray]] = defaultdict(list)
+        mods = dict(model.named_modules())
+        for n in names:
+            mods[n].register_forward_hook(lambda m, i, o, n=n: self._out(n, o))
+
+    @torch.compiler.disable  # a test probe: it reads values, so it stays out of graphs
+    def _out(self, name: str, out) -> None:
+        t = first_tensor(out)
+        self.outs[name].append(t.detach().float().numpy().copy())
+        if t.requires_grad:
+            t.register_hook(lambda g: self.grads[name].append(g.float().numpy().copy()))
+
+
+def expected_row(cap: Capture, name: str, stats: list[str], cfg: Config) -> list[float]:
+    """NumPy statistics over every call of ``name`` in the report (rows stacked)."""
+    a = np.concatenate([o.reshape(-1, o.shape[-1]) for o in cap.outs[name]])
+    g = np.concatenate([x.reshape(-1, x.shape[-1]) for x in cap.grads[name]]) \
+        if cap.grads[name] else None
+    r = ref.layer_stats(a, g, sample=cfg.sample, eps=cfg.eps,
+                        units_max_window=a.max(axis=0))
+    return [r[s] for s in stats]
+
+
+def check(mon: agent.Monitor, tel: Telemetry, cap: Capture, names: list[str],
+          rtol: float = 1e-4) -> np.ndarray:
+    schema, block, _ = tel.stats(mon.step)
+    rows = [schema["layers"].index(n) for n in names]
+    expected = np.array([expected_row(cap, n, schema["stats"], mon.config) for n in names])
+    np.testing.assert_allclose(block[rows], expected, rtol=rtol, atol=1e-6)
+    return block[rows]
+
+
+def train_step(model, opt, mon, x, y, micro: int = 1) -> None:
+    opt.zero_grad()
+    for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+        loss = nn.functional.cross_entropy(model(xs), ys) / micro
+        loss.backward()
+    mon.observe(loss=loss)
+    opt.step()
+
+
+def data(n: int = 32, d: int = 8, classes: int = 3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+class TupleOut(nn.Module):
+    """A leaf (no child modules) returning a tuple, like an RNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.5)
+
+    def forward(self, x):
+        return x @ self.w, "not a tensor"
+
+
+class DictOut(nn.Module):
+    def forward(self, x):
+        return {"note": None, "h": torch.tanh(x) - 0.1}
+
+
+class Shared(nn.Module):
+    """One Linear applied three times per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = torch.relu(self.lin(x))
+        return self.head(x)
+
+
+class Unpack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t, self.d, self.head = TupleOut(), DictOut(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.d(self.t(x)[0])["h"])
+
+
+def test_tuple_and_dict_outputs():
+    torch.manual_seed(0)
+    model = Unpack()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cap = Capture(model, ["t", "d"])
+    with agent.watch(model, opt, report_every=1, signal_layers=["*"]) as mon:
+        tel = Telemetry(mon)
+        train_step(model, opt, mon, *data())
+        check(mon, tel, cap, ["t", "d"])
+        tel.close()
+
+
+def test_inplace_relu_keeps_the_layer_before_it_intact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cap = Capture(model, ["0", "1"])
+    with agent.watch(model, opt, report_every=1) as mon:
+        tel = Telemetry(mon)
+        train_step(model, opt, mon, *data())
+        got = check(mon, tel, cap, ["0", "1"])
+        tel.close()
+    stats = list(mon.config.stats)
+    assert got[0, stats.index("mean")] < got[1, stats.index("mean")]  # before ReLU: negatives
+    assert got[0, stats.index("zero_frac")] == 0 and got[1, stats.index("zero_frac")] > 0.2
+
+
+def test_module_called_several_times_pools_every_call():
+    torch.manual_seed(0)
+    model = Shared()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cap = Capture(model, ["lin"])
+    with agent.watch(model, opt, report_every=1) as mon:
+        tel = Telemetry(mon)
+        train_step(model, opt, mon, *data())
+        assert len(cap.outs["lin"]) == 3 and len(cap.grads["lin"]) == 3
+        check(mon, tel, cap, ["lin"])
+        tel.close()
+
+
+def test_gradient_accumulation_pools_the_micro_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cap = Capture(model, ["0", "1", "2"])
+    with agent.watch(model, opt, report_every=1) as mon:
+        tel = Telemetry(mon)
+        x, y = data(64)
+        train_step(model, opt, mon, x, y, micro=4)
+        assert len(cap.outs["0"]) == 4 and len(cap.grads["2"]) == 4
+        check(mon, tel, cap, ["0", "1", "2"])
+        schema, _, scalars = tel.stats(mon.step)
+        # The accumulated gradient is what the optimizer used: its norm is reported.
+        g = np.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
+        assert scalars[schema["scalars"].index("grad_norm")] == pytest.approx(g, rel=1e-5)
+        train_step(model, opt, mon, x, y, micro=4)
+        schema, _, scalars = tel.stats(mon.step)
+        sc = dict(zip(schema["scalars"], scalars.tolist(), strict=True))
+        assert sc["samples_per_s"] == pytest.approx(64 * sc["steps_per_s"], rel=1e-4)
+        tel.close()
+
+
+def test_bf16_autocast_on_cpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cap = Capture(model, ["0", "1", "2"])
+    with agent.watch(model, opt, report_every=1) as mon:
+        tel = Telemetry(mon)
+        x, y = data()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        loss = nn.functional.cross_entropy(out.float(), y)
+        opt.zero_grad()
+        loss.backward()
+        mon.observe(loss=loss)
+        opt.step()
+        check(mon, tel, cap, ["0", "1", "2"], rtol=1e-3)
+        tel.close()
+
+
+def test_hooks_registered_before_torch_compile():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cap = Capture(model, ["0", "1", "2"])
+    with agent.watch(model, opt, report_every=2) as mon:
+        compiled = torch.compile(model)
+        tel = Telemetry(mon)
+        x, y = data()
+        for _ in range(3):  # report steps 1 and 3; step 2 runs the hook-free graph
+            for v in (cap.outs, cap.grads):
+                v.clear()
+            train_step(compiled, opt, mon, x, y)
+        check(mon, tel, cap, ["0", "1", "2"])
+        tel.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_device_sync_on_cuda():
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.GELU(),
+                          nn.Linear(256, 10)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(512, 64, device=dev)
+    y = torch.randint(0, 10, (512,), device=dev)
+    with agent.watch(model, opt, report_every=1, hist_every=1, signal_layers=["*"]) as mon:
+        tel = Telemetry(mon)
+        train_step(model, opt, mon, x, y)  # first report: allocations, warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                train_step(model, opt, mon, x, y, micro=2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        schema, block, _ = tel.stats(mon.step)
+        assert np.isfinite(block[:, schema["stats"].index("max_abs")]).all()
+        tel.close()

@@ -1,0 +1,109 @@
+"""The statistics in the UI: the store's new series, the layers table's columns and the
+layer-detail screen, driven with Pilot against a real training process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from agent import wire
+from tests.conftest import SCRIPTS
+from tui.app import NeurotopApp
+from tui.client import LiveClient
+from tui.dashboard import Panel, Plot
+from tui.store import RunStore
+from tui.targets import resolve
+from tui.widgets import COLUMN_PRESETS, ColumnPicker, LayerTable
+
+STATS = ["mean", "std", "max_abs", "grad_rms"]
+
+
+def message(header: dict, arrays: list[np.ndarray]) -> wire.Message:
+    """Through the real encoder and decoder, as the client would get it."""
+    return wire.decode(wire.encode(header, arrays))
+
+
+def fed_store() -> RunStore:
+    store = RunStore()
+    edges = [-4.0, -2.0, -1.0, 1.0, 2.0, 4.0]
+    store.ingest(message({"kind": "schema", "layers": ["a", "b"], "stats": STATS,
+                          "scalars": ["loss"], "params": ["a.weight"],
+                          "param_stats": ["grad_norm", "weight_norm"], "hist_layers": ["b"],
+                          "hist_edges": edges, "layer_types": ["Linear", "ReLU"]}, []))
+    for step in (1, 2, 3):
+        block = np.arange(8, dtype=np.float32).reshape(2, 4) + step
+        store.ingest(message({"kind": "stats", "step": step}, [block, np.ones(1, np.float32)]))
+        store.ingest(message({"kind": "params", "step": step},
+                             [np.full((1, 2), step, np.float32)]))
+    store.ingest(message({"kind": "hist", "step": 3},
+                         [np.arange(7, dtype=np.float32)[None], np.ones((1, 7), np.float32)]))
+    return store
+
+
+def test_store_keeps_layer_series_params_and_histograms():
+    store = fed_store()
+    steps, series = store.layer_series("b")
+    assert steps.tolist() == [1, 2, 3] and series[:, 0].tolist() == [5.0, 6.0, 7.0]
+    assert store.latest_params()[0] == 3
+    psteps, hist = store.param_history("weight_norm", 10)
+    assert psteps.tolist() == [1, 2, 3] and hist.tolist() == [[1.0, 2.0, 3.0]]
+    h = store.latest_histogram("b")
+    assert h["step"] == 3 and h["act"].tolist() == list(range(7)) and len(h["edges"]) == 6
+    assert store.latest_histogram("a") is None  # not a histogram layer
+    bad = store.status.bad_messages
+    store.ingest(message({"kind": "params", "step": 4}, [np.zeros((3, 2), np.float32)]))
+    store.ingest(message({"kind": "hist", "step": 4}, [np.zeros((1, 5), np.float32)] * 2))
+    assert store.status.bad_messages == bad + 2 and "match the schema" in store.status.last_error
+
+
+async def until(pilot, pred, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_columns_and_layer_detail(start_run):
+    cfg = {"report_every": 1, "hist_every": 1, "signal_layers": ["*"]}
+    run = start_run("--step-sleep", "0.02", "--massive", "--config", json.dumps(cfg),
+                    script=SCRIPTS / "stats_loop.py")
+    client = LiveClient(resolve(run.info.run_id)).start()
+    app = NeurotopApp(client)
+    try:
+        async with app.run_test(size=(160, 50)) as pilot:
+            await pilot.press("2")  # the layers screen (the overview is the first)
+            table = app.query_one(LayerTable)
+            await until(pilot, lambda: table.row_count == 5, what="layer rows")
+            assert table.column_names()[1:-1] == list(COLUMN_PRESETS["overview"])
+
+            await pilot.press("p")  # next preset: the activation statistics
+            await until(pilot, lambda: table.column_names()[1:-1]
+                        == list(COLUMN_PRESETS["activations"]), what="preset columns")
+
+            await pilot.press("o")  # pick columns: untick the first, mean
+            await until(pilot, lambda: isinstance(app.screen, ColumnPicker), what="picker")
+            await pilot.press("space", "escape")
+            await until(pilot, lambda: table.column_names()[1:-1]
+                        == ["std", "rms", "max_abs", "massive_ratio", "kurtosis"],
+                        what="picked columns")
+
+            table.focus()
+            table.move_cursor(row=2)  # layer "2", with the planted massive activation
+            await pilot.press("enter")
+            await until(pilot, lambda: app.screen_name == "detail", what="detail")
+            assert app.view.layer == "2"
+            stats = client.store.schema["stats"]
+            plots = [app.query_one(f"#dt-plot-{j}", Plot) for j in range(len(stats))]
+            await until(pilot, lambda: [p.text.split()[0] for p in plots] == stats,
+                        what="every statistic plotted")
+            hist = app.query_one("#hist-now", Panel)
+            await until(pilot, lambda: "activations, step" in hist.text, what="histogram")
+            assert "gradients dL/dh, step" in app.query_one("#hist-grad", Panel).text
+            await pilot.press("escape")
+            await until(pilot, lambda: app.screen_name == "layers", what="back to the table")
+    finally:
+        client.close()
