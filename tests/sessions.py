@@ -85,3 +85,62 @@ def write_run(path: Path, steps: int, *, layers: int = 3, seed: int = 0,
     if close:
         b.close()
     return b
+
+
+DASH_STATS = ["mean", "std", "max_abs", "massive_ratio", "dead_frac", "nonfinite"]
+DASH_PARAM_STATS = ["grad_norm", "grad_max_abs", "weight_norm", "update_ratio"]
+
+
+def write_dashboard_run(path: Path, steps: int, *, layers: int = 8,
+                        hist_every: int = 10) -> SessionBuilder:
+    """A run as the statistics engine reports it, with something for every screen to show:
+    one layer dying (its dead fraction climbing to 1), one layer with a massive activation,
+    a NaN late on, per-parameter statistics with one update ratio far too large, and
+    histograms every ``hist_every`` steps. Deterministic (seeded, fixed times)."""
+    rng = np.random.default_rng(7)
+    b = SessionBuilder(path)
+    names = layer_names(layers)
+    params = [f"{n}.weight" for n in names[: min(layers, 6)]]
+    edges = (10.0 ** np.arange(-3, 2)).tolist()
+    edges = [-e for e in edges[::-1]] + edges
+    scalars = ["loss", "grad_norm", "lr", "steps_per_s"]
+    dying, massive = layers // 2, 1
+    for s in range(1, steps + 1):
+        t = b.t0 + s / 20
+        if s == 1 or s % 50 == 0:
+            b.put({"kind": "schema", "schema_id": 1, "run_name": "dashboard",
+                   "layers": names, "layer_types": ["Linear"] * layers, "blocks": [],
+                   "stats": DASH_STATS, "scalars": scalars, "params": params,
+                   "param_stats": DASH_PARAM_STATS, "hist_layers": names[:2],
+                   "hist_edges": edges, "hist_every": hist_every}, t=t)
+        frac = s / steps
+        block = np.abs(rng.normal(0.5, 0.1, (layers, len(DASH_STATS)))).astype(np.float32)
+        block[:, 4] = 0.05 + 0.02 * rng.random(layers)
+        block[dying, 4] = min(1.0, 0.05 + 1.2 * frac)
+        block[:, 5] = 0
+        block[massive, 2], block[massive, 3] = 150.0, 2000.0 * frac
+        if s == steps - 3:
+            block[layers - 1, 5] = 4
+        vec = np.array([2.5 * np.exp(-3 * frac) + 0.05 * rng.random(), 1 + rng.random(),
+                        1e-3 * (1 - 0.5 * frac), 20.0], np.float32)
+        p = np.abs(rng.normal(1.0, 0.2, (len(params), len(DASH_PARAM_STATS)))).astype(
+            np.float32)
+        p[:, 3] = 1e-3 * (0.5 + rng.random(len(params)))
+        p[0, 3] = 0.05
+        b.put({"kind": "stats", "step": s, "wall": t, "schema_id": 1, "dropped": 0},
+              (block, vec), t=t)
+        b.put({"kind": "params", "step": s, "schema_id": 1}, (p,), t=t)
+        if hist_every and s % hist_every == 0:
+            centre = 5 + int(3 * frac)
+            hist = np.zeros((2, len(edges) + 1), np.float32)
+            hist[:, centre - 1: centre + 2] = [[10, 40, 10], [5, 30 + s % 7, 20]]
+            b.put({"kind": "hist", "step": s, "schema_id": 1}, (hist, hist * 2), t=t)
+        if s % 5 == 0:
+            b.put({"kind": "heartbeat", "step": s, "state": "running", "paused_at": None,
+                   "steps_per_s": 20.0, "dropped": 0, "rec_dropped": 0, "control": ""},
+                  t=t)
+        if s == steps // 2:
+            b.put({"kind": "event", "event": "alert", "alert": "dead_units",
+                   "layer": names[dying], "step": s}, t=t)
+    b.close()
+    return b

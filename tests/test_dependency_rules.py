@@ -7,8 +7,8 @@ import sys
 
 TUI_MODULES = ["tui.cli", "tui.app", "tui.client", "tui.store", "tui.widgets", "tui.targets",
                "tui.plotting", "tui.remote", "tui.children", "tui.control_panel", "tui.replay",
-               "tui.replay_app", "tui.sessionload", "tui.backfill", "tui.export",
-               "tui.layer_detail"]
+               "tui.replay_app", "tui.sessionload", "tui.backfill", "tui.export", "tui.dashboard",
+               "tui.health", "tui.history", "tui.view"]
 
 
 def run_py(code: str) -> str:

@@ -27,7 +27,8 @@ async def test_timeline_play_seek_scrub_jump_and_no_control(tmp_path):
             assert "REPLAY" in status_text(app) and "read-only" in status_text(app)
             assert "◆ 8 commands" in timeline_text(app) and "▲ 4 alerts" in timeline_text(app)
             assert "rec-dropped: 8" in status_text(app)  # from the recorded heartbeats
-            assert app.query_one(LayerTable).row_count == 3
+            await pilot.press("2")  # the layers screen (overview is the first)
+            await until(pilot, lambda: app.query_one(LayerTable).row_count == 3, what="rows")
 
             def at(step: int) -> bool:
                 return (f"step {step:,} / 400" in timeline_text(app)

@@ -12,7 +12,7 @@ from agent import wire
 from tests.conftest import SCRIPTS
 from tui.app import NeurotopApp
 from tui.client import LiveClient
-from tui.layer_detail import HistogramPlot, LayerDetailScreen
+from tui.dashboard import Panel, Plot
 from tui.store import RunStore
 from tui.targets import resolve
 from tui.widgets import COLUMN_PRESETS, ColumnPicker, LayerTable
@@ -75,6 +75,7 @@ async def test_columns_and_layer_detail(start_run):
     app = NeurotopApp(client)
     try:
         async with app.run_test(size=(160, 50)) as pilot:
+            await pilot.press("2")  # the layers screen (the overview is the first)
             table = app.query_one(LayerTable)
             await until(pilot, lambda: table.row_count == 5, what="layer rows")
             assert table.column_names()[1:-1] == list(COLUMN_PRESETS["overview"])
@@ -93,18 +94,16 @@ async def test_columns_and_layer_detail(start_run):
             table.focus()
             table.move_cursor(row=2)  # layer "2", with the planted massive activation
             await pilot.press("enter")
-            await until(pilot, lambda: isinstance(app.screen, LayerDetailScreen), what="detail")
-            detail = app.screen
-            assert detail.layer_name == "2"
-            assert detail.plotted() == client.store.schema["stats"]  # every statistic
-            plot = detail.query_one("#plot-massive_ratio")
-            await until(pilot, lambda: "massive_ratio = " in str(plot.render()), what="plot")
-            hist = detail.query_one("#hist-act", HistogramPlot)
-            await until(pilot, lambda: "activations, step" in str(hist.render()),
-                        what="histogram")
-            assert "gradients dL/dh, step" in str(detail.query_one("#hist-grad").render())
+            await until(pilot, lambda: app.screen_name == "detail", what="detail")
+            assert app.view.layer == "2"
+            stats = client.store.schema["stats"]
+            plots = [app.query_one(f"#dt-plot-{j}", Plot) for j in range(len(stats))]
+            await until(pilot, lambda: [p.text.split()[0] for p in plots] == stats,
+                        what="every statistic plotted")
+            hist = app.query_one("#hist-now", Panel)
+            await until(pilot, lambda: "activations, step" in hist.text, what="histogram")
+            assert "gradients dL/dh, step" in app.query_one("#hist-grad", Panel).text
             await pilot.press("escape")
-            await until(pilot, lambda: not isinstance(app.screen, LayerDetailScreen),
-                        what="back to the table")
+            await until(pilot, lambda: app.screen_name == "layers", what="back to the table")
     finally:
         client.close()

@@ -1,30 +1,47 @@
-"""Turning long series into something a terminal can draw quickly."""
+"""Turning long series into something a terminal can draw quickly.
+
+Everything here is NumPy passes over a series, never Python per point: a plot reduces a
+series to its min and max per dot column (``_dots``), so 100k steps draw in a few
+milliseconds and spikes survive. Plots are braille dots (2 x 4 per cell) in the
+terminal's default foreground or a theme colour passed in, so they read on dark and
+light backgrounds alike.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
-import plotext as plt
+from rich.text import Text
 
 BLOCKS = "▁▂▃▄▅▆▇█"
+SHADES = " ░▒▓█"
+#: Braille dot bits by (row within the cell, column within the cell).
+_DOTS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], np.int64)
+LABEL_W = 9
 
 
-def minmax_downsample(x: np.ndarray, y: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``2 * width`` points keeping each column's min and max, so spikes survive."""
-    n = len(y)
-    if n <= 2 * width or width <= 0:
-        return x, y
-    edges = np.linspace(0, n, width + 1).astype(np.int64)
-    ys = np.where(np.isfinite(y), y, np.nan)
-    xs_out, ys_out = [], []
-    for a, b in zip(edges[:-1], edges[1:], strict=True):
-        seg = ys[a:b]
-        if b <= a or np.all(np.isnan(seg)):
-            continue
-        i, j = a + int(np.nanargmin(seg)), a + int(np.nanargmax(seg))
-        for k in sorted({i, j}):
-            xs_out.append(x[k])
-            ys_out.append(y[k])
-    return np.asarray(xs_out), np.asarray(ys_out)
+def smooth(y: np.ndarray, span: int) -> np.ndarray:
+    """Trailing mean over ``span`` points (NaN ignored): the loss's trend without its noise."""
+    if span <= 1 or len(y) < 2:
+        return y
+    ok = np.isfinite(y)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
+    k = np.concatenate([[0], np.cumsum(ok)])
+    lo = np.maximum(np.arange(1, len(y) + 1) - span, 0)
+    hi = np.arange(1, len(y) + 1)
+    n = k[hi] - k[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (c[hi] - c[lo]) / n, np.nan)
+
+
+def window(x: np.ndarray, last: int | None, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The points of the last ``last`` steps (all of them for ``None``)."""
+    if last is None or not len(x):
+        return (x, *ys)
+    keep = x > x[-1] - last
+    return (x[keep], *(y[keep] for y in ys))
 
 
 def sparkline(values: np.ndarray, width: int) -> str:
@@ -41,23 +58,171 @@ def sparkline(values: np.ndarray, width: int) -> str:
     return "".join(BLOCKS[i] for i in idx)
 
 
-def line_plot(x: np.ndarray, y: np.ndarray, width: int, height: int, title: str,
-              log_y: bool = False) -> str:
-    """A plotext line chart as an ANSI string sized to the widget."""
-    plt.clf()
-    plt.plotsize(max(width, 20), max(height, 5))
-    plt.theme("clear")
-    plt.title(title)
-    ok = np.isfinite(y)
-    if log_y:
-        ok &= y > 0
-    x, y = x[ok], y[ok]
-    if len(y):
-        x, y = minmax_downsample(x, y, max(width - 10, 10))
-        plt.plot(x.tolist(), y.tolist(), marker="braille")
+def fmt_axis(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-2):
+        return f"{v:.2e}"
+    return f"{v:.4g}"
+
+
+class Lines:
+    """Styled lines, cheaper than ``rich.text.Text`` for what is redrawn every frame:
+    each line a list of (text, style) runs. ``append`` starts a new line at each newline."""
+
+    def __init__(self, text: str = "", style: str = "") -> None:
+        self.lines: list[list[tuple[str, str]]] = [[]]
+        if text:
+            self.append(text, style)
+
+    def append(self, text: str, style: str = "") -> None:
+        first, *rest = text.split("\n")
+        if first:
+            self.lines[-1].append((first, style))
+        for part in rest:
+            self.lines.append([(part, style)] if part else [])
+
+    @property
+    def plain(self) -> str:
+        return "\n".join("".join(t for t, _ in line) for line in self.lines)
+
+
+@dataclass
+class Series:
+    x: np.ndarray
+    y: np.ndarray
+    style: str = ""
+
+
+def _dots(s: Series, x0: float, x1: float, y0: float, y1: float, w: int, h: int) -> np.ndarray:
+    """``[4h x 2w]`` dots of one series: the min/max reduction to the plot's width. Each
+    dot column covers the points that fall in it (steps ascending) and lights from their
+    min to their max, joined to the previous column's last point; so 100k points cost a
+    few NumPy passes, and a one-step spike still lights its column."""
+    grid = np.zeros((4 * h, 2 * w), bool)
+    ok = np.isfinite(s.y)
+    x, y = s.x[ok].astype(np.float64), s.y[ok].astype(np.float64)
+    if not len(x):
+        return grid
+    cx = np.clip(((x - x0) / max(x1 - x0, 1e-300) * (2 * w - 1)).round().astype(np.int64),
+                 0, 2 * w - 1)
+    cy = np.clip(((y1 - y) / max(y1 - y0, 1e-300) * (4 * h - 1)).round().astype(np.int64),
+                 0, 4 * h - 1)
+    starts = np.flatnonzero(np.r_[True, cx[1:] != cx[:-1]])
+    cols = cx[starts]
+    lo, hi = np.minimum.reduceat(cy, starts), np.maximum.reduceat(cy, starts)
+    last = cy[np.r_[starts[1:] - 1, len(cy) - 1]]
+    lo[1:], hi[1:] = np.minimum(lo[1:], last[:-1]), np.maximum(hi[1:], last[:-1])
+    rows = np.arange(4 * h)[:, None]
+    grid[:, cols] = (rows >= lo) & (rows <= hi)
+    return grid
+
+
+def _cells(grid: np.ndarray) -> np.ndarray:
+    """Braille code points ``[h x w]`` of a dot grid (0 where a cell has no dot)."""
+    h4, w2 = grid.shape
+    g = grid.reshape(h4 // 4, 4, w2 // 2, 2)
+    return (g * _DOTS[None, :, None, :]).sum(axis=(1, 3))
+
+
+def braille_plot(series: list[Series], width: int, height: int, title: str = "",
+                 log_y: bool = False, guide: float | None = None,
+                 guide_style: str = "dim") -> Lines:
+    """A line chart as styled text: title line, then ``height - 1`` rows of braille with the
+    y range on the left and the x range underneath. ``guide`` draws a dotted horizontal
+    line (e.g. the 1e-3 update/weight ratio); later series draw over earlier ones."""
+    w, h = max(width - LABEL_W, 4), max(height - 2, 2)
+    out = Lines(title[: max(width, 1)], style="bold")
+    xs = [s.x for s in series if len(s.x)]
+    x0, x1 = (min(float(x[0]) for x in xs), max(float(x[-1]) for x in xs)) if xs else (0, 1)
+    ser = []
+    for s in series:
+        y = s.y.astype(np.float64)
         if log_y:
-            plt.yscale("log")
-    return plt.build()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                y = np.where(y > 0, np.log10(np.abs(y)), np.nan)
+        ser.append(Series(s.x, y, s.style))
+    ys = [s.y[np.isfinite(s.y)] for s in ser]
+    ys = [v for v in ys if len(v)]
+    if not ys:
+        out.append("\n" + "\n".join(" " * LABEL_W + "·" for _ in range(h)) + "\n(no data)")
+        return out
+    gy = None
+    if guide is not None and (guide > 0 or not log_y):
+        gy = math.log10(guide) if log_y else guide
+    y0 = min(float(v.min()) for v in ys)
+    y1 = max(float(v.max()) for v in ys)
+    if gy is not None:
+        y0, y1 = min(y0, gy), max(y1, gy)
+    if y1 - y0 < 1e-12 * max(1.0, abs(y1)):
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    cells = np.zeros((h, w), np.int64)
+    owner = np.full((h, w), -1)
+    for i, s in enumerate(ser):
+        c = _cells(_dots(s, x0, x1, y0, y1, w, h))
+        cells |= c
+        owner[c > 0] = i
+    guide_row = -1
+    if gy is not None:
+        guide_row = int(round((y1 - gy) / (y1 - y0) * (4 * h - 1))) // 4
+
+    def label(v: float) -> str:
+        return fmt_axis(10 ** v if log_y else v)[: LABEL_W - 1].rjust(LABEL_W - 1) + "┤"
+
+    codes = np.where(cells > 0, 0x2800 + cells, ord(" "))
+    if 0 <= guide_row < h:
+        codes[guide_row] = np.where(cells[guide_row] > 0, codes[guide_row], ord("┈"))
+        owner[guide_row] = np.where(cells[guide_row] > 0, owner[guide_row], -2)
+    styles = {-1: "", -2: guide_style, **{i: s.style for i, s in enumerate(ser)}}
+    for r in range(h):
+        out.append("\n")
+        if r == 0:
+            out.append(label(y1), style="dim")
+        elif r == h - 1:
+            out.append(label(y0), style="dim")
+        elif r == guide_row:
+            out.append(label(gy), style=guide_style)
+        else:
+            out.append(" " * (LABEL_W - 1) + "│", style="dim")
+        line = codes[r].astype("<u4").tobytes().decode("utf-32-le")
+        cuts = [0, *(np.flatnonzero(np.diff(owner[r])) + 1).tolist(), w]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            out.append(line[a:b], style=styles[int(owner[r, a])])
+    left, right = f"{int(x0):,}", f"{int(x1):,}"
+    out.append("\n" + " " * LABEL_W + left + right.rjust(max(w - len(left), 1)), style="dim")
+    return out
+
+
+def heat_strip(rows: np.ndarray, width: int, levels: np.ndarray | None = None,
+               styles: tuple[str, str, str] = ("", "yellow", "red")) -> list[Text]:
+    """``[series x time]`` as one text line per series: the shade says the value (scaled to
+    the whole strip's range), the colour its health level (0 ok, 1 warn, 2 critical).
+    Time is cut into ``width`` columns, each showing the max of its stretch."""
+    n, t = rows.shape if rows.ndim == 2 else (0, 0)
+    if not n or not t or width <= 0:
+        return [Text("") for _ in range(n)]
+    cols = min(width, t)
+    starts = (np.arange(cols) * t) // cols
+    with np.errstate(invalid="ignore"):
+        v = np.fmax.reduceat(rows, starts, axis=1)
+        lv = None if levels is None else np.maximum.reduceat(levels, starts, axis=1)
+    finite = v[np.isfinite(v)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    idx = np.where(np.isfinite(v), np.clip(((v - lo) / span * (len(SHADES) - 1)).round(), 0,
+                                           len(SHADES) - 1), 0).astype(int)
+    if v.size and finite.size and hi == lo:
+        idx[np.isfinite(v)] = 1
+    lvl = np.where(np.isfinite(v), 0 if lv is None else np.maximum(lv, 0), 2).astype(int)
+    chars = np.array(list(SHADES + "×"))[np.where(np.isfinite(v), idx, len(SHADES))]
+    lines = []
+    for i in range(n):
+        line = Text(no_wrap=True, overflow="crop")
+        cuts = [0, *(np.flatnonzero(np.diff(lvl[i])) + 1).tolist(), cols]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            line.append("".join(chars[i, a:b]), style=styles[lvl[i, a]])
+        lines.append(line)
+    return lines
 
 
 def hist_labels(edges: np.ndarray) -> list[str]:
@@ -67,22 +232,3 @@ def hist_labels(edges: np.ndarray) -> list[str]:
     neg = [f"-{m:.0e}" for m in mags[::-1]]  # overflow and the negative octaves
     pos = [f"{m:.0e}" for m in mags]
     return [*neg, "0", *pos]
-
-
-def hist_plot(edges: np.ndarray, counts: np.ndarray, width: int, height: int,
-              title: str) -> str:
-    """Bars (fractions) of a symmetric log histogram with a handful of bin labels; empty
-    outer bins are trimmed so that the populated part gets the width."""
-    plt.clf()
-    plt.plotsize(max(width, 20), max(height, 5))
-    plt.theme("clear")
-    plt.title(title)
-    used = np.flatnonzero(counts > 0)
-    if len(used):
-        lo, hi = int(used[0]), int(used[-1]) + 1
-        labels = hist_labels(edges)[lo:hi]
-        x = list(range(hi - lo))
-        plt.bar(x, (counts[lo:hi] / counts.sum()).tolist(), marker="sd", width=0.8)
-        step = max(1, len(x) // 6)
-        plt.xticks(x[::step], labels[::step])
-    return plt.build()

@@ -65,7 +65,7 @@ class ReplaySource:
     def __init__(self, path: str | Path) -> None:
         self.reader = SessionReader(path)  # a clear error now, before any UI starts
         self.path = Path(path)
-        self.store = RunStore()
+        self.store = RunStore(window=None)  # every row: seeking shows any of them
         meta = self.reader.meta
         self.store.set_status(replay=True, control=False, run_id=str(meta.get("run_id", "")),
                               run_name=str(meta.get("name", "")))

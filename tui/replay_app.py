@@ -180,7 +180,5 @@ class ReplayApp(NeurotopApp):
                 ("- +", "playback speed (1x … max)"),
                 ("[ ]", "previous / next command or alert"),
                 ("g", "go to a step"),
-                ("s", "choose the statistic the trend column shows"),
-                ("l", "log scale for the loss plot"),
-                ("?", "this help"), ("q", "quit")]
+                *((keys, text) for keys, _, text in self.VIEW_HELP), ("q", "quit")]
         self.push_screen(HelpScreen(rows))

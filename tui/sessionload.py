@@ -115,7 +115,10 @@ class StoreLoader:
                 self._layout = None
         elif msg.kind in MARKER_KINDS:
             self.events.append((pos, dict(h)))
+        before = self.store.filled_rows()
         self.store.ingest(msg, count_gaps=False)
+        if msg.kind == wire.STATS and self.store.filled_rows() > before:
+            self.rows.append(pos)  # a stats row the bulk path could not take (more arrays)
 
     def flush(self) -> None:
         """Apply the stats gathered so far."""

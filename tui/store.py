@@ -15,6 +15,12 @@ from typing import Any
 import numpy as np
 
 from agent import wire
+from tui.history import Summary
+
+#: Full-resolution rows a live store keeps; older rows are compacted (``tui.history``).
+LIVE_WINDOW = 2048
+#: Histogram reports kept for the heatmap over time.
+HIST_KEEP = 256
 
 
 class Growable:
@@ -51,6 +57,11 @@ class Growable:
         self._a[self.n:end] = rows
         self.n = self.filled = end
 
+    def drop_front(self, k: int) -> None:
+        """Forget the first ``k`` rows (a live store moving them into its ``Summary``)."""
+        self._a[: self.n - k] = self._a[k: self.n]
+        self.n = self.filled = self.n - k
+
     def show(self, n: int) -> None:
         self.n = min(max(n, 0), self.filled)
 
@@ -64,6 +75,7 @@ class RunState:
 
     run_id: str = ""
     run_name: str = ""
+    rank: int = 0
     step: int = 0
     state: str = "connecting"  # connecting | running | paused | ended
     paused_at: int | None = None
@@ -88,8 +100,13 @@ class RunStore:
 
     STALE_AFTER_S = 3.0
 
-    def __init__(self) -> None:
+    def __init__(self, window: int | None = LIVE_WINDOW) -> None:
+        """``window``: full-resolution rows to keep before compacting the oldest (live, so
+        memory stays bounded); ``None`` keeps every row (replay, which seeks to any row)."""
         self.lock = threading.Lock()
+        self.window = window
+        self.summary = Summary(window or 2)
+        self._hists: list[tuple[int, np.ndarray, np.ndarray]] = []  # the heatmap's
         self.schema: dict[str, Any] | None = None
         self.status = RunState()
         self.version = 0  # bumped on every change; the redraw timer compares it
@@ -136,6 +153,8 @@ class RunStore:
             self._steps = Growable((), np.int64, 0)
             self._stats = Growable((len(layers), len(stats)))
             self._scalars = {}
+            self.summary = Summary(self.window or 2)
+            self._hists = []
         for name in scalars:
             if name not in self._scalars:
                 g = Growable(())
@@ -160,10 +179,12 @@ class RunStore:
         for i, name in enumerate(names):
             self._scalars[name].append(scalars[i] if i < len(scalars) else np.nan)
         self.status.step = max(self.status.step, step)
+        self._compact()
 
     def _on_heartbeat(self, msg: wire.Message) -> None:
         h, s = msg.header, self.status
         s.run_id = str(h.get("run", s.run_id))
+        s.rank = int(h.get("rank", s.rank))
         s.step = int(h["step"])
         s.state = str(h["state"])
         s.paused_at = h.get("paused_at")
@@ -231,6 +252,8 @@ class RunStore:
         if act.shape != (n, bins) or grad.shape != (n, bins):
             raise ValueError(f"histograms {act.shape} do not match the schema ({n}, {bins})")
         self._hist = {"step": int(msg.header["step"]), "act": act.copy(), "grad": grad.copy()}
+        self._hists.append((self._hist["step"], self._hist["act"], self._hist["grad"]))
+        del self._hists[:-HIST_KEEP]  # the heatmap over time; bounded
 
     def _on_unknown(self, msg: wire.Message) -> None:
         raise ValueError(f"unknown kind {msg.kind!r}")
@@ -257,6 +280,7 @@ class RunStore:
                 col = scalars[:, i] if i < k else np.full(len(steps), np.nan, np.float32)
                 self._scalars[name].extend(col, reserve)
             self.status.step = max(self.status.step, int(steps.max()))
+            self._compact()
             return len(steps)
 
     def show_rows(self, n: int) -> None:
@@ -284,6 +308,8 @@ class RunStore:
         with self.lock:
             self.schema = None
             self._steps, self._stats, self._scalars = Growable((), np.int64, 0), None, {}
+            self._hists, self.summary = [], Summary(self.window or 2)
+            self._reset_extras()
             self._last_seq = None
             self.status.events = []
             self.status.step = 0
@@ -320,15 +346,29 @@ class RunStore:
             return list(self.status.events[-n:])
 
     def steps(self) -> np.ndarray:
+        """Every row's step: one per compacted bucket (its last step), then the recent rows."""
         with self.lock:
-            return self._steps.view().copy()
+            return self._with_past(self.summary.steps[: self.summary.n], self._steps.view())
 
-    def scalar(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def scalar(self, name: str, envelope: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and values of one scalar. Compacted buckets give their mean, or with
+        ``envelope`` their min and max as two points (what a plot draws: spikes survive)."""
         with self.lock:
             g = self._scalars.get(name)
             if g is None:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
-            return self._steps.view().copy(), g.view().copy()
+            sm = self.summary
+            x, y = self._steps.view(), g.view()
+            key = f"s:{name}"
+            if not sm.n or sm.get(key) is None:
+                return x.copy(), y.copy()
+            px = sm.steps[: sm.n]
+            if envelope:
+                px = np.repeat(px, 2)
+                py = np.stack([sm.get(key, "min"), sm.get(key, "max")], 1).ravel()
+            else:
+                py = sm.get(key)
+            return np.concatenate([px, x]), np.concatenate([py, y])
 
     def latest_block(self) -> np.ndarray | None:
         with self.lock:
@@ -376,4 +416,82 @@ class RunStore:
             if self._stats is None or self.schema is None:
                 return np.empty((0, 0), np.float32)
             j = self.schema["stats"].index(stat)
-            return self._stats.view()[-last:, :, j].T.copy()
+            recent = self._stats.view()[-last:, :, j]
+            if len(recent) < last and self.summary.n:
+                past = self.summary.get("stats")[:, :, j]
+                recent = np.concatenate([past[-(last - len(recent)):], recent])
+            return recent.T.copy()
+
+    def stat_history(self, stat: str) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[rows x layers]`` of one statistic over the whole run (compacted
+        buckets as their max: the worst of each stretch, for the heat strip)."""
+        with self.lock:
+            if self._stats is None or self.schema is None or stat not in self.schema["stats"]:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            j = self.schema["stats"].index(stat)
+            past = self.summary.get("stats", "max")
+            return (self._with_past(self.summary.steps[: self.summary.n], self._steps.view()),
+                    self._with_past(None if past is None else past[:, :, j],
+                                    self._stats.view()[:, :, j]))
+
+    def layer_stats(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[rows x stats]`` of one layer over the run (buckets as means)."""
+        with self.lock:
+            if self._stats is None:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            past = self.summary.get("stats")
+            return (self._with_past(self.summary.steps[: self.summary.n], self._steps.view()),
+                    self._with_past(None if past is None else past[:, layer],
+                                    self._stats.view()[:, layer]))
+
+    def param_rows(self) -> int:
+        """How many reports of per-parameter statistics the store holds."""
+        with self.lock:
+            return self._param_steps.n
+
+    def histograms(self, layer: str, which: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[reports x bins]`` of one layer's histograms (``which``: 0 the
+        activations, 1 the gradients), oldest first; empty without histograms."""
+        with self.lock:
+            names = self.schema_extra["hist_layers"]
+            if layer not in names or not self._hists:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            i = names.index(layer)
+            rows = [(s, h[which][i]) for s, *h in self._hists if i < len(h[which])]
+            if not rows:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            return np.array([s for s, _ in rows]), np.stack([r for _, r in rows])
+
+    def memory_bytes(self) -> int:
+        """What the series hold (arrays' allocated sizes), for the benchmark's report."""
+        with self.lock:
+            gs = [self._steps, self._stats, self._params, self._param_steps,
+                  *self._scalars.values()]
+            return (sum(g._a.nbytes for g in gs if g is not None) + self.summary.nbytes()
+                    + sum(a.nbytes + b.nbytes for _, a, b in self._hists))
+
+    @staticmethod
+    def _with_past(past: np.ndarray | None, recent: np.ndarray) -> np.ndarray:
+        if past is None or not len(past):
+            return recent.copy()
+        return np.concatenate([past, recent])
+
+    # -- dashboard additions (writer side) ------------------------------------------------
+
+    def _compact(self) -> None:
+        """Live stores: move the oldest ``window`` rows into the summary once twice that
+        many are held, so memory stays bounded however long the run."""
+        w = self.window
+        if w is None or self._stats is None:
+            return
+        while self._steps.n >= 2 * w:
+            rows = {"stats": self._stats.view()[:w]}
+            rows.update({f"s:{k}": g.view()[:w] for k, g in self._scalars.items()})
+            self.summary.add(self._steps.view()[:w], rows)
+            for g in (self._steps, self._stats, *self._scalars.values()):
+                if g is not None:
+                    g.drop_front(w)
+        if self._params is not None and self._param_steps.n >= 2 * w:
+            # Per-parameter statistics keep their recent reports only (no summary).
+            self._params.drop_front(w)
+            self._param_steps.drop_front(w)

@@ -1,0 +1,240 @@
+"""The dashboard's speed and memory: frame time, CPU while following a live stream,
+resident memory after 1M steps, cold start to the first frame.
+
+    python benchmarks/tui_render.py [--layers 200] [--steps 100000] [--seconds 10]
+
+1. Frame time: the real app (headless ``run_test``) over a live store holding ``--steps``
+   steps of ``--layers`` layers x 12 statistics, 8 parameters and histograms; before each
+   frame one new report arrives, then the visible screen redraws and Textual paints.
+   Every screen in turn; median and p95 over all frames.
+2. CPU: a child process runs the real ``LiveClient`` + app (headless) subscribed to a
+   synthetic PUB on loopback sending 20 reports/s of that shape (plus heartbeats, like an
+   agent); its CPU time over ``--seconds`` of following, from ``os.times`` in the child.
+3. Memory: a child ingests 1M steps into a live store (compacted past, bounded) and
+   reports its resident set (VmRSS).
+4. Cold start: a child process that starts the app and exits after its first frame;
+   wall time from spawn to exit, median of 3.
+
+Last line: ``frame_ms_p50=A frame_ms_p95=B cpu_pct=C rss_mb_1m=D cold_start_s=E``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent import wire  # noqa: E402
+
+STATS = ["mean", "std", "rms", "max_abs", "massive_ratio", "kurtosis", "zero_frac",
+         "near_zero_frac", "dead_frac", "dead_frac_window", "nonfinite", "grad_rms"]
+PARAM_STATS = ["grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "nlm_cos"]
+SCALARS = ["loss", "grad_norm", "first_nonfinite", "lr", "steps_per_s", "samples_per_s",
+           "mem_host"]
+EDGES = (10.0 ** np.arange(-6, 3, 0.5)).tolist()
+EDGES = [-e for e in EDGES[::-1]] + EDGES
+
+
+def schema(layers: int) -> dict:
+    names = [f"model.blocks.{i // 4}.{('attn', 'mlp', 'norm', 'proj')[i % 4]}"
+             for i in range(layers)]
+    return {"kind": "schema", "schema_id": 1, "run_name": "bench", "layers": names,
+            "layer_types": ["Linear"] * layers, "blocks": [], "stats": STATS,
+            "scalars": SCALARS, "params": [f"p{i}.weight" for i in range(8)],
+            "param_stats": PARAM_STATS, "hist_layers": names[:4], "hist_edges": EDGES,
+            "hist_every": 10, "run": "bench", "rank": 0}
+
+
+def report(rng: np.random.Generator, layers: int, step: int) -> list[tuple[dict, list]]:
+    """One report as the agent publishes it: the stats message, then the params message."""
+    block = rng.random((layers, len(STATS)), np.float32)
+    scalars = np.array([3 * np.exp(-step / 3e4) + rng.random() * 0.1, 1.0, np.nan, 1e-3,
+                        20.0, 640.0, 1e9], np.float32)
+    return [({"kind": "stats", "step": step, "schema_id": 1}, [block, scalars]),
+            ({"kind": "params", "step": step, "schema_id": 1},
+             [rng.random((8, len(PARAM_STATS)), np.float32) * 2e-3])]
+
+
+def filled_store(layers: int, steps: int):
+    from tui.store import RunStore
+    store = RunStore()
+    store.ingest_schema(schema(layers))
+    rng = np.random.default_rng(0)
+    chunk = 2048
+    for a in range(0, steps, chunk):
+        n = min(chunk, steps - a)
+        store.ingest_stats_bulk(np.arange(a + 1, a + n + 1), rng.random(
+            (n, layers, len(STATS)), np.float32), rng.random((n, len(SCALARS)), np.float32))
+    hist = rng.random((4, len(EDGES) + 1), np.float32)
+    for s in range(0, 256):
+        store.ingest(wire.Message({"kind": "hist", "step": steps - 2560 + 10 * s},
+                                  [hist, hist]))
+    return store
+
+
+def frame_times(layers: int, steps: int, frames: int) -> tuple[list[float], list[float]]:
+    """CPU milliseconds of the UI thread per frame (the work a frame costs), and wall
+    milliseconds until Textual is idle again (that includes waiting for its paint tick)."""
+    from tui.app import NeurotopApp
+    from tui.client import Endpoints, LiveClient
+
+    store = filled_store(layers, steps)
+    client = LiveClient(Endpoints(telemetry="tcp://127.0.0.1:9"), store=store)  # not started
+    app = NeurotopApp(client, read_only=True)
+    rng = np.random.default_rng(1)
+    times: list[float] = []
+    walls: list[float] = []
+
+    async def run() -> None:
+        async with app.run_test(size=(200, 60)) as pilot:
+            step = steps
+            for key in ("1", "2", "3", "4"):
+                await pilot.press(key)
+                await pilot.pause()
+                for _ in range(frames):
+                    step += 1
+                    for h, arrays in report(rng, layers, step):
+                        store.ingest(wire.Message(h, arrays))
+                    t, w = time.thread_time(), time.perf_counter()
+                    app.redraw()
+                    await pilot.pause()
+                    times.append((time.thread_time() - t) * 1000)
+                    walls.append((time.perf_counter() - w) * 1000)
+
+    asyncio.run(run())
+    return times, walls
+
+
+def child_follow(endpoint: str, seconds: float) -> None:
+    """In the child: the real client and app, headless, following the stream."""
+    from tui.app import NeurotopApp
+    from tui.client import Endpoints, LiveClient
+
+    client = LiveClient(Endpoints(telemetry=endpoint)).start()
+    app = NeurotopApp(client, read_only=True)
+
+    async def run() -> None:
+        async with app.run_test(size=(200, 60)) as pilot:
+            await pilot.pause(3.0)  # connect, get the schema, first frames
+            await pilot.press("1")
+            c0, w0 = os.times(), time.monotonic()
+            await asyncio.sleep(seconds)
+            c1, w1 = os.times(), time.monotonic()
+            cpu = (c1.user - c0.user) + (c1.system - c0.system)
+            print(f"CPU {100 * cpu / (w1 - w0):.1f} rows {len(client.store.steps())}",
+                  flush=True)
+
+    asyncio.run(run())
+    client.close()
+
+
+def cpu_following(layers: int, seconds: float) -> float:
+    import zmq
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    child = subprocess.Popen([sys.executable, __file__, "--child-follow",
+                              f"tcp://127.0.0.1:{port}", "--seconds", str(seconds)],
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    rng = np.random.default_rng(2)
+    seq, step, sch = 0, 0, schema(layers)
+    next_t = time.monotonic()
+    try:
+        while child.poll() is None:
+            step += 1
+            msgs = report(rng, layers, step)
+            if step % 10 == 1:
+                msgs.append((dict(sch), []))
+                msgs.append(({"kind": "heartbeat", "step": step, "state": "running",
+                              "paused_at": None, "steps_per_s": 20.0, "dropped": 0}, []))
+            for h, arrays in msgs:
+                h.update(run="bench", rank=0, seq=seq, t=time.time())
+                seq += 1
+                pub.send_multipart(wire.encode(h, arrays))
+            next_t += 1 / 20
+            time.sleep(max(0.0, next_t - time.monotonic()))
+        out = child.stdout.read()
+    finally:
+        pub.close(0)
+        ctx.term()
+    line = next((ln for ln in out.splitlines() if ln.startswith("CPU ")), "")
+    if not line:
+        raise SystemExit(f"the following child printed no CPU figure: {out!r}")
+    print(f"  following 20 reports/s: {line}")
+    return float(line.split()[1])
+
+
+def child_memory(layers: int, steps: int) -> None:
+    store = filled_store(layers, steps)
+    rss = next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
+               if ln.startswith("VmRSS:"))
+    print(f"RSS {rss / 1024:.1f} store {store.memory_bytes() / 2**20:.1f} "
+          f"res {store.summary.res}", flush=True)
+
+
+def child_cold() -> None:
+    from tui.app import NeurotopApp
+    from tui.client import Endpoints, LiveClient
+
+    app = NeurotopApp(LiveClient(Endpoints(telemetry="tcp://127.0.0.1:9")), read_only=True)
+    app.call_after_refresh(app.exit)
+    app.run(headless=True)
+
+
+def run_child(*args: str) -> str:
+    return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          cwd=ROOT, check=True).stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--frames", type=int, default=15)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--child-follow")
+    ap.add_argument("--child-memory", action="store_true")
+    ap.add_argument("--child-cold", action="store_true")
+    a = ap.parse_args()
+    if a.child_follow:
+        return child_follow(a.child_follow, a.seconds)
+    if a.child_memory:
+        return child_memory(a.layers, 1_000_000)
+    if a.child_cold:
+        return child_cold()
+
+    times, walls = frame_times(a.layers, a.steps, a.frames)
+    p50, p95 = statistics.median(times), float(np.percentile(times, 95))
+    print(f"frames: {len(times)} over 4 screens at 200x60, {a.layers} layers x {len(STATS)}"
+          f" stats, {a.steps:,} steps: CPU p50 {p50:.1f} ms, p95 {p95:.1f} ms, max "
+          f"{max(times):.1f} ms; wall until idle p50 {statistics.median(walls):.1f} ms")
+    for i, name in enumerate(("overview", "layers", "detail", "gradients")):
+        part = times[i * a.frames:(i + 1) * a.frames]
+        print(f"  {name:<10} CPU p50 {statistics.median(part):.1f} ms")
+    cpu = cpu_following(a.layers, a.seconds)
+    mem = run_child("--child-memory", "--layers", str(a.layers)).split()
+    print(f"  1M steps, {a.layers} layers: RSS {mem[1]} MB (series {mem[3]} MB, oldest "
+          f"buckets cover {mem[5]} steps)")
+    colds = []
+    for _ in range(3):
+        t = time.perf_counter()
+        run_child("--child-cold")
+        colds.append(time.perf_counter() - t)
+    cold = statistics.median(colds)
+    print(f"  cold start to first frame: {', '.join(f'{c:.2f}' for c in colds)} s")
+    print(f"frame_ms_p50={p50:.1f} frame_ms_p95={p95:.1f} cpu_pct={cpu:.1f} "
+          f"rss_mb_1m={float(mem[1]):.0f} cold_start_s={cold:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Healthy bands of the statistics, from ``shared/METRICS.md`` section E (detectors).
+
+``levels`` says for each value: -1 no band for this statistic, 0 healthy, 1 warning,
+2 critical. Any non-finite value is critical (E3: any NaN/Inf). Vectorized, so a
+200-layer table costs one NumPy call per column.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: (warn above, critical above) for fractions of dead or zero units (E2).
+FRACTION_BANDS = {"dead_frac": (0.5, 0.9), "dead_frac_window": (0.5, 0.9),
+                  "zero_frac": (0.5, 0.9), "near_zero_frac": (0.5, 0.9)}
+#: E1: max/median ratio above this is a massive activation when max_abs > MASSIVE_ABS.
+MASSIVE_RATIO, MASSIVE_ABS = 1000.0, 100.0
+#: Update/weight ratio: healthy around 1e-3; one decade off warns, two is critical.
+UPDATE_RATIO_GUIDE = 1e-3
+
+
+def levels(stat: str, values: np.ndarray, max_abs: np.ndarray | None = None) -> np.ndarray:
+    """Health level of each value of one statistic (``max_abs``: the same rows' max |a|,
+    which the massive-activation rule needs)."""
+    v = np.asarray(values, np.float64)
+    out = np.full(v.shape, -1, np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if stat in FRACTION_BANDS:
+            warn, crit = FRACTION_BANDS[stat]
+            out = np.where(v > crit, 2, np.where(v > warn, 1, 0))
+        elif stat == "nonfinite":
+            out = np.where(v > 0, 2, 0)
+        elif stat == "massive_ratio":
+            big = np.ones(v.shape, bool) if max_abs is None else np.asarray(max_abs) > MASSIVE_ABS
+            out = np.where(v > MASSIVE_RATIO, np.where(big, 2, 1), 0)
+        elif stat == "update_ratio":
+            off = np.abs(np.log10(np.abs(v) / UPDATE_RATIO_GUIDE))
+            out = np.where(v == 0, 1, np.where(off > 2, 2, np.where(off > 1, 1, 0)))
+    return np.where(np.isfinite(v), out, 2)
+
+
+def has_band(stat: str) -> bool:
+    return stat in FRACTION_BANDS or stat in ("nonfinite", "massive_ratio", "update_ratio")
