@@ -31,6 +31,7 @@ class LayerCollector:
         self.device: torch.device | None = None
         self._grad_fns = [self._grad_hook(i) for i in range(len(specs))]
         self._scratch: torch.Tensor | None = None
+        self._zero_t: torch.Tensor | None = None
         self._width = 0  # columns of the unit-maxima matrices
         self._ring: torch.Tensor | None = None  # [dead_window, layers, width] past maxima
         self._ring_pos = 0
@@ -96,14 +97,14 @@ class LayerCollector:
         self.grad_elements.append(sample.numel())
         if self.hist_now and i in self.hist_rows:
             owned = sample.numel() < g.numel() and sample.dtype == torch.float32
-            self.grad_samples.append(sample if owned else sample.float().clone())
+            self.grad_samples.append(sample if owned else sample.to(torch.float32, copy=True))
             self.grad_sample_layer.append(i)
 
     def _zero(self, device: torch.device) -> torch.Tensor:
-        z = getattr(self, "_zero_t", None)
-        if z is None or z.device != device:
-            z = self._zero_t = torch.zeros((), device=device)
-        return z
+        """A cached 0-d zero on ``device``: the value of the statistics not computed."""
+        if self._zero_t is None or self._zero_t.device != device:
+            self._zero_t = torch.zeros((), device=device)
+        return self._zero_t
 
     def _scratch_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """A reusable CPU buffer for the one full-size temporary (see ``activation_row``)."""

@@ -81,6 +81,7 @@ def test_every_statistic_matches_numpy(start_run, tmp_path):
                         for p in schema["params"]))
         assert sc["grad_norm"] == pytest.approx(g, rel=1e-4)
         assert sc["lr"] == pytest.approx(0.05) and sc["first_nonfinite"] == -1
+        assert 20e6 < sc["mem_host"] < 64e9  # a Python process with torch: its RSS, in bytes
         (pblock,) = params[step].arrays
         pexp = np.array([[ref.param_stats(d[f"before:{p}"], d[f"after:{p}"], d[f"pgrad:{p}"],
                                           CONFIG["sample"])[s] for s in schema["param_stats"]]
