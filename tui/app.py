@@ -141,8 +141,8 @@ class NeurotopApp(ControlActions, App[None]):
         only what the visible screen shows."""
         key = (self.store.version, self.store.connection() + self.pending, self.screen_name,
                self.size)
-        if key == self._drawn and not force:
-            return
+        if (key == self._drawn and not force) or not self.query(StatusBar):
+            return  # nothing new, or the app is closing and its widgets are gone
         self._drawn = key
         schema = self.store.schema
         if schema and self.view.stat not in schema["stats"] and schema["stats"]:
