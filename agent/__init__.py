@@ -6,10 +6,14 @@
 
 from typing import Any
 
-__all__ = ["watch", "Monitor"]
+__all__ = ["watch", "Monitor", "Config"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Config":  # plain data, no torch
+        from agent.config import Config
+
+        return Config
     if name in __all__:
         from agent import monitor
 
