@@ -6,14 +6,18 @@
 
 from typing import Any
 
-__all__ = ["watch", "Monitor", "StopTraining"]
+__all__ = ["watch", "Monitor", "StopTraining", "Config"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "StopTraining":
+    if name == "StopTraining":  # torch-free
         from agent.control import StopTraining
 
         return StopTraining
+    if name == "Config":  # plain data, torch-free
+        from agent.config import Config
+
+        return Config
     if name in __all__:
         from agent import monitor
 
