@@ -84,3 +84,20 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05, what: str = 
             return v
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def until(pilot, pred, timeout: float = 20.0, what: str = "condition") -> None:
+    """Let a Pilot-driven app run until ``pred()`` holds (UI tests on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status_text(app) -> str:
+    """What the status bar shows now, as plain text."""
+    from tui.widgets import StatusBar
+
+    return str(app.query_one(StatusBar).render())

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from tests.conftest import SCRIPTS
+from tests.conftest import SCRIPTS, status_text, until
 from tests.test_control import steps_logged
-from tests.test_tui_live import status_text, until
 from tui.app import NeurotopApp
 from tui.client import LiveClient
 from tui.control_panel import ConfirmScreen, ControlPanel, KnobEditScreen

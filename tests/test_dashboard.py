@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from agent import wire
+from tests.conftest import until
 from tests.sessions import DASH_STATS, write_dashboard_run
-from tests.test_tui_live import until
 from tui.app import HelpScreen
 from tui.control_panel import ControlPanel
 from tui.dashboard import AlertFeed, HeatStrip, Panel, Plot

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from tests.conftest import until
 from tests.sessions import write_dashboard_run
-from tests.test_tui_live import until
 from tui.replay import ReplaySource
 from tui.replay_app import ReplayApp
 

@@ -19,8 +19,7 @@ import pytest
 import zmq
 
 from agent import connfile
-from tests.conftest import wait_until
-from tests.test_tui_live import status_text, until
+from tests.conftest import status_text, until, wait_until
 from tui.app import HelpScreen, NeurotopApp
 from tui.client import CommandError, Endpoints, LiveClient
 from tui.remote import SshTarget, connect, free_port

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import status_text, until
 from tests.sessions import write_run
-from tests.test_tui_live import status_text, until
 from tui.client import CommandError
 from tui.replay import ReplaySource
 from tui.replay_app import GotoStep, ReplayApp, TimelineBar

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, status_text, until
 from tui.app import HelpScreen, NeurotopApp
 from tui.client import LiveClient
 from tui.targets import resolve
-from tui.widgets import LayerTable, StatusBar
-
-
-async def until(pilot, pred, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def status_text(app: NeurotopApp) -> str:
-    return str(app.query_one(StatusBar).render())
+from tui.widgets import LayerTable
 
 
 async def test_live_view_pause_resume_help_quit(start_run):

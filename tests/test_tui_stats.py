@@ -4,12 +4,11 @@ layer-detail screen, driven with Pilot against a real training process."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 
 from agent import wire
-from tests.conftest import SCRIPTS
+from tests.conftest import SCRIPTS, until
 from tui.app import NeurotopApp
 from tui.client import LiveClient
 from tui.dashboard import Panel, Plot
@@ -56,15 +55,6 @@ def test_store_keeps_layer_series_params_and_histograms():
     store.ingest(message({"kind": "params", "step": 4}, [np.zeros((3, 2), np.float32)]))
     store.ingest(message({"kind": "hist", "step": 4}, [np.zeros((1, 5), np.float32)] * 2))
     assert store.status.bad_messages == bad + 2 and "match the schema" in store.status.last_error
-
-
-async def until(pilot, pred, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_columns_and_layer_detail(start_run):
