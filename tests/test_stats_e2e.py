@@ -4,15 +4,14 @@ tensors: a ReLU net with known dead units, a planted massive activation, an inje
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
-import zmq
 
 from agent import wire
 from tests import numpy_reference as ref
 from tests.conftest import SCRIPTS
+from tests.test_agent_e2e import collect as collect_until
 
 CONFIG = {"report_every": 1, "sample": 256, "eps": 0.05, "hist_every": 1, "hist_sample": 100,
           "dead_window": 3, "signal_layers": ["*"]}
@@ -20,23 +19,9 @@ LAYERS = ["0", "1", "2", "3", "4"]
 
 
 def collect(endpoint: str, seconds: float, until_step: int) -> list[wire.Message]:
-    """Telemetry until a stats message of ``until_step`` arrived (and what follows it)."""
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.subscribe(b"")
-    sub.connect(endpoint)
-    msgs: list[wire.Message] = []
-    deadline = time.monotonic() + seconds
-    try:
-        while time.monotonic() < deadline:
-            if sub.poll(50):
-                m = wire.decode(sub.recv_multipart())
-                msgs.append(m)
-                if m.kind == wire.HEARTBEAT and m.header["step"] > until_step + 2:
-                    break
-    finally:
-        sub.close()
-    return msgs
+    """Telemetry until a heartbeat past ``until_step`` arrived (so its stats are in)."""
+    return collect_until(endpoint, seconds, until=lambda m: m.kind == wire.HEARTBEAT
+                         and m.header["step"] > until_step + 2)
 
 
 def by_step(msgs: list[wire.Message], kind: str) -> dict[int, wire.Message]:
