@@ -6,7 +6,7 @@
 
 from typing import Any
 
-__all__ = ["watch", "Monitor", "StopTraining", "Config"]
+__all__ = ["watch", "Monitor", "StopTraining", "Config", "AlertRules"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,6 +18,10 @@ def __getattr__(name: str) -> Any:
         from agent.config import Config
 
         return Config
+    if name == "AlertRules":  # plain data, torch-free
+        from agent.detectors import AlertRules
+
+        return AlertRules
     if name in __all__:
         from agent import monitor
 

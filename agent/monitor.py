@@ -26,6 +26,7 @@ from agent.binding import CurveKeys, check_bind
 from agent.collector import LayerCollector
 from agent.config import PARAM_STATS, Config
 from agent.control import Controller
+from agent.detectors import AlertRules, Detectors, alert_rules
 from agent.histograms import hist_edges
 from agent.knobs import Knobs, UserKnob
 from agent.layers import select_layers
@@ -46,9 +47,13 @@ class Monitor:
                  run_id: str | None = None, bind_host: str = "127.0.0.1",
                  heartbeat_s: float = 0.5, curve: bool = False, scheduler: Any = None,
                  auto_pause: bool = True, auto_pause_alerts: tuple[str, ...] = (),
-                 snapshot: Any = None, raise_on_stop: bool = False,
+                 alerts: AlertRules | dict[str, Any] | None = None, snapshot: Any = None,
+                 raise_on_stop: bool = False,
                  record: bool | str | os.PathLike | None = True, **options: Any) -> None:
         check_bind(bind_host, curve)  # before any hook is registered
+        rules = alert_rules(alerts)
+        auto = AutoPause(lambda: self.knobs.auto_pause.value, auto_pause_alerts,
+                         lambda: self.controller.resumes)
         self.config = (config or Config()).replace(**options)
         curve_keys = CurveKeys.generate() if curve else None
         self.model, self.optimizer = model, optimizer
@@ -92,9 +97,7 @@ class Monitor:
                                     schema=self._schema, status=self._status,
                                     bind_host=bind_host, heartbeat_s=heartbeat_s,
                                     curve=curve_keys,
-                                    auto_pause=AutoPause(lambda: self.knobs.auto_pause.value,
-                                                         auto_pause_alerts,
-                                                         lambda: self.controller.resumes),
+                                    auto_pause=auto, detectors=Detectors(rules),
                                     recorder=self.recorder)
         self.service.start()
         self.connection = connfile.ConnectionInfo(
@@ -280,5 +283,6 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> 
     """Start monitoring: ``mon = agent.watch(model, opt)``; ``mon.observe(loss=loss)`` each
     step; ``mon.close()`` (or use it as a context manager). Options: ``name``, ``run_id``,
     ``bind_host``, ``config=Config(...)`` and any ``Config`` field by name
-    (``report_every=5``)."""
+    (``report_every=5``); ``alerts=AlertRules(...)`` (or a dict of its fields) sets the
+    detectors' thresholds, ``auto_pause_alerts=("dying_layer",)`` pauses on more alerts."""
     return Monitor(model, optimizer, **kwargs)

@@ -26,6 +26,7 @@ from agent import wire
 from agent.autopause import AutoPause
 from agent.binding import CurveKeys, check_bind
 from agent.control import BOUNDARY_COMMANDS, IMMEDIATE_COMMANDS, Controller, Pending
+from agent.detectors import Alert, Detectors
 from agent.recorder import Recorder
 
 log = logging.getLogger("neurotop.agent")
@@ -59,7 +60,7 @@ class AgentService(threading.Thread):
                  bind_host: str = "127.0.0.1", rank: int = 0, heartbeat_s: float = 0.5,
                  schema_every_s: float = 5.0, max_queued_reports: int = 64,
                  curve: CurveKeys | None = None, auto_pause: AutoPause | None = None,
-                 recorder: Recorder | None = None) -> None:
+                 detectors: Detectors | None = None, recorder: Recorder | None = None) -> None:
         check_bind(bind_host, curve is not None)
         super().__init__(name="neurotop-agent", daemon=True)
         self._curve = curve
@@ -73,6 +74,7 @@ class AgentService(threading.Thread):
         self._replies: queue.Queue[tuple[bytes | None, dict[str, Any]]] = queue.Queue()
         self._events: list[dict[str, Any]] = []  # audit events, published before the acks
         self.auto_pause = auto_pause
+        self.detectors = detectors
         self._refusals_shown = (0.0, 0)  # (second, how many shown in it)
         self._internal = 0
         self._halt = threading.Event()
@@ -206,9 +208,10 @@ class AgentService(threading.Thread):
             for header, arrays in messages:
                 self._publish(pub, {"step": r.step, "wall": r.t, "dropped": self.dropped,
                                     **header}, arrays)
-                if header["kind"] == wire.STATS and self.auto_pause is not None:
-                    self._maybe_auto_pause(self.auto_pause.check_report(
-                        r.step, arrays[0], arrays[1], self._schema()))
+                if header["kind"] == wire.STATS and self.detectors is not None:
+                    for alert in self.detectors.check(r.step, arrays[0], arrays[1],
+                                                      self._schema()):
+                        self._raise(alert)
 
     # -- control ------------------------------------------------------------------------
 
@@ -309,6 +312,16 @@ class AgentService(threading.Thread):
         except OSError as e:
             return {"ok": False, "history": None, "error": f"cannot read the session file: {e}"}
         return {"ok": True, "history": data, "offset": offset, "size": size}
+
+    def _raise(self, alert: Alert) -> None:
+        """Log the alert (so a run with no viewer still tells), publish it (published
+        messages are recorded) and auto-pause if the policy says so."""
+        log.log(logging.ERROR if alert.level == "critical" else logging.WARNING,
+                "neurotop alert %s (%s) at step %d: %s", alert.name, alert.level, alert.step,
+                alert.message)
+        self._events.append(alert.event())
+        if self.auto_pause is not None:
+            self._maybe_auto_pause(self.auto_pause.alert(alert))
 
     def _maybe_auto_pause(self, reason: str | None) -> None:
         """Queue the auto-pause as an ordinary command; its ack goes to telemetry only."""

@@ -80,8 +80,9 @@ def write_run(path: Path, steps: int, *, layers: int = 3, seed: int = 0,
                        "args": {}, "ok": True, "step": s, "old": None, "new": new,
                        "state": new, "paused_at": s if new == "paused" else None,
                        "error": None, "sender": "test"}, t=t)
-            b.put({"kind": "event", "event": "alert", "alert": "dead_units",
-                   "layer": "net.0", "step": s}, t=t)
+            b.put({"kind": "event", "event": "alert", "alert": "dying_layer", "rule": "E2",
+                   "level": "warn", "message": "layer 'net.0': 62% of units dead over the"
+                   " window", "layer": "net.0", "value": 0.62, "step": s}, t=t)
     if close:
         b.close()
     return b
@@ -140,7 +141,9 @@ def write_dashboard_run(path: Path, steps: int, *, layers: int = 8,
                    "steps_per_s": 20.0, "dropped": 0, "rec_dropped": 0, "control": ""},
                   t=t)
         if s == steps // 2:
-            b.put({"kind": "event", "event": "alert", "alert": "dead_units",
-                   "layer": names[dying], "step": s}, t=t)
+            b.put({"kind": "event", "event": "alert", "alert": "dying_layer", "rule": "E2",
+                   "level": "critical", "message": f"layer {names[dying]!r}: 94% of units"
+                   " dead over the window", "layer": names[dying], "value": 0.94, "step": s},
+                  t=t)
     b.close()
     return b

@@ -43,5 +43,6 @@ def test_agent_never_imports_textual_or_plotext():
 def test_agent_package_import_is_lazy():
     code = ("import sys, agent, agent.wire, agent.connfile, agent.binding, agent.control,"
             " agent.autopause, agent.sessionfile, agent.runs, agent.recorder, agent.config,"
-            " agent.histograms; agent.StopTraining; print('torch' in sys.modules)")
+            " agent.histograms, agent.detectors; agent.StopTraining; agent.AlertRules;"
+            " print('torch' in sys.modules)")
     assert run_py(code) == "False"

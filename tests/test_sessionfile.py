@@ -224,5 +224,5 @@ def test_export_writes_documented_csv_tables(tmp_path):
     np.testing.assert_array_equal(got, want.transpose(1, 0, 2))
     events = Path(events_csv).read_text().splitlines()
     assert events[0] == "step,time,kind,event,cmd,ok,old,new,error,sender,details"
-    assert len(events) == 1 + 2 * 3 and ",pause,True," in events[1] and "dead_units" in events[3]
+    assert len(events) == 1 + 2 * 3 and ",pause,True," in events[1] and "dying_layer" in events[3]
     src.close()

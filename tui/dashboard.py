@@ -113,17 +113,21 @@ class AlertFeed(Panel):
         evs = [e for e in store.recent_events(500) if e.get("event") in self.KINDS
                or (e.get("event") == "ack" and e.get("sender") == "auto-pause")]
         styles = level_styles(self)
-        out = Text("alerts", style="bold", no_wrap=True, overflow="ellipsis")
+        out = Text("alerts", style="bold")  # wrapped: an alert's message says what and where
         if not evs:
             out.append("\n  none", style=styles[0])
         for e in reversed(evs[-max((self.size.height or 6) - 1, 1):]):
             kind = e.get("event")
-            where = f" {e['layer']}" if e.get("layer") else ""
-            what = e.get("alert") or e.get("reason") or e.get("error") or e.get("cmd") or ""
             out.append(f"\n@{e.get('step', '?')} ", style="dim")
-            out.append(f"{kind}: {what}{where}",
-                       style=styles[2] if kind in ("alert", "refused") else styles[1])
-        self.show(out)
+            if kind == "alert":  # "▲ dying_layer: layer 'fc1': 93% of units dead ..."
+                bad = e.get("level") == "critical"
+                out.append(f"▲ {e.get('alert', '?')}: {e.get('message') or e.get('layer', '')}",
+                           style=styles[2] if bad else styles[1])
+                continue
+            what = e.get("reason") or e.get("error") or e.get("cmd") or ""
+            out.append(f"{kind}: {what}", style=styles[2] if kind == "refused" else styles[1])
+        lines = out.wrap(self.app.console, max(self.size.width or 40, 10))
+        self.show(Text("\n").join(lines[: max(self.size.height or 6, 2)]))
 
 
 class HeatStrip(Panel):

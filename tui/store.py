@@ -93,6 +93,8 @@ class RunState:
     replay: bool = False  # showing a recorded session, not a live run
     history: str = ""  # progress of a late attach's backfill, shown while it lasts
     events: list[dict[str, Any]] = field(default_factory=list)
+    #: Alerts raised by the run's detectors so far, by level ("warn", "critical").
+    alerts: dict[str, int] = field(default_factory=dict)
 
 
 class RunStore:
@@ -206,6 +208,9 @@ class RunStore:
             s.pause_reason = str(h.get("pause_reason") or "")
             if isinstance(h.get("step"), int):
                 s.step = max(s.step, h["step"])
+        if ev == "alert":
+            level = str(h.get("level") or "warn")
+            s.alerts[level] = s.alerts.get(level, 0) + 1
         if ev == "ack" and h.get("ok") and h.get("cmd") == "knobs":
             self.knobs = [k for k in h["knobs"] if isinstance(k, dict) and "name" in k]
         self.status.events.append(dict(h))
@@ -311,7 +316,7 @@ class RunStore:
             self._hists, self.summary = [], Summary(self.window or 2)
             self._reset_extras()
             self._last_seq = None
-            self.status.events = []
+            self.status.events, self.status.alerts = [], {}
             self.status.step = 0
             self.version += 1
 

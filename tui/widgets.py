@@ -42,7 +42,7 @@ def level_styles(widget: Widget) -> tuple[str, str, str]:
 
 
 class StatusBar(Static):
-    """Run, step, steps/s, LIVE / PAUSED with the step, connection health, losses."""
+    """Run, step, steps/s, LIVE / PAUSED with the step, connection health, losses, alerts."""
 
     DEFAULT_CSS = "StatusBar { height: 1; background: $boost; padding: 0 1; }"
 
@@ -71,6 +71,9 @@ class StatusBar(Static):
             t.append(f"  {s.pause_reason}", style="bold red" if auto else "yellow")
         if pending:
             t.append(f"  {pending}", style="italic")
+        if s.alerts:
+            crit = s.alerts.get("critical", 0)
+            t.append(f"  ▲ {sum(s.alerts.values())} alerts", style="bold red" if crit else "yellow")
         lost = s.missed + s.remote_dropped
         t.append(f"  conn: {conn}")
         if lost:

@@ -1,0 +1,391 @@
+"""Detectors (METRICS.md section E): the agent thread turns each report into alerts.
+
+They read the host copy of a report that the agent publishes anyway, so they cost the
+training thread nothing, and they run whether or not a viewer is attached: an alert is
+logged, recorded in the session file and published as an ``alert`` event. Torch-free.
+
+A rule must hold for ``persist`` reports in a row before it fires (non-finite values, spikes
+and jumps fire at once), and it fires once per incident: within an incident it fires again
+only if it gets worse (warn -> critical), and the incident ends (re-arming the rule) once
+the condition has been absent for ``rearm`` reports in a row.
+
+Implemented: E1 massive activation, E2 dying layer, E3 explode/vanish (including non-finite
+values and global grad-norm spikes) and E8 loss spike. The other rows of section E need
+inputs the engine does not measure (logits, test accuracy, Hessians, attention maps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+WARN, CRITICAL = "warn", "critical"
+_RANK = {WARN: 1, CRITICAL: 2}
+
+#: Every alert name, with its row in METRICS.md E. Names are what ``auto_pause_alerts``
+#: and ``AlertRules.off`` take.
+ALERTS: dict[str, str] = {
+    "nonfinite": "E3", "massive_activation": "E1", "massive_growth": "E1",
+    "dying_layer": "E2", "dead_jump": "E2", "explode_vanish": "E3", "grad_spike": "E3",
+    "loss_spike": "E8",
+}
+
+
+#: Activation modules whose outputs E2 watches by default.
+DEAD_TYPES = ("ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU",
+              "SiLU", "Mish", "Softplus", "Hardswish", "Threshold")
+
+
+class AlertRulesError(ValueError):
+    """A rule value that cannot be used; the message names it."""
+
+
+@dataclass
+class AlertRules:
+    """Thresholds of the detectors; the defaults are METRICS.md's. Reports, not steps, are
+    the unit of ``persist``, ``warmup`` and the windows, except where a name says steps."""
+
+    #: Reports in a row a condition must hold before it fires (E: "require persistence").
+    persist: int = 3
+    #: Reports in a row a condition must be absent before its incident ends and it may
+    #: fire again: a value hovering at a threshold raises one alert, not one per crossing.
+    rearm: int = 20
+    #: E1: max|a| above this **and** max|a| / median|a| above ``massive_ratio``.
+    massive_abs: float = 100.0
+    massive_ratio: float = 1000.0
+    #: E1: warn when the ratio grew this many times within ``growth_window`` reports.
+    massive_growth: float = 10.0
+    growth_window: int = 20
+    #: E2: dead-unit fraction (over the window where measured, else in the batch) of the
+    #: layers of these types: activation functions, where "never positive" means dead (a
+    #: logits layer whose outputs are all negative is healthy).
+    dead_types: tuple[str, ...] = DEAD_TYPES
+    dead_warn: float = 0.5
+    dead_critical: float = 0.9
+    #: E2: a rise of the dead fraction by more than this within ``dead_jump_steps`` steps.
+    dead_jump: float = 0.3
+    dead_jump_steps: int = 100
+    #: E3: |mean ln ratio| of consecutive layers of the chain (the blocks, or else the most
+    #: common layer type) for the activation RMS and the backprop signal RMS(dL/dh) ...
+    gain: float = 0.1
+    #: ... on chains at least this long (the mean telescopes: short chains say little).
+    gain_min_layers: int = 4
+    #: E3: backprop signal of the chain's first layer over its last outside [1/x, x].
+    signal_span: float = 1e3
+    #: E3: global grad norm above this many times its running average.
+    grad_spike: float = 10.0
+    #: E8: loss above its running average + this many running deviations ...
+    loss_sigmas: float = 6.0
+    #: ... or above this many times the median of the last ``loss_window`` reports.
+    loss_median: float = 2.0
+    loss_window: int = 50
+    #: Reports seen before the running-average rules (E3 spikes, E8) may fire.
+    warmup: int = 10
+    #: Weight of the newest report in the running averages.
+    ema: float = 0.1
+    #: Alert names never to raise.
+    off: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        self.off, self.dead_types = tuple(self.off), tuple(self.dead_types)
+        check_names("off", self.off)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("off", "dead_types"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise AlertRulesError(f"alert rule {f.name} must be a number > 0, got {v!r}")
+            if f.type == "int" and not isinstance(v, int):
+                raise AlertRulesError(f"alert rule {f.name} must be an integer, got {v!r}")
+        if not self.ema <= 1:
+            raise AlertRulesError(f"alert rule ema must be in (0, 1], got {self.ema!r}")
+        if not self.dead_warn <= self.dead_critical:
+            raise AlertRulesError("alert rule dead_warn must not exceed dead_critical")
+
+
+def alert_rules(v: AlertRules | dict[str, Any] | None) -> AlertRules:
+    """``watch(alerts=...)``: rules, a dict of rule fields, or None for the defaults."""
+    if v is None or isinstance(v, AlertRules):
+        return v or AlertRules()
+    if not isinstance(v, dict):
+        raise AlertRulesError(f"alerts must be AlertRules or a dict, got {type(v).__name__}")
+    known = [f.name for f in dataclasses.fields(AlertRules)]
+    bad = sorted(set(v) - set(known))
+    if bad:
+        raise AlertRulesError(f"unknown alert rule(s) {bad}; known: {', '.join(known)}")
+    return AlertRules(**v)
+
+
+def check_names(what: str, names: Iterable[str]) -> None:
+    """Refuse alert names that do not exist, listing the ones that do."""
+    bad = sorted(set(names) - set(ALERTS))
+    if bad:
+        raise AlertRulesError(f"{what}: unknown alert(s) {bad}; known: {', '.join(ALERTS)}")
+
+
+@dataclass
+class Alert:
+    """One fired rule, as published in an ``alert`` event."""
+
+    name: str
+    level: str
+    message: str  # says what and where (the step is beside it)
+    step: int
+    layer: str = ""
+    value: float = math.nan
+
+    def event(self) -> dict[str, Any]:
+        return {"event": "alert", "alert": self.name, "rule": ALERTS[self.name],
+                "level": self.level, "message": self.message, "step": self.step,
+                "layer": self.layer, "value": self.value}
+
+
+@dataclass
+class _Condition:
+    alert: Alert
+    persist: int
+
+
+class Detectors:
+    """Holds the running state of every rule; ``check`` once per report, in step order."""
+
+    def __init__(self, rules: AlertRules | None = None) -> None:
+        self.rules = rules or AlertRules()
+        self._streak: dict[tuple[str, str], int] = {}  # reports in a row the condition held
+        self._absent: dict[tuple[str, str], int] = {}  # ... it was absent, in an incident
+        self._fired: dict[tuple[str, str], int] = {}  # rank of the level fired per incident
+        self._seen_finite: set[str] = set()
+        self._reports = 0
+        self._loss_ema = self._loss_var = self._gn_ema = math.nan
+        self._losses: deque[float] = deque(maxlen=self.rules.loss_window)
+        self._ratios: dict[str, deque[tuple[int, float]]] = {}
+        self._dead: dict[str, deque[tuple[int, float]]] = {}
+
+    def check(self, step: int, block: np.ndarray, scalars: np.ndarray,
+              schema: dict[str, Any]) -> list[Alert]:
+        """The alerts this report fires (most reports: none)."""
+        found: dict[tuple[str, str], _Condition] = {}
+        stats, layers = list(schema.get("stats", [])), list(schema.get("layers", []))
+        values = _scalars(scalars, schema)
+        self._nonfinite(step, block, values, stats, layers, found)
+        if block.ndim == 2 and block.shape == (len(layers), len(stats)):
+            col = {s: block[:, j].astype(np.float64) for j, s in enumerate(stats)}
+            self._massive(step, col, layers, found)
+            self._dying(step, col, layers, list(schema.get("layer_types", [])), found)
+            self._gain(step, col, layers, schema, found)
+        self._spikes(step, values, found)
+        self._reports += 1
+        return self._settle(found)
+
+    # -- rules -------------------------------------------------------------------------
+
+    def _nonfinite(self, step: int, block: np.ndarray, values: dict[str, float],
+                   stats: list[str], layers: list[str],
+                   found: dict[tuple[str, str], _Condition]) -> None:
+        """Any NaN/Inf is critical. A scalar that was never finite is taken as not reported
+        (a loss the loop never observed is NaN in every report), except +-Inf."""
+        for name in ("loss", "grad_norm"):
+            v = values.get(name)
+            if v is None:
+                continue
+            if math.isfinite(v):
+                self._seen_finite.add(name)
+            elif math.isinf(v) or name in self._seen_finite:
+                self._add(found, Alert("nonfinite", CRITICAL, f"non-finite {name} ({v})",
+                                       step, value=v), 1, key=name)
+        if block.ndim != 2 or block.shape[1] != len(stats) or not len(block):
+            return
+        present = ~np.all(np.isnan(block), axis=1)  # an all-NaN row: the layer did not run
+        bad = np.zeros(block.shape[0], dtype=bool)
+        for s in ("mean", "max_abs"):
+            if s in stats:
+                bad |= present & ~np.isfinite(block[:, stats.index(s)])
+        count = np.zeros(block.shape[0])
+        if "nonfinite" in stats:
+            count = np.nan_to_num(block[:, stats.index("nonfinite")].astype(np.float64))
+            bad |= count > 0
+        if not bad.any():
+            return
+        first = int(values.get("first_nonfinite", -1) if math.isfinite(
+            values.get("first_nonfinite", -1)) else -1)
+        i = first if 0 <= first < len(bad) and bad[first] else int(np.argmax(bad))
+        layer = layers[i] if i < len(layers) else str(i)
+        n = f"{count[i]:.0f} values" if count[i] > 0 else "in its statistics"
+        self._add(found, Alert("nonfinite", CRITICAL, f"non-finite activations in layer"
+                               f" {layer!r}, the first in forward order ({n})", step, layer,
+                               float(count[i])), 1)
+
+    def _massive(self, step: int, col: dict[str, np.ndarray], layers: list[str],
+                 found: dict[tuple[str, str], _Condition]) -> None:
+        r = self.rules
+        if "max_abs" not in col or "massive_ratio" not in col:
+            return
+        horizon = r.growth_window
+        for i, layer in enumerate(layers):
+            top, ratio = col["max_abs"][i], col["massive_ratio"][i]
+            if not (math.isfinite(top) and math.isfinite(ratio)):
+                continue
+            if top > r.massive_abs and ratio > r.massive_ratio:
+                self._add(found, Alert(
+                    "massive_activation", WARN,
+                    f"layer {layer!r}: max|a| {top:.3g} is {ratio:.3g}x its median |a|"
+                    f"", step, layer, float(ratio)), r.persist)
+            hist = self._ratios.setdefault(layer, deque(maxlen=horizon))
+            if len(hist) == horizon and ratio > 0:
+                low = min(v for _, v in hist)
+                if low > 0 and ratio > r.massive_growth * low:
+                    self._add(found, Alert(
+                        "massive_growth", WARN,
+                        f"layer {layer!r}: max|a|/median|a| grew {ratio / low:.1f}x to"
+                        f" {ratio:.3g} since step {hist[0][0]}", step, layer, float(ratio)),
+                        r.persist)
+            hist.append((step, float(ratio)))
+
+    def _dying(self, step: int, col: dict[str, np.ndarray], layers: list[str],
+               types: list[str], found: dict[tuple[str, str], _Condition]) -> None:
+        r = self.rules
+        name = "dead_frac_window" if "dead_frac_window" in col else "dead_frac"
+        if name not in col:
+            return
+        over = "over the window" if name == "dead_frac_window" else "in the batch"
+        for i, layer in enumerate(layers):
+            dead = col[name][i]
+            if not math.isfinite(dead) or i >= len(types) or types[i] not in r.dead_types:
+                continue
+            if dead > r.dead_warn:
+                level = CRITICAL if dead > r.dead_critical else WARN
+                self._add(found, Alert("dying_layer", level,
+                                       f"layer {layer!r}: {dead:.0%} of units dead {over}"
+                                       f"", step, layer, float(dead)),
+                          r.persist)
+            hist = self._dead.setdefault(layer, deque())
+            while hist and step - hist[0][0] > r.dead_jump_steps:
+                hist.popleft()
+            if hist:
+                low_step, low = min(hist, key=lambda sv: sv[1])
+                if dead - low > r.dead_jump:
+                    self._add(found, Alert(
+                        "dead_jump", WARN,
+                        f"layer {layer!r}: dead units rose from {low:.0%} at step {low_step}"
+                        f" to {dead:.0%}", step, layer, float(dead - low)), 1)
+            hist.append((step, float(dead)))
+
+    def _gain(self, step: int, col: dict[str, np.ndarray], layers: list[str],
+              schema: dict[str, Any], found: dict[tuple[str, str], _Condition]) -> None:
+        """Criticality: the chain's activation RMS and backprop signal should neither grow
+        nor shrink layer after layer. The activation rule skips residual blocks, whose
+        stream grows by design."""
+        r = self.rules
+        chain, what = _chain(layers, schema)
+        if len(chain) < r.gain_min_layers:
+            return
+        checks = [("grad_rms", "backprop signal RMS(dL/dh)")]
+        if what != "blocks":
+            checks.append(("rms", "activation RMS"))
+        for stat, label in checks:
+            if stat not in col:
+                continue
+            v = col[stat][chain]
+            if not (np.all(np.isfinite(v)) and np.all(v > 0)):
+                continue
+            logs = np.log(v)
+            g = float(np.mean(np.diff(logs)))
+            if abs(g) > r.gain:
+                trend = "grows" if g > 0 else "shrinks"
+                self._add(found, Alert(
+                    "explode_vanish", WARN,
+                    f"{label} {trend} {math.exp(abs(g)):.2f}x per layer over {len(chain)}"
+                    f" {what} ({layers[chain[0]]} .. {layers[chain[-1]]})",
+                    step, "", g), r.persist, key=stat)
+            if stat == "grad_rms":
+                span = float(v[0] / v[-1])
+                if not 1 / r.signal_span <= span <= r.signal_span:
+                    self._add(found, Alert(
+                        "explode_vanish", CRITICAL,
+                        f"backprop signal at {layers[chain[0]]} is {span:.3g}x the one at"
+                        f" {layers[chain[-1]]}", step, "", span),
+                        r.persist, key="span")
+
+    def _spikes(self, step: int, values: dict[str, float],
+                found: dict[tuple[str, str], _Condition]) -> None:
+        r, a = self.rules, self.rules.ema
+        warm = self._reports >= r.warmup
+        gn = values.get("grad_norm", math.nan)
+        if math.isfinite(gn):
+            if warm and self._gn_ema > 0 and gn > r.grad_spike * self._gn_ema:
+                self._add(found, Alert(
+                    "grad_spike", WARN, f"global grad norm {gn:.3g} is {gn / self._gn_ema:.1f}x"
+                    f" its running average {self._gn_ema:.3g}", step,
+                    value=gn), 1)
+            self._gn_ema = gn if math.isnan(self._gn_ema) else self._gn_ema + a * (
+                gn - self._gn_ema)
+        loss = values.get("loss", math.nan)
+        if not math.isfinite(loss):
+            return
+        if warm and len(self._losses) >= min(10, r.loss_window):
+            sd, med = math.sqrt(self._loss_var), float(np.median(self._losses))
+            if loss > self._loss_ema + r.loss_sigmas * sd or (
+                    med > 0 and loss > r.loss_median * med):
+                self._add(found, Alert(
+                    "loss_spike", WARN, f"loss {loss:.4g} above its running average"
+                    f" {self._loss_ema:.4g} ± {sd:.2g}, median of the last {len(self._losses)}"
+                    f" reports {med:.4g}", step, value=loss), 1)
+        if math.isnan(self._loss_ema):
+            self._loss_ema, self._loss_var = loss, 0.0
+        else:
+            d = loss - self._loss_ema
+            self._loss_ema += a * d
+            self._loss_var = (1 - a) * (self._loss_var + a * d * d)
+        self._losses.append(loss)
+
+    # -- incidents ---------------------------------------------------------------------
+
+    def _add(self, found: dict[tuple[str, str], _Condition], alert: Alert, persist: int,
+             key: str = "") -> None:
+        k = (alert.name, alert.layer or key)
+        old = found.get(k)
+        if old is None or _RANK[alert.level] > _RANK[old.alert.level]:
+            found[k] = _Condition(alert, persist)
+
+    def _settle(self, found: dict[tuple[str, str], _Condition]) -> list[Alert]:
+        for k in [k for k in self._streak if k not in found]:
+            self._streak.pop(k)
+        for k in [k for k in self._fired if k not in found]:
+            self._absent[k] = self._absent.get(k, 0) + 1
+            if self._absent[k] >= self.rules.rearm:  # the incident is over: re-arm
+                del self._fired[k], self._absent[k]
+        out = []
+        for k, c in found.items():
+            self._absent.pop(k, None)
+            self._streak[k] = self._streak.get(k, 0) + 1
+            rank = _RANK[c.alert.level]
+            if (self._streak[k] >= c.persist and rank > self._fired.get(k, 0)
+                    and c.alert.name not in self.rules.off):
+                self._fired[k] = rank
+                out.append(c.alert)
+        return out
+
+
+def _scalars(scalars: np.ndarray, schema: dict[str, Any]) -> dict[str, float]:
+    names = list(schema.get("scalars", []))
+    return {n: float(scalars[i]) for i, n in enumerate(names) if i < len(scalars)}
+
+
+def _chain(layers: list[str], schema: dict[str, Any]) -> tuple[list[int], str]:
+    """Indices of the layers whose depth profile matters: the blocks if the model has them,
+    else the layers of its most common type (a plain stack's Linear layers, say)."""
+    index = {n: i for i, n in enumerate(layers)}
+    blocks = [index[b] for b in schema.get("blocks", []) if b in index]
+    if blocks:
+        return blocks, "blocks"
+    types = list(schema.get("layer_types", []))
+    if len(types) != len(layers) or not types:
+        return [], ""
+    common = max(dict.fromkeys(types), key=types.count)
+    return [i for i, t in enumerate(types) if t == common], f"{common} layers"
