@@ -172,6 +172,8 @@ class Controller:
         self.queue: queue.Queue[Pending] = queue.Queue()
         #: Events that are not acks (e.g. "paused after step N"); the agent publishes them.
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        #: Called after an event is queued: wakes the agent thread (set by the agent).
+        self.notify: Callable[[], None] = lambda: None
         self.knobs, self.snapshot, self.raise_on_stop = knobs, snapshot, raise_on_stop
         self.paused = False
         self.paused_at: int | None = None
@@ -224,6 +226,7 @@ class Controller:
             self._pause(step, f"stepped to {n}")
             self.events.put({"event": "paused", "step": step, "reason": self.pause_reason,
                              **self._state()})
+            self.notify()
         while self.paused and not self._closed.is_set():
             self._drain(step, block=True)
         if self.stop_requested and self.raise_on_stop and not self._stop_raised:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +80,17 @@ class AgentService(threading.Thread):
         self._internal = 0
         self._halt = threading.Event()
         self._ready = threading.Event()
+        # The training thread writes a byte here when it hands something over, so the agent
+        # thread sleeps in poll() until there is work (or a heartbeat is due) instead of
+        # waking 100 times a second: on a machine whose cores all train, that is CPU taken
+        # from training.
+        # A socket pair, not a pipe: once closed, a late write fails instead of landing in
+        # whatever file reused the descriptor.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_fd = self._wake_r.fileno()
+        controller.notify = self._wake
         self._seq = 0
         self._nonces: dict[str, float] = {}
         self.dropped = 0
@@ -100,10 +112,25 @@ class AgentService(threading.Thread):
             self.reports.put_nowait(r)
         except queue.Full:
             self.dropped += 1
+        self._wake()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._halt.set()
+        self._wake()
         self.join(timeout)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (the agent thread has plenty to wake it) or closed (ended)
+            pass
 
     # -- the thread ---------------------------------------------------------------------
 
@@ -140,16 +167,22 @@ class AgentService(threading.Thread):
             pub.close()
             router.close()
             ctx.term()
+            self._wake_r.close()
+            self._wake_w.close()
 
     def _loop(self, pub: zmq.Socket, router: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(pub, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         next_hb = next_schema = 0.0
         self._publish(pub, {"kind": wire.SCHEMA, **self._schema()})  # first in the recording
         while not self._halt.is_set():
-            for sock, _ in poller.poll(timeout=10):
-                if sock is router:
+            due = min(next_hb, next_schema) - time.monotonic()
+            for sock, _ in poller.poll(timeout=max(0, int(due * 1000) + 1)):
+                if sock == self._wake_fd:  # the poller names non-ZeroMQ sockets by fd
+                    self._drain_wakeups()
+                elif sock is router:
                     frames = sock.recv_multipart()
                     try:
                         self._on_control(router, frames)
@@ -351,8 +384,10 @@ class AgentService(threading.Thread):
 
     def _queue_reply(self, ident: bytes | None, ack: dict[str, Any],
                      publish: bool = True) -> None:
-        """``ident`` None: an internal command, whose ack is telemetry only."""
+        """``ident`` None: an internal command, whose ack is telemetry only. Called from
+        the training thread too (acks at the boundary): wake the agent thread."""
         self._replies.put((ident, {**ack, "_publish": publish}))
+        self._wake()
 
     def _send_replies(self, pub: zmq.Socket, router: zmq.Socket) -> None:
         events, self._events = self._events, []

@@ -126,15 +126,22 @@ def activation_row(x: torch.Tensor, need: Needs, cfg: Config, zero: torch.Tensor
     """
     flat = x.reshape(-1)
     cols = [zero] * len(ROW_COLS)
-    if need.nonfinite:  # a - a is 0 where a is finite and NaN elsewhere
-        out = scratch[: flat.numel()] if scratch is not None else None
-        cols[NONFINITE] = torch.sub(flat, flat, out=out).nan_to_num_(1.0).sum()
+    cpu = x.device.type == "cpu"
     umax = unit_max(x, unit_dim) if need.units else None
-    if need.max:
+    if need.max or (need.nonfinite and cpu):
         if umax is not None:
-            cols[MAX], cols[MIN] = umax.max(), flat.amin()
+            hi, lo = umax.max(), flat.amin()
         else:
-            cols[MIN], cols[MAX] = torch.aminmax(flat)
+            lo, hi = torch.aminmax(flat)
+        if need.max:
+            cols[MAX], cols[MIN] = hi, lo
+    # On the CPU, reading a value is free (there is no device to wait for), and the max and
+    # min are NaN or infinite exactly when some value is: count only then. On a device,
+    # count always (its bandwidth makes the passes cheap; a branch would be a sync).
+    if need.nonfinite and not (cpu and math.isfinite(hi.item()) and math.isfinite(lo.item())):
+        out = scratch[: flat.numel()] if scratch is not None else None
+        # a - a is 0 where a is finite and NaN elsewhere
+        cols[NONFINITE] = torch.sub(flat, flat, out=out).nan_to_num_(1.0).sum()
     sample = sample_rows(x, cfg.sample)
     if sample.numel() == flat.numel():
         sample = sample.clone()

@@ -265,3 +265,20 @@ def test_no_host_device_sync_on_cuda():
         schema, block, _ = tel.stats(mon.step)
         assert np.isfinite(block[:, schema["stats"].index("max_abs")]).all()
         tel.close()
+
+
+@pytest.mark.parametrize("stats", [("nonfinite",), ("nonfinite", "max_abs", "dead_frac")])
+def test_nonfinite_count_is_exact_for_nan_and_inf(stats):
+    """On the CPU the count runs only when max/min show a non-finite value: it must still be
+    exact for NaN, +inf and -inf, with or without the max and unit statistics."""
+    from agent.stats import NONFINITE, Needs, activation_row
+
+    cfg = Config(stats=stats)
+    x = torch.randn(64, 32)
+    row, _, _ = activation_row(x, Needs(cfg.stats), cfg, torch.zeros(()), 1, None)
+    assert row[NONFINITE].item() == 0
+    x[3, 4] = x[10, 0] = float("nan")
+    x[5, 5], x[63, 31] = float("inf"), float("-inf")
+    for planted in (x, x[:, :16].contiguous(), x.clone().fill_(float("-inf"))):
+        row, _, _ = activation_row(planted, Needs(cfg.stats), cfg, torch.zeros(()), 1, None)
+        assert row[NONFINITE].item() == (~np.isfinite(planted.numpy())).sum()
