@@ -17,7 +17,16 @@ import torch
 
 from agent.config import Config
 from agent.layers import LayerSpec, unit_dim_for
-from agent.stats import ROW_COLS, Needs, activation_row, first_tensor, sample_rows
+from agent.stats import (
+    ROW_COLS,
+    Needs,
+    activation_row,
+    first_tensor,
+    hist_counts,
+    pool_by_layer,
+    sample_rows,
+    summarize,
+)
 
 
 class LayerCollector:
@@ -119,23 +128,27 @@ class LayerCollector:
     def pack(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """This window's device tensors and host facts; then a fresh window starts."""
         dev = self.device or device
+        c = self.config
+        pooled = pool_by_layer(self.samples, self.row_layer)
         parts: dict[str, torch.Tensor] = {
             "rows": _stack(self.rows, dev, (0, len(ROW_COLS))),
-            "samples": _cat(self.samples, dev),
+            "summary": summarize(pooled, len(self.specs), c.eps, dev),
             "grad_norms": _stack(self.grad_norms, dev, (0,)),
         }
         units = [u.numel() if u is not None else 0 for u in self.umax]
         if self.need.units and any(units):
             parts["dead"], parts["dead_window"] = self._dead_counts(dev, units)
+        if self.hist_now:
+            hist = list(self.hist_rows)  # layer indices, in the schema's hist_layers order
+            grads = pool_by_layer(self.grad_samples, self.grad_sample_layer)
+            parts["hist"] = hist_counts([pooled.get(i) for i in hist], c.hist_exponents,
+                                        c.hist_sample, dev)
+            parts["grad_hist"] = hist_counts([grads.get(i) for i in hist], c.hist_exponents,
+                                             c.hist_sample, dev)
         meta: dict[str, Any] = {
             "layers": len(self.specs), "row_layer": self.row_layer, "order": self.order,
-            "sample_sizes": [t.numel() for t in self.samples], "units": units,
-            "grad_layer": self.grad_layer, "grad_elements": self.grad_elements,
+            "units": units, "grad_layer": self.grad_layer, "grad_elements": self.grad_elements,
             "hist": self.hist_now}
-        if self.hist_now:
-            parts["grad_samples"] = _cat(self.grad_samples, dev)
-            meta["grad_sample_layer"] = self.grad_sample_layer
-            meta["grad_sample_sizes"] = [t.numel() for t in self.grad_samples]
         self._new_window()
         return parts, meta
 

@@ -188,8 +188,10 @@ class Detectors:
     def _nonfinite(self, step: int, block: np.ndarray, values: dict[str, float],
                    stats: list[str], layers: list[str],
                    found: dict[tuple[str, str], _Condition]) -> None:
-        """Any NaN/Inf is critical. A scalar that was never finite is taken as not reported
-        (a loss the loop never observed is NaN in every report), except +-Inf."""
+        """Any NaN/Inf is critical: one incident, named by the first layer (in forward order)
+        that produced one, else by the scalar. A scalar that was never finite is taken as
+        not reported (a loss the loop never observed is NaN in every report), except +-Inf."""
+        alerts = []
         for name in ("loss", "grad_norm"):
             v = values.get(name)
             if v is None:
@@ -197,29 +199,29 @@ class Detectors:
             if math.isfinite(v):
                 self._seen_finite.add(name)
             elif math.isinf(v) or name in self._seen_finite:
-                self._add(found, Alert("nonfinite", CRITICAL, f"non-finite {name} ({v})",
-                                       step, value=v), 1, key=name)
-        if block.ndim != 2 or block.shape[1] != len(stats) or not len(block):
-            return
-        present = ~np.all(np.isnan(block), axis=1)  # an all-NaN row: the layer did not run
-        bad = np.zeros(block.shape[0], dtype=bool)
-        for s in ("mean", "max_abs"):
-            if s in stats:
-                bad |= present & ~np.isfinite(block[:, stats.index(s)])
-        count = np.zeros(block.shape[0])
-        if "nonfinite" in stats:
-            count = np.nan_to_num(block[:, stats.index("nonfinite")].astype(np.float64))
-            bad |= count > 0
-        if not bad.any():
-            return
-        first = int(values.get("first_nonfinite", -1) if math.isfinite(
-            values.get("first_nonfinite", -1)) else -1)
-        i = first if 0 <= first < len(bad) and bad[first] else int(np.argmax(bad))
-        layer = layers[i] if i < len(layers) else str(i)
-        n = f"{count[i]:.0f} values" if count[i] > 0 else "in its statistics"
-        self._add(found, Alert("nonfinite", CRITICAL, f"non-finite activations in layer"
-                               f" {layer!r}, the first in forward order ({n})", step, layer,
-                               float(count[i])), 1)
+                alerts.append(Alert("nonfinite", CRITICAL, f"non-finite {name} ({v})", step,
+                                    value=v))
+        if block.ndim == 2 and block.shape[1] == len(stats) and len(block):
+            present = ~np.all(np.isnan(block), axis=1)  # all NaN: the layer did not run
+            bad = np.zeros(block.shape[0], dtype=bool)
+            for s in ("mean", "max_abs"):
+                if s in stats:
+                    bad |= present & ~np.isfinite(block[:, stats.index(s)])
+            count = np.zeros(block.shape[0])
+            if "nonfinite" in stats:
+                count = np.nan_to_num(block[:, stats.index("nonfinite")].astype(np.float64))
+                bad |= count > 0
+            if bad.any():
+                first = values.get("first_nonfinite", -1)
+                first = int(first) if math.isfinite(first) else -1
+                i = first if 0 <= first < len(bad) and bad[first] else int(np.argmax(bad))
+                layer = layers[i] if i < len(layers) else str(i)
+                n = f"{count[i]:.0f} values" if count[i] > 0 else "in its statistics"
+                alerts.insert(0, Alert("nonfinite", CRITICAL, f"non-finite activations in"
+                                       f" layer {layer!r}, the first in forward order ({n})",
+                                       step, layer, float(count[i])))
+        if alerts:
+            self._add(found, alerts[0], 1, key="any")
 
     def _massive(self, step: int, col: dict[str, np.ndarray], layers: list[str],
                  found: dict[tuple[str, str], _Condition]) -> None:
@@ -348,7 +350,7 @@ class Detectors:
 
     def _add(self, found: dict[tuple[str, str], _Condition], alert: Alert, persist: int,
              key: str = "") -> None:
-        k = (alert.name, alert.layer or key)
+        k = (alert.name, key or alert.layer)
         old = found.get(k)
         if old is None or _RANK[alert.level] > _RANK[old.alert.level]:
             found[k] = _Condition(alert, persist)

@@ -220,8 +220,7 @@ class Monitor:
         if dev.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        pending = PendingReport(self._schema_id, self.config, layout, meta,
-                                list(self.collector.hist_rows), names, slots, host)
+        pending = PendingReport(self._schema_id, self.config, layout, meta, names, slots, host)
         self.service.submit_report(Report(self.step, time.time(), buf, pending.messages,
                                           ready))
         self._reports += 1

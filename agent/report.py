@@ -13,9 +13,8 @@ import numpy as np
 
 from agent import wire
 from agent.config import Config
-from agent.histograms import histograms
 from agent.packing import Layout, unpack
-from agent.stats import NONFINITE, calls_by_layer, finalize_layers, pooled
+from agent.stats import NONFINITE, finalize_layers
 
 #: Scalars computed on the device; user scalars from ``observe`` follow, then host ones.
 DEVICE_SCALARS = ("loss", "grad_norm", "first_nonfinite")
@@ -35,7 +34,6 @@ class PendingReport:
     config: Config
     layout: Layout
     meta: dict[str, Any]  # host facts from the collector (see ``LayerCollector.pack``)
-    hist_layers: list[int]  # layer index of each histogram row
     scalar_names: list[str]
     scalar_slots: list[str]  # names of the scalars packed in the buffer's "scalars" part
     host_values: dict[str, Any] = field(default_factory=dict)  # floats or CPU tensors
@@ -47,11 +45,10 @@ class PendingReport:
         m, c = self.meta, self.config
         layers = m["layers"]
         nan = np.full(layers, np.nan)
-        samples = _split(parts["samples"], m["sample_sizes"])
-        block = finalize_layers(c.stats, layers, parts["rows"], samples, m["row_layer"], c.eps,
-                                parts.get("dead", nan), parts.get("dead_window", nan),
-                                m["units"], parts["grad_norms"], m["grad_layer"],
-                                m["grad_elements"])
+        block = finalize_layers(c.stats, layers, parts["rows"], parts["summary"],
+                                m["row_layer"], parts.get("dead", nan),
+                                parts.get("dead_window", nan), m["units"], parts["grad_norms"],
+                                m["grad_layer"], m["grad_elements"])
         values = {k: float(v) for k, v in self.host_values.items()}
         values.update(zip(self.scalar_slots, parts.get("scalars", ()), strict=True))
         if "nonfinite" in c.stats:
@@ -64,26 +61,10 @@ class PendingReport:
             out.append(({"kind": wire.PARAMS, "schema_id": self.schema_id},
                         [parts["params"].astype(np.float32)]))
         if m["hist"]:
-            grads = _split(parts["grad_samples"], m["grad_sample_sizes"])
             out.append(({"kind": wire.HIST, "schema_id": self.schema_id},
-                        [self._histograms(samples, m["row_layer"]),
-                         self._histograms(grads, m["grad_sample_layer"])]))
+                        [parts["hist"].astype(np.float32),
+                         parts["grad_hist"].astype(np.float32)]))
         return out
-
-    def _histograms(self, samples: list[np.ndarray], layer_of: list[int]) -> np.ndarray:
-        """``[hist layers x bins]``: counts over each layer's pooled samples."""
-        c = self.config
-        calls = calls_by_layer(max(self.hist_layers, default=-1) + 1, layer_of)
-        have = [h for h, i in enumerate(self.hist_layers) if calls[i]]
-        counts = histograms([pooled(samples, calls[self.hist_layers[h]]) for h in have],
-                            c.hist_exponents, c.hist_sample)
-        out = np.zeros((len(self.hist_layers), counts.shape[1]), np.float32)
-        out[have] = counts
-        return out
-
-
-def _split(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-    return np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
 
 
 def first_nonfinite(rows: np.ndarray, row_layer: list[int], order: list[int]) -> float:

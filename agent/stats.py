@@ -1,18 +1,23 @@
-"""The per-layer statistics: what one module call computes on the device, and the host-side
-arithmetic that turns a report's calls into the ``[layers x stats]`` block.
+"""The per-layer statistics: what one module call computes on the device, what the report
+computes from a window's calls on the device, and the host-side arithmetic that turns that
+into the ``[layers x stats]`` block.
 
-Device side (training thread), per call of a measured module: the few statistics that
-must see every element read the whole activation (the non-finite count, max |a| from
-``amin`` and the per-unit maxima, which also give the dead units); everything else is
-taken from a row sample (``sample_rows``: the whole activation when it has at most
-``Config.sample`` elements), copied out as it is. Each call costs a handful of kernels,
-none of which branches on a value or reads one back.
+Per call of a measured module (training thread): the few statistics that must see every
+element read the whole activation (the non-finite count, max |a| from ``amin`` and the
+per-unit maxima, which also give the dead units); everything else is taken from a row
+sample (``sample_rows``: the whole activation when it has at most ``Config.sample``
+elements), copied out as it is. Each call costs a handful of kernels, none of which
+branches on a device value.
 
-Host side (agent thread), per report: the samples arrive with the report's one copy and
-the shape statistics (mean, std, RMS, kurtosis, zero and near-zero fractions, median |a|,
-histograms) are computed from them in float64 NumPy. A layer's calls in one report
-(modules called several times per forward, gradient accumulation) are merged by
-pooling their samples and adding or maxing their exact parts.
+Per report (training thread, ``summarize`` and ``hist_counts``): each layer's calls
+(modules called several times per forward, gradient accumulation) are pooled, and the
+samples are reduced on the device, all layers of one sample size at once, to a few
+moments, fractions, a median and histogram counts: a handful of batched kernels. Doing
+this on the agent thread in NumPy cost more: on a CPU whose cores all train, every
+millisecond the agent thread computes is taken from the training threads, and more than a
+millisecond is lost, since their parallel regions wait for the preempted one.
+
+Host side (agent thread): the arithmetic that turns those columns into statistics.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ import torch
 
 from agent.config import LAYER_STATS, Config
 
-__all__ = ["LAYER_STATS", "ROW_COLS", "Needs", "first_tensor", "sample_stride", "sample_rows",
-           "unit_max", "activation_row", "finalize_layers"]
+__all__ = ["LAYER_STATS", "ROW_COLS", "SUMMARY_COLS", "Needs", "first_tensor", "sample_stride",
+           "sample_rows", "unit_max", "activation_row", "summarize", "hist_counts",
+           "finalize_layers"]
 
 #: One call's exact row: the non-finite count, the largest and the smallest value.
 ROW_COLS = ("nonfinite", "max", "min")
 NONFINITE, MAX, MIN = range(len(ROW_COLS))
+
+#: What ``summarize`` reduces each layer's pooled sample to, in column order.
+SUMMARY_COLS = ("mean", "var", "m4", "zero_frac", "near_zero_frac", "median_abs")
 
 #: The median |a| of ``massive_ratio`` uses every s-th value of the layer's sample, at most
 #: this many: the ratio only needs its order of magnitude, and the median (a partition) is
@@ -148,21 +157,77 @@ def activation_row(x: torch.Tensor, need: Needs, cfg: Config, zero: torch.Tensor
     return torch.stack(cols), umax, sample
 
 
+def pool_by_layer(samples: list[torch.Tensor], layer_of: list[int]
+                  ) -> dict[int, torch.Tensor]:
+    """Each layer's samples of this window (one per call) as one tensor."""
+    by_layer: dict[int, list[torch.Tensor]] = {}
+    for t, i in zip(samples, layer_of, strict=True):
+        by_layer.setdefault(i, []).append(t)
+    return {i: ts[0] if len(ts) == 1 else torch.cat(ts) for i, ts in by_layer.items()}
+
+
+def summarize(pooled: dict[int, torch.Tensor], layers: int, eps: float,
+              device: torch.device) -> torch.Tensor:
+    """``[layers x SUMMARY_COLS]`` on the device: each layer's pooled sample reduced to its
+    mean, variance, 4th central moment, zero and near-zero (|a| < eps) fractions, and the
+    median |a| over every s-th value (at most ``MEDIAN_SAMPLE``, as NumPy's median: the
+    middle two averaged). NaN for layers with no sample. Moments accumulate in float64."""
+    out = torch.full((layers, len(SUMMARY_COLS)), float("nan"), device=device)
+    by_size: dict[int, list[int]] = {}
+    for i, t in pooled.items():
+        by_size.setdefault(t.numel(), []).append(i)
+    for n, idx in by_size.items():  # one batch of kernels per sample size
+        a = torch.stack([pooled[i].to(device) for i in idx])
+        mean = a.mean(1, dtype=torch.float64)
+        d2 = (a - mean.float()[:, None]).square_()
+        mag = a.abs_()  # ``a`` is a fresh stack: reuse it
+        small = mag[:, :: sample_stride(n, MEDIAN_SAMPLE, 1)]
+        cols = (mean, d2.mean(1, dtype=torch.float64), d2.square_().mean(1, dtype=torch.float64),
+                (mag == 0).sum(1) / n, (mag < eps).sum(1) / n, small.quantile(0.5, dim=1))
+        out[torch.tensor(idx, device=device)] = torch.stack([c.float() for c in cols], 1)
+    return out
+
+
+def hist_counts(pooled: list[torch.Tensor | None], exponents: tuple[int, int], limit: int,
+                device: torch.device) -> torch.Tensor:
+    """``[len(pooled) x bins]`` counts in the bins of ``agent.histograms`` (on the device),
+    each over at most ``limit`` values of its sample (every s-th); a row of zeros for None.
+
+    The bin comes from the float's exponent bits (exact, and cheaper than a log or a
+    search); NaN is not counted (``nonfinite`` counts it); no value is read back."""
+    lo, hi = exponents
+    k = hi - lo
+    bins = 2 * k + 3
+    counts = torch.zeros(len(pooled) * bins + 1, device=device)  # the last slot takes NaN
+    picked = [(r, a[:: max(1, -(-a.numel() // max(limit, 1)))])
+              for r, a in enumerate(pooled) if a is not None and a.numel()]
+    if picked:
+        x = torch.cat([a.to(device) for _, a in picked]).float()
+        base = torch.repeat_interleave(
+            torch.tensor([r * bins for r, _ in picked], device=device),
+            torch.tensor([a.numel() for _, a in picked], device=device), output_size=x.numel())
+        bits = x.view(torch.int32)
+        mag = bits & 0x7FFFFFFF
+        p = ((mag >> 23) - 127 - lo).clamp_(-1, k)  # -1: the zero bin; k: overflow
+        idx = base + torch.where(bits < 0, k - p, k + 2 + p)
+        idx = torch.where(mag > 0x7F800000, len(pooled) * bins, idx)
+        counts.index_add_(0, idx, torch.ones_like(x))
+    return counts[:-1].view(len(pooled), bins)
+
+
 def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
-                    samples: list[np.ndarray], row_layer: list[int], eps: float,
-                    dead: np.ndarray, dead_window: np.ndarray, units: list[int],
-                    grad_norms: np.ndarray, grad_layer: list[int], grad_elements: list[int]
-                    ) -> np.ndarray:
+                    summary: np.ndarray, row_layer: list[int], dead: np.ndarray,
+                    dead_window: np.ndarray, units: list[int], grad_norms: np.ndarray,
+                    grad_layer: list[int], grad_elements: list[int]) -> np.ndarray:
     """The ``[layers x stats]`` float32 block of one report (host, float64 arithmetic).
 
-    ``rows`` (``ROW_COLS``) and ``samples``: one per call, of layer ``row_layer[k]``;
-    ``dead``, ``dead_window`` (unit counts) and ``units``: per layer. ``grad_norms``: one
-    ||dL/dh|| per gradient hook call. A layer with no call in the report gets NaN.
+    ``rows`` (``ROW_COLS``): one per call, of layer ``row_layer[k]``; ``summary``
+    (``SUMMARY_COLS``), ``dead``, ``dead_window`` (unit counts) and ``units``: per layer.
+    ``grad_norms``: one ||dL/dh|| per gradient hook call. A layer with no call gets NaN.
     """
     out = np.full((layers, len(LAYER_STATS)), np.nan)
     col = {s: j for j, s in enumerate(LAYER_STATS)}
     rows = rows.astype(np.float64)
-    by_size: dict[int, list[tuple[int, np.ndarray]]] = {}
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for i, ks in enumerate(calls_by_layer(layers, row_layer)):
             if not ks:
@@ -174,14 +239,12 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
             if units[i]:
                 o[col["dead_frac"]] = dead[i] / units[i]
                 o[col["dead_frac_window"]] = dead_window[i] / units[i]
-            a = pooled(samples, ks)
-            by_size.setdefault(a.size, []).append((i, a))
-        for group in by_size.values():  # one batch of NumPy calls per sample size
-            idx = [i for i, _ in group]
-            for name, v in _sample_stats(np.stack([a for _, a in group]), eps).items():
-                out[idx, col[name]] = v
-        m = col["massive_ratio"]
-        out[:, m] = out[:, col["max_abs"]] / out[:, m]  # held the median until here
+        mean, var, m4, zero, near, med = summary.astype(np.float64).T
+        out[:, col["mean"]], out[:, col["std"]] = mean, np.sqrt(var)
+        out[:, col["rms"]] = np.sqrt(var + mean * mean)
+        out[:, col["kurtosis"]] = np.where(var > 0, m4 / var ** 2, np.nan)
+        out[:, col["zero_frac"]], out[:, col["near_zero_frac"]] = zero, near
+        out[:, col["massive_ratio"]] = out[:, col["max_abs"]] / med
         gsq = np.zeros(layers)
         gn = np.zeros(layers)
         for k, i in enumerate(grad_layer):
@@ -191,31 +254,8 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
     return out[:, [col[s] for s in stats]].astype(np.float32)
 
 
-def _sample_stats(a: np.ndarray, eps: float) -> dict[str, np.ndarray]:
-    """The sample-based statistics of layers whose pooled samples are the rows of ``a``
-    (float32; NumPy's pairwise sums keep it accurate to ~1e-6 at these sizes). Under
-    ``massive_ratio``: the median |a|, divided into max |a| by the caller."""
-    mean = a.mean(axis=1, dtype=np.float64)
-    d = a - mean.astype(np.float32)[:, None]
-    d2 = d * d
-    var = d2.mean(axis=1, dtype=np.float64)
-    mag = np.abs(a)
-    small = mag[:, :: sample_stride(a.shape[1], MEDIAN_SAMPLE, 1)]
-    return {"mean": mean, "std": np.sqrt(var), "rms": np.sqrt(var + mean * mean),
-            "kurtosis": np.where(var > 0, (d2 * d2).mean(axis=1, dtype=np.float64) / var ** 2,
-                                 np.nan),
-            "zero_frac": np.count_nonzero(a == 0, axis=1) / a.shape[1],
-            "near_zero_frac": np.count_nonzero(mag < eps, axis=1) / a.shape[1],
-            "massive_ratio": np.median(small, axis=1)}
-
-
 def calls_by_layer(layers: int, row_layer: list[int]) -> list[list[int]]:
     calls: list[list[int]] = [[] for _ in range(layers)]
     for k, i in enumerate(row_layer):
         calls[i].append(k)
     return calls
-
-
-def pooled(samples: list[np.ndarray], ks: list[int]) -> np.ndarray:
-    """The samples of calls ``ks`` as one array."""
-    return samples[ks[0]] if len(ks) == 1 else np.concatenate([samples[k] for k in ks])

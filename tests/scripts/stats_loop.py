@@ -69,7 +69,9 @@ def main() -> None:
             if name:
                 m.register_forward_hook(lambda mod, i, o, name=name: capture(mod, i, o, name))
     gen = torch.Generator().manual_seed(1)
-    with agent.watch(model, opt, name="stats-loop", **json.loads(args.config)) as mon:
+    # No auto-pause: a planted NaN must not stop the run before its step is dumped.
+    with agent.watch(model, opt, name="stats-loop", auto_pause=False,
+                     **json.loads(args.config)) as mon:
         print("READY", mon.run_id, flush=True)
         try:
             while args.steps == 0 or step < args.steps:
