@@ -170,9 +170,11 @@ def summarize(pooled: dict[int, torch.Tensor], layers: int, eps: float,
               device: torch.device) -> torch.Tensor:
     """``[layers x SUMMARY_COLS]`` on the device: each layer's pooled sample reduced to its
     mean, variance, 4th central moment, zero and near-zero (|a| < eps) fractions, and the
-    median |a| over every s-th value (at most ``MEDIAN_SAMPLE``, as NumPy's median: the
-    middle two averaged). NaN for layers with no sample. Moments accumulate in float64."""
-    out = torch.full((layers, len(SUMMARY_COLS)), float("nan"), device=device)
+    median |a| over every s-th value (at most ``MEDIAN_SAMPLE``; the last one dropped when
+    that leaves an even count, so the median is one of them). NaN for layers with no
+    sample. Moments accumulate in float64."""
+    missing = torch.full((len(SUMMARY_COLS),), float("nan"), device=device)
+    out: list[torch.Tensor] = [missing] * layers
     by_size: dict[int, list[int]] = {}
     for i, t in pooled.items():
         by_size.setdefault(t.numel(), []).append(i)
@@ -182,10 +184,15 @@ def summarize(pooled: dict[int, torch.Tensor], layers: int, eps: float,
         d2 = (a - mean.float()[:, None]).square_()
         mag = a.abs_()  # ``a`` is a fresh stack: reuse it
         small = mag[:, :: sample_stride(n, MEDIAN_SAMPLE, 1)]
+        if small.shape[1] % 2 == 0:  # an odd count: the median is one value, no sort needed
+            small = small[:, :-1]
         cols = (mean, d2.mean(1, dtype=torch.float64), d2.square_().mean(1, dtype=torch.float64),
-                (mag == 0).sum(1) / n, (mag < eps).sum(1) / n, small.quantile(0.5, dim=1))
-        out[torch.tensor(idx, device=device)] = torch.stack([c.float() for c in cols], 1)
-    return out
+                (mag == 0).sum(1) / n, (mag < eps).sum(1) / n, small.median(1).values)
+        for i, row in zip(idx, torch.stack([c.float() for c in cols], 1).unbind(0),
+                          strict=True):
+            out[i] = row
+    # Stacked, not indexed: an index built from a host list is a host-to-device copy.
+    return torch.stack(out) if out else torch.zeros((0, len(SUMMARY_COLS)), device=device)
 
 
 def hist_counts(pooled: list[torch.Tensor | None], exponents: tuple[int, int], limit: int,
@@ -203,15 +210,14 @@ def hist_counts(pooled: list[torch.Tensor | None], exponents: tuple[int, int], l
               for r, a in enumerate(pooled) if a is not None and a.numel()]
     if picked:
         x = torch.cat([a.to(device) for _, a in picked]).float()
-        base = torch.repeat_interleave(
-            torch.tensor([r * bins for r, _ in picked], device=device),
-            torch.tensor([a.numel() for _, a in picked], device=device), output_size=x.numel())
+        base = torch.cat([torch.full((a.numel(),), r * bins, dtype=torch.int32, device=device)
+                          for r, a in picked])  # each value's row, made on the device
         bits = x.view(torch.int32)
         mag = bits & 0x7FFFFFFF
         p = ((mag >> 23) - 127 - lo).clamp_(-1, k)  # -1: the zero bin; k: overflow
         idx = base + torch.where(bits < 0, k - p, k + 2 + p)
         idx = torch.where(mag > 0x7F800000, len(pooled) * bins, idx)
-        counts.index_add_(0, idx, torch.ones_like(x))
+        counts.scatter_add_(0, idx.long(), torch.ones_like(x))
     return counts[:-1].view(len(pooled), bins)
 
 

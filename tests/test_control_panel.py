@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from textual.widgets import ContentSwitcher
+
 from tests.conftest import SCRIPTS, status_text, until
 from tests.test_control import steps_logged
 from tui.app import NeurotopApp
@@ -77,5 +79,15 @@ async def test_panel_steps_edits_with_validation_and_logs_acks(start_run, tmp_pa
             assert steps_logged(log)[held + 2]["lr"] == [0.025]
             await pilot.press("space")
             await until(pilot, lambda: "LIVE" in status_text(app), what="LIVE again")
+
+            # On the control screen the panel is the screen: `c` goes back, never to a blank.
+            await pilot.press("5")
+            await pilot.pause(0.2)
+            assert app.screen_name == "control" and panel.has_class("full")
+            await pilot.press("c")
+            await pilot.pause(0.2)
+            switcher = app.query_one(ContentSwitcher)
+            assert app.screen_name == "overview" and switcher.current == "overview"
+            assert not switcher.has_class("hidden") and not panel.has_class("full")
     finally:
         client.close()

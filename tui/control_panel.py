@@ -239,11 +239,13 @@ class KnobEditScreen(ModalScreen[dict[str, Any] | None]):
 
 class ControlActions:
     """The app's control keys, mixed into ``NeurotopApp`` (which has ``client``, ``store``,
-    ``read_only`` and ``redraw``). Every command's outcome is notified and logged."""
+    ``read_only``, ``screen_name``, ``action_screen`` and ``redraw``). Every command's
+    outcome is notified and logged."""
 
     client: LiveClient
     store: RunStore
     read_only: bool
+    screen_name: str
     _knobs_asked = 0.0
 
     def draw_controls(self) -> None:
@@ -257,6 +259,9 @@ class ControlActions:
             self.client.command("knobs")  # the listing comes back as telemetry, into the store
 
     def action_toggle_controls(self) -> None:
+        if self.screen_name == "control":  # the panel is the whole screen: hiding it goes back
+            self.action_screen("overview")
+            return
         panel = self.query_one(ControlPanel)
         panel.toggle_class("shown")
         if panel.has_class("shown"):
