@@ -121,7 +121,7 @@ class LayerTable(ScrollView, can_focus=True):
                 Binding("home", "move(-100000)", show=False),
                 Binding("end", "move(100000)", show=False),
                 Binding("enter", "choose", show=False)]
-    SPARK_WIDTH = 24
+    SPARK_WIDTH = 24  # at least
     NUM_W = 10
 
     class Chosen(Message):
@@ -148,6 +148,7 @@ class LayerTable(ScrollView, can_focus=True):
         self._levels: dict[int, np.ndarray] = {}
         self._header = ""
         self._name_w = 12
+        self._spark_w = self.SPARK_WIDTH
         self._style_cache: tuple[Style, Style, Style] | None = None
         self._level_styles: list[Style] = []
         self.preset = "overview"
@@ -183,6 +184,9 @@ class LayerTable(ScrollView, can_focus=True):
     def selected_layer(self) -> str:
         return self._rows[self.cursor_row] if 0 <= self.cursor_row < len(self._rows) else ""
 
+    def on_resize(self) -> None:
+        self.app.invalidate()  # the trend's width follows the table's
+
     def draw(self, store: RunStore, view: View) -> None:
         schema = store.schema
         block = store.latest_block()
@@ -198,7 +202,11 @@ class LayerTable(ScrollView, can_focus=True):
         self.cursor_row = min(self.cursor_row, max(len(self._rows) - 1, 0))
         self._stats, self._block = stats, block
         self._cols = [stats.index(c) for c in self.shown(stats)]
-        self._hist = store.layer_history(self.spark_stat, self.SPARK_WIDTH)
+        # The trend takes the room the columns leave (a wide terminal shows a longer one).
+        used = min(max((len(n) for n in layers), default=5) + 1, 40) + \
+            self.NUM_W * len(self._cols) + 2
+        self._spark_w = max(self.SPARK_WIDTH, min((self.size.width or 0) - used - 1, 160))
+        self._hist = store.layer_history(self.spark_stat, self._spark_w)
         big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
         self._levels = {j: levels(st, block[:, j], big) for j, st in enumerate(stats)
                         if has_band(st)}
@@ -208,7 +216,7 @@ class LayerTable(ScrollView, can_focus=True):
             arrow = ("▼" if view.descending else "▲") if st == view.sort else ""
             heads.append(f"{(st + arrow)[: self.NUM_W - 1]:>{self.NUM_W}}")
         self._header = "".join(heads) + f"  trend: {self.spark_stat}"
-        width = len(self._header) + self.SPARK_WIDTH
+        width = len(self._header) + self._spark_w
         self.virtual_size = Size(width, len(self._rows) + 1)
         self._style_cache = None
         self.refresh()
@@ -234,7 +242,7 @@ class LayerTable(ScrollView, can_focus=True):
             cell = f"{fmt(float(self._block[i, j]))[: self.NUM_W - 1]:>{self.NUM_W}}"
             lv = self._levels.get(j)
             segs.append(Segment(cell, level_style[int(lv[i])] if lv is not None else base))
-        spark = sparkline(self._hist[i], self.SPARK_WIDTH) if len(self._hist) else ""
+        spark = sparkline(self._hist[i], self._spark_w) if len(self._hist) else ""
         segs.append(Segment("  " + spark, base))
         return segs
 
