@@ -1,7 +1,7 @@
 """Training-step overhead of the agent: with and without it, interleaved in fresh processes.
 
     python benchmarks/overhead.py                 # CPU (and CUDA when there is one)
-    python benchmarks/overhead.py --reps 6        # more processes per mode, less noise
+    python benchmarks/overhead.py --reps 10       # more processes per mode, less noise
 
 Two models, each trained with AdamW on 1024 rows per step: a GPT-style transformer (4
 pre-LN blocks, width 256, 4 heads, 128 tokens, batch 8) and a ReLU MLP (6 hidden layers
@@ -173,7 +173,7 @@ def measure(model: str, device: str, args: argparse.Namespace) -> dict[str, floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=4, help="processes per mode and model")
+    p.add_argument("--reps", type=int, default=6, help="processes per mode and model")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per process")
     p.add_argument("--chunks", type=int, default=4, help="timed chunks of 10 steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
