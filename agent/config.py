@@ -56,7 +56,7 @@ class Config:
     #: r-th row (last dimension), r coprime with the second-to-last dimension. Activations
     #: this small or smaller are used whole. Also the row sample of each parameter for
     #: ``update_ratio`` and ``nlm_cos``.
-    sample: int = 8192
+    sample: int = 4096
     #: ``dead_frac_window``: units never positive over this many reports.
     dead_window: int = 10
     #: Histograms every K reports (0: never), of these layers' activations and gradients.

@@ -164,7 +164,7 @@ class Detectors:
         self._reports = 0
         self._loss_ema = self._loss_var = self._gn_ema = math.nan
         self._losses: deque[float] = deque(maxlen=self.rules.loss_window)
-        self._ratios: dict[str, deque[tuple[int, float]]] = {}
+        self._ratios: dict[str, tuple[deque[int], deque[float]]] = {}  # steps, ratios
         self._dead: dict[str, deque[tuple[int, float]]] = {}
 
     def check(self, step: int, block: np.ndarray, scalars: np.ndarray,
@@ -238,16 +238,18 @@ class Detectors:
                     "massive_activation", WARN,
                     f"layer {layer!r}: max|a| {top:.3g} is {ratio:.3g}x its median |a|"
                     f"", step, layer, float(ratio)), r.persist)
-            hist = self._ratios.setdefault(layer, deque(maxlen=horizon))
-            if len(hist) == horizon and ratio > 0:
-                low = min(v for _, v in hist)
+            steps, ratios = self._ratios.setdefault(
+                layer, (deque(maxlen=horizon), deque(maxlen=horizon)))
+            if len(ratios) == horizon and ratio > 0:
+                low = min(ratios)
                 if low > 0 and ratio > r.massive_growth * low:
                     self._add(found, Alert(
                         "massive_growth", WARN,
                         f"layer {layer!r}: max|a|/median|a| grew {ratio / low:.1f}x to"
-                        f" {ratio:.3g} since step {hist[0][0]}", step, layer, float(ratio)),
+                        f" {ratio:.3g} since step {steps[0]}", step, layer, float(ratio)),
                         r.persist)
-            hist.append((step, float(ratio)))
+            steps.append(step)
+            ratios.append(float(ratio))
 
     def _dying(self, step: int, col: dict[str, np.ndarray], layers: list[str],
                types: list[str], found: dict[tuple[str, str], _Condition]) -> None:

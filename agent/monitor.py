@@ -72,6 +72,7 @@ class Monitor:
         self._observed: dict[str, Any] = {}
         self._user_scalars: list[str] = []
         self._schema_id = 0
+        self._schema_cache: tuple[tuple[int, int], dict[str, Any]] | None = None
         self._reports = 0
         self._samples = 0  # samples seen by the model's forward in this report window
         self._last_report = (time.monotonic(), 0)  # (t, step) of the previous report
@@ -251,6 +252,14 @@ class Monitor:
     # -- read by the agent thread -------------------------------------------------------
 
     def _schema(self) -> dict[str, Any]:
+        """The schema (shared: do not mutate). Built again only when it changes: the agent
+        thread reads it on every report."""
+        key = (self._schema_id, len(self.optimizer.param_groups))
+        if self._schema_cache is None or self._schema_cache[0] != key:
+            self._schema_cache = (key, self._build_schema())
+        return self._schema_cache[1]
+
+    def _build_schema(self) -> dict[str, Any]:
         c = self.config
         return {"schema_id": self._schema_id, "run_name": self.name, "layers": self._layers,
                 "layer_types": [s.type_name for s in self._specs],

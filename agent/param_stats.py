@@ -38,7 +38,7 @@ class ParamStats:
     """Device-side ``[params x PARAM_STATS]`` for one optimizer step."""
 
     def __init__(self, named: list[tuple[str, nn.Parameter]], enabled: bool = True,
-                 sample: int = 8192) -> None:
+                 sample: int = 4096) -> None:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.enabled = enabled

@@ -234,17 +234,17 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
     out = np.full((layers, len(LAYER_STATS)), np.nan)
     col = {s: j for j, s in enumerate(LAYER_STATS)}
     rows = rows.astype(np.float64)
+    of = np.asarray(row_layer, dtype=np.int64)
+    ran = np.bincount(of, minlength=layers) > 0  # a layer with no call stays NaN
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for i, ks in enumerate(calls_by_layer(layers, row_layer)):
-            if not ks:
-                continue
-            o = out[i]
-            r = rows[ks]
-            o[col["max_abs"]] = np.abs(r[:, [MAX, MIN]]).max()  # NaN stays NaN
-            o[col["nonfinite"]] = r[:, NONFINITE].sum()
-            if units[i]:
-                o[col["dead_frac"]] = dead[i] / units[i]
-                o[col["dead_frac_window"]] = dead_window[i] / units[i]
+        top = np.full(layers, -np.inf)
+        np.maximum.at(top, of, np.abs(rows[:, [MAX, MIN]]).max(1))  # NaN stays NaN
+        out[ran, col["max_abs"]] = top[ran]
+        out[ran, col["nonfinite"]] = np.bincount(of, rows[:, NONFINITE], layers)[ran]
+        u = np.asarray(units, dtype=np.float64)
+        has = ran & (u > 0)
+        out[has, col["dead_frac"]] = np.asarray(dead, np.float64)[has] / u[has]
+        out[has, col["dead_frac_window"]] = np.asarray(dead_window, np.float64)[has] / u[has]
         mean, var, m4, zero, near, med = summary.astype(np.float64).T
         out[:, col["mean"]], out[:, col["std"]] = mean, np.sqrt(var)
         out[:, col["rms"]] = np.sqrt(var + mean * mean)
@@ -258,10 +258,3 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
             gn[i] += grad_elements[k]
         out[:, col["grad_rms"]] = np.sqrt(gsq / np.where(gn > 0, gn, np.nan))
     return out[:, [col[s] for s in stats]].astype(np.float32)
-
-
-def calls_by_layer(layers: int, row_layer: list[int]) -> list[list[int]]:
-    calls: list[list[int]] = [[] for _ in range(layers)]
-    for k, i in enumerate(row_layer):
-        calls[i].append(k)
-    return calls
