@@ -49,17 +49,14 @@ class LayerCollector:
         self._new_window()
 
     def _new_window(self) -> None:
-        self.rows: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []  # ROW_COLS 0-d tensors of every call, in order
         self.samples: list[torch.Tensor] = []
         self.row_layer: list[int] = []
         self.order: list[int] = []  # layers in the order of their first call
         self._seen: set[int] = set()
         self.umax: list[torch.Tensor | None] = [None] * len(self.specs)
-        self.grad_norms: list[torch.Tensor] = []
         self.grad_layer: list[int] = []
-        self.grad_elements: list[int] = []
-        self.grad_samples: list[torch.Tensor] = []  # on histogram reports
-        self.grad_sample_layer: list[int] = []
+        self.grad_samples: list[torch.Tensor] = []  # one per gradient hook call, owned
 
     # -- hook bodies (training thread, report windows only) -------------------------------
 
@@ -84,7 +81,7 @@ class LayerCollector:
         if i not in self._seen:
             self._seen.add(i)
             self.order.append(i)
-        self.rows.append(row)
+        self.rows.extend(row)
         self.samples.append(sample)
         self.row_layer.append(i)
         if umax is not None:
@@ -98,16 +95,13 @@ class LayerCollector:
         return hook
 
     def on_grad(self, i: int, g: torch.Tensor) -> None:
-        """Tensor hook body on a layer's output: ||dL/dh|| over a row sample (the same rule
-        as for activations) and, on histogram reports, the sample itself."""
+        """Tensor hook body on a layer's output: a row sample of dL/dh (the same rule as for
+        activations), kept for its norm and histogram, both taken at pack time."""
         sample = sample_rows(g.detach(), self.config.sample)
-        self.grad_norms.append(torch.linalg.vector_norm(sample, dtype=torch.float32))
+        if sample.numel() == g.numel() or sample.dtype != torch.float32:  # a view: copy
+            sample = sample.to(torch.float32, copy=True)
+        self.grad_samples.append(sample)
         self.grad_layer.append(i)
-        self.grad_elements.append(sample.numel())
-        if self.hist_now and i in self.hist_rows:
-            owned = sample.numel() < g.numel() and sample.dtype == torch.float32
-            self.grad_samples.append(sample if owned else sample.to(torch.float32, copy=True))
-            self.grad_sample_layer.append(i)
 
     def _zero(self, device: torch.device) -> torch.Tensor:
         """A cached 0-d zero on ``device``: the value of the statistics not computed."""
@@ -131,23 +125,25 @@ class LayerCollector:
         c = self.config
         pooled = pool_by_layer(self.samples, self.row_layer)
         parts: dict[str, torch.Tensor] = {
-            "rows": _stack(self.rows, dev, (0, len(ROW_COLS))),
+            "rows": _stack(self.rows, dev, (0,)).view(-1, len(ROW_COLS)),
             "summary": summarize(pooled, len(self.specs), c.eps, dev),
-            "grad_norms": _stack(self.grad_norms, dev, (0,)),
+            "grad_norms": _stack(torch._foreach_norm(self.grad_samples), dev, (0,))
+            if self.grad_samples else torch.zeros(0, device=dev),
         }
         units = [u.numel() if u is not None else 0 for u in self.umax]
         if self.need.units and any(units):
             parts["dead"], parts["dead_window"] = self._dead_counts(dev, units)
         if self.hist_now:
             hist = list(self.hist_rows)  # layer indices, in the schema's hist_layers order
-            grads = pool_by_layer(self.grad_samples, self.grad_sample_layer)
+            grads = pool_by_layer(self.grad_samples, self.grad_layer)
             parts["hist"] = hist_counts([pooled.get(i) for i in hist], c.hist_exponents,
                                         c.hist_sample, dev)
             parts["grad_hist"] = hist_counts([grads.get(i) for i in hist], c.hist_exponents,
                                              c.hist_sample, dev)
         meta: dict[str, Any] = {
             "layers": len(self.specs), "row_layer": self.row_layer, "order": self.order,
-            "units": units, "grad_layer": self.grad_layer, "grad_elements": self.grad_elements,
+            "units": units, "grad_layer": self.grad_layer,
+            "grad_elements": [t.numel() for t in self.grad_samples],
             "hist": self.hist_now}
         self._new_window()
         return parts, meta

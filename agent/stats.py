@@ -125,8 +125,9 @@ def unit_max(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def activation_row(x: torch.Tensor, need: Needs, cfg: Config, zero: torch.Tensor,
                    unit_dim: int, scratch: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One call of a layer, ``x`` float32: ``(row, unit maxima or None, sample)``.
+                   ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+    """One call of a layer, ``x`` float32: ``(row, unit maxima or None, sample)``; the row is
+    ``ROW_COLS`` 0-d tensors (the report stacks all its rows at once).
 
     The sample is owned (never a view of ``x``, which may change in place later).
     ``scratch``, when given, is a float32 buffer of at least ``x.numel()`` elements for
@@ -154,7 +155,7 @@ def activation_row(x: torch.Tensor, need: Needs, cfg: Config, zero: torch.Tensor
     sample = sample_rows(x, cfg.sample)
     if sample.numel() == flat.numel():
         sample = sample.clone()
-    return torch.stack(cols), umax, sample
+    return cols, umax, sample
 
 
 def pool_by_layer(samples: list[torch.Tensor], layer_of: list[int]
