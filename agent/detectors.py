@@ -71,10 +71,10 @@ class AlertRules:
     #: E2: a rise of the dead fraction by more than this within ``dead_jump_steps`` steps.
     dead_jump: float = 0.3
     dead_jump_steps: int = 100
-    #: E3: |mean ln ratio| of consecutive layers of the chain (the blocks, or else the most
+    #: E3: |median ln ratio| of consecutive layers of the chain (the blocks, or else the most
     #: common layer type) for the activation RMS and the backprop signal RMS(dL/dh) ...
     gain: float = 0.1
-    #: ... on chains at least this long (the mean telescopes: short chains say little).
+    #: ... on chains at least this long (a few ratios say little).
     gain_min_layers: int = 4
     #: E3: backprop signal of the chain's first layer over its last outside [1/x, x].
     signal_span: float = 1e3
@@ -299,7 +299,9 @@ class Detectors:
             if not (np.all(np.isfinite(v)) and np.all(v > 0)):
                 continue
             logs = np.log(v)
-            g = float(np.mean(np.diff(logs)))
+            # The median, not METRICS.md's mean: the mean telescopes to (last - first) / n,
+            # so one change of width (a 10-class head after 1024-wide layers) decides it.
+            g = float(np.median(np.diff(logs)))
             if abs(g) > r.gain:
                 trend = "grows" if g > 0 else "shrinks"
                 self._add(found, Alert(

@@ -160,6 +160,13 @@ def test_explode_vanish_from_the_depth_profile():
         exploding[LAYERS.index(name), rms] = 3.0 ** k
     assert run(Detectors(AlertRules(persist=1)), [(exploding, ok)]) == \
         [(1, "explode_vanish", "warn", "")]
+    # One change of width (a small head after wide layers) is not a trend: the median of the
+    # ratios is 1 here, where their mean would be ln(17) / 3.
+    head = healthy()
+    for name in ["fc0", "fc1", "fc2"]:
+        head[LAYERS.index(name), col] = 1e-4
+    head[LAYERS.index("head"), col] = 1.7e-3
+    assert run(Detectors(AlertRules(persist=1)), [(head, ok)] * 3) == []
     # Residual blocks grow their stream by design: their activation RMS is not judged.
     blocks = dict(SCHEMA, blocks=["fc0", "fc1", "fc2", "head"])
     det = Detectors(AlertRules(persist=1))
