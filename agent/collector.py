@@ -127,8 +127,8 @@ class LayerCollector:
         parts: dict[str, torch.Tensor] = {
             "rows": _stack(self.rows, dev, (0,)).view(-1, len(ROW_COLS)),
             "summary": summarize(pooled, len(self.specs), c.eps, dev),
-            "grad_norms": _stack(torch._foreach_norm(self.grad_samples), dev, (0,))
-            if self.grad_samples else torch.zeros(0, device=dev),
+            "grad_norms": _stack(torch._foreach_norm(self.grad_samples) if self.grad_samples
+                                 else [], dev, (0,)),
         }
         units = [u.numel() if u is not None else 0 for u in self.umax]
         if self.need.units and any(units):
@@ -192,7 +192,3 @@ class LayerCollector:
 
 def _stack(ts: list[torch.Tensor], dev: torch.device, empty: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([t.to(dev) for t in ts]) if ts else torch.zeros(empty, device=dev)
-
-
-def _cat(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
-    return torch.cat([t.to(dev) for t in ts]) if ts else torch.zeros(0, device=dev)

@@ -252,10 +252,8 @@ def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,
         out[:, col["kurtosis"]] = np.where(var > 0, m4 / var ** 2, np.nan)
         out[:, col["zero_frac"]], out[:, col["near_zero_frac"]] = zero, near
         out[:, col["massive_ratio"]] = out[:, col["max_abs"]] / med
-        gsq = np.zeros(layers)
-        gn = np.zeros(layers)
-        for k, i in enumerate(grad_layer):
-            gsq[i] += float(grad_norms[k]) ** 2
-            gn[i] += grad_elements[k]
+        gof = np.asarray(grad_layer, dtype=np.int64)
+        gsq = np.bincount(gof, np.asarray(grad_norms, np.float64) ** 2, layers)
+        gn = np.bincount(gof, np.asarray(grad_elements, np.float64), layers)
         out[:, col["grad_rms"]] = np.sqrt(gsq / np.where(gn > 0, gn, np.nan))
     return out[:, [col[s] for s in stats]].astype(np.float32)

@@ -202,15 +202,14 @@ class LayerTable(ScrollView, can_focus=True):
         self.cursor_row = min(self.cursor_row, max(len(self._rows) - 1, 0))
         self._stats, self._block = stats, block
         self._cols = [stats.index(c) for c in self.shown(stats)]
+        self._name_w = min(max((len(n) for n in layers), default=5) + 1, 40)
         # The trend takes the room the columns leave (a wide terminal shows a longer one).
-        used = min(max((len(n) for n in layers), default=5) + 1, 40) + \
-            self.NUM_W * len(self._cols) + 2
+        used = self._name_w + self.NUM_W * len(self._cols) + 2
         self._spark_w = max(self.SPARK_WIDTH, min((self.size.width or 0) - used - 1, 160))
         self._hist = store.layer_history(self.spark_stat, self._spark_w)
         big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
         self._levels = {j: levels(st, block[:, j], big) for j, st in enumerate(stats)
                         if has_band(st)}
-        self._name_w = min(max((len(n) for n in layers), default=5) + 1, 40)
         heads = [f"{'layer':<{self._name_w}}"]
         for st in (stats[j] for j in self._cols):
             arrow = ("▼" if view.descending else "▲") if st == view.sort else ""
