@@ -25,6 +25,7 @@ from agent.stats import (
     hist_counts,
     pool_by_layer,
     sample_rows,
+    stack_by_size,
     summarize,
 )
 
@@ -123,10 +124,10 @@ class LayerCollector:
         """This window's device tensors and host facts; then a fresh window starts."""
         dev = self.device or device
         c = self.config
-        pooled = pool_by_layer(self.samples, self.row_layer)
+        groups = stack_by_size(pool_by_layer(self.samples, self.row_layer), dev)
         parts: dict[str, torch.Tensor] = {
             "rows": _stack(self.rows, dev, (0,)).view(-1, len(ROW_COLS)),
-            "summary": summarize(pooled, len(self.specs), c.eps, dev),
+            "summary": summarize(groups, len(self.specs), c.eps, dev),
             "grad_norms": _stack(torch._foreach_norm(self.grad_samples) if self.grad_samples
                                  else [], dev, (0,)),
         }
@@ -135,11 +136,10 @@ class LayerCollector:
             parts["dead"], parts["dead_window"] = self._dead_counts(dev, units)
         if self.hist_now:
             hist = list(self.hist_rows)  # layer indices, in the schema's hist_layers order
-            grads = pool_by_layer(self.grad_samples, self.grad_layer)
-            parts["hist"] = hist_counts([pooled.get(i) for i in hist], c.hist_exponents,
-                                        c.hist_sample, dev)
-            parts["grad_hist"] = hist_counts([grads.get(i) for i in hist], c.hist_exponents,
-                                             c.hist_sample, dev)
+            grads = stack_by_size(pool_by_layer(self.grad_samples, self.grad_layer), dev)
+            parts["hist"] = hist_counts(groups, hist, c.hist_exponents, c.hist_sample, dev)
+            parts["grad_hist"] = hist_counts(grads, hist, c.hist_exponents, c.hist_sample,
+                                             dev)
         meta: dict[str, Any] = {
             "layers": len(self.specs), "row_layer": self.row_layer, "order": self.order,
             "units": units, "grad_layer": self.grad_layer,

@@ -1,20 +1,24 @@
-"""Per-parameter statistics around the optimizer step, batched with ``torch._foreach_*``.
+"""Per-parameter statistics around the optimizer step, in a few batched kernels.
 
-Before the step (report steps only): gradient norm, max |g|, weight norm and
-cos(-g, theta), plus a copy of a row sample of the weights. After the step: the update
-ratio ||theta_before - theta_after|| / ||theta_before|| over that sample (every row of a
-tensor with at most ``Config.sample`` elements, else every r-th row; see
-``agent.stats.sample_stride``), which spares a full copy and two full passes over the
-parameters. Norms, the copy and the difference are foreach kernels; nothing is read back.
+Before the step (report steps only): gradient norm, max |g| and weight norm over every
+element, and cos(-g, theta) over a row sample; the row samples of the weights and of
+the gradients are copied into two padded ``[params x sample]`` buffers with one
+``_foreach_copy_`` each. After the step: the update ratio ||theta_before - theta_after||
+/ ||theta_before|| over the same sample, which spares a full copy and two full passes
+over the parameters. A sample is every row of a tensor with at most ``Config.sample``
+elements, else every r-th row (see ``agent.stats.sample_stride``); a parameter that is not
+contiguous (channels_last) is sampled by slicing its leading dimensions instead, so that
+the sample is still a view. Nothing is read back.
 
-cos(-g, theta) is measured on the same row sample: it needs a dot product, for which
-there is no foreach kernel (a norm-based identity would lose its digits when
-||g|| << ||theta||, the usual case), so it is one small kernel per tensor on the sample.
-On CPU, max |g| is one ``aminmax`` per tensor: CPU has no fast path for the infinity
-norm, which costs ~10x more there. Neither reads anything back.
+The buffers make cos(-g, theta) and the update ratio three row-wise reductions for all
+parameters at once instead of a few small kernels per tensor; zero padding adds nothing
+to a dot product or a norm. On CPU, max |g| is one ``aminmax`` per tensor: CPU has no
+fast path for the infinity norm, which costs ~10x more there.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -43,10 +47,25 @@ class ParamStats:
         self.params = [p for _, p in named]
         self.enabled = enabled
         self.sample = sample
-        self._views: list[torch.Tensor] | None = None  # row samples of the parameters
-        self._copy: list[torch.Tensor] | None = None  # their values before the step
-        self._before: dict[str, list[torch.Tensor]] | None = None
+        self._views: list[torch.Tensor] = []  # row samples of the parameters (views)
+        self._w: torch.Tensor | None = None  # [params x width]: the weights' samples
+        self._g: torch.Tensor | None = None  # [params x width]: the gradients' samples
+        self._w_rows: list[torch.Tensor] = []  # row j of ``_w``, shaped like ``_views[j]``
+        self._g_rows: list[torch.Tensor] = []
+        self._before: dict[str, torch.Tensor] | None = None
         self.grad_norm: torch.Tensor | None = None  # global, over every gradient
+
+    def _buffers(self) -> None:
+        """The sample views and the padded buffers, made once (shapes never change)."""
+        self._leading = [not p.is_contiguous() for p in self.params]
+        self._views = [sample_view(p, self.sample, lead)
+                       for p, lead in zip(self.params, self._leading, strict=True)]
+        width = max((v.numel() for v in self._views), default=0)
+        p0 = self.params[0]
+        self._w = torch.zeros(len(self.params), width, device=p0.device, dtype=torch.float32)
+        self._g = torch.zeros_like(self._w)
+        self._w_rows = [self._w[j, : v.numel()].view(v.shape) for j, v in enumerate(self._views)]
+        self._g_rows = [self._g[j, : v.numel()].view(v.shape) for j, v in enumerate(self._views)]
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -56,26 +75,30 @@ class ParamStats:
             self.grad_norm, self._before = None, None
             return
         grads = [self.params[j].grad for j in present]
-        gn = torch._foreach_norm(grads)
-        dev = gn[0].device
-        self.grad_norm = torch.linalg.vector_norm(torch.stack([n.to(dev) for n in gn]).float())
+        dev = grads[0].device
+        gn = _stack(torch._foreach_norm(grads), dev)
+        self.grad_norm = torch.linalg.vector_norm(gn.float())
         if not self.enabled:
             return
-        if self._views is None:
-            self._whole = [not p.is_contiguous() for p in self.params]
-            self._views = [sample_view(p, self.sample, w)
-                           for p, w in zip(self.params, self._whole, strict=True)]
-            self._copy = [torch.empty_like(v) for v in self._views]
-        wn_all = torch._foreach_norm(self.params)
-        gs = [sample_view(g if self._whole[j] else g.contiguous(), self.sample, self._whole[j])
-              for g, j in zip(grads, present, strict=True)]
-        ws = [self._views[j] for j in present]
-        cos = torch._foreach_div(
-            [torch.dot(g.reshape(-1), w.reshape(-1)) for g, w in zip(gs, ws, strict=True)],
-            torch._foreach_mul(torch._foreach_norm(gs), torch._foreach_norm(ws)))
-        torch._foreach_copy_(self._copy, self._views)
-        self._before = {"present": present, "gn": gn, "gmax": _max_abs(grads), "wn": wn_all,
-                        "cos": cos}
+        if self._w is None:
+            self._buffers()
+        all_present = len(present) == len(self.params)
+        if not all_present:
+            self._g.zero_()  # a parameter without a gradient has no sample
+        torch._foreach_copy_(
+            [self._g_rows[j] for j in present],
+            [sample_view(g if g.is_contiguous() or self._leading[j] else g.contiguous(),
+                         self.sample, self._leading[j]) for g, j in zip(grads, present,
+                                                                        strict=True)])
+        torch._foreach_copy_(self._w_rows, self._views)
+        on = torch.linalg.vector_norm(self._w, dim=1)
+        # a parameter without a gradient has a zero row in ``_g``: its cos is 0/0, NaN
+        cos = (self._g * self._w).sum(1) / (torch.linalg.vector_norm(self._g, dim=1) * on)
+        gmax = _stack(_max_abs(grads), dev)
+        if not all_present:  # NaN for the parameters without a gradient
+            gn, gmax = (_spread(t, present, len(self.params)) for t in (gn, gmax))
+        self._before = {"gn": gn, "gmax": gmax, "cos": cos, "on": on,
+                        "wn": _stack(torch._foreach_norm(self.params), dev)}
 
     @torch.no_grad()
     def after_step(self, device: torch.device) -> torch.Tensor | None:
@@ -83,35 +106,57 @@ class ParamStats:
         b, self._before = self._before, None
         if not self.enabled or b is None or not self.params:
             return None
-        dn = torch._foreach_norm(torch._foreach_sub(self._views, self._copy))
-        on = torch._foreach_norm(self._copy)
-        nan = torch.full((), float("nan"), device=device)
-        cols = {k: [nan] * len(self.params) for k in ("gn", "gmax", "cos")}
-        for k in cols:
-            for j, v in zip(b["present"], b[k], strict=True):
-                cols[k][j] = v
-        gn, gmax, cos, wn, dn, on = (
-            torch.stack([t.to(device) for t in ts]).float()
-            for ts in (cols["gn"], cols["gmax"], cols["cos"], b["wn"], dn, on))
-        block = {"grad_norm": gn, "grad_max_abs": gmax, "weight_norm": wn,
-                 "update_ratio": dn / on, "nlm_cos": -cos}
-        return torch.stack([block[k] for k in PARAM_STATS], dim=1)
+        torch._foreach_sub_(self._w_rows, self._views)  # before - after
+        dn = torch.linalg.vector_norm(self._w, dim=1)
+        block = {"grad_norm": b["gn"], "grad_max_abs": b["gmax"], "weight_norm": b["wn"],
+                 "update_ratio": dn / b["on"], "nlm_cos": -b["cos"]}
+        return torch.stack([block[k].to(device, torch.float32) for k in PARAM_STATS], dim=1)
 
 
-def sample_view(p: torch.Tensor, limit: int, whole: bool = False) -> torch.Tensor:
-    """A view of at most ``limit`` elements of contiguous ``p``: every r-th row (all of a
-    small tensor, or of any tensor when ``whole``). The positions depend on the shape
-    only, so a parameter and its gradient give matching samples. A view, not a copy, so
-    that it shows the values the optimizer writes in place.
+def sample_view(p: torch.Tensor, limit: int, leading: bool = False) -> torch.Tensor:
+    """A view of at most ``limit`` elements of ``p``: every r-th row (all of a small
+    tensor) of contiguous ``p``; with ``leading`` (for a parameter that is not contiguous)
+    every s-th index of its leading dimensions. The positions depend on the shape only, so
+    a parameter and its gradient give matching samples. A view, not a copy, so that it
+    shows the values the optimizer writes in place.
     """
     n = p.numel()
-    if n <= limit or whole:
+    if n <= limit:
         return p
+    if leading:
+        return _slice_leading(p, limit)
     width = p.shape[-1] if p.dim() else 1
     if width > limit:
         return p.view(-1)[:: sample_stride(n, limit, 1)]
     rows = n // width
     return p.view(rows, width)[:: sample_stride(rows, max(1, limit // width), 1)]
+
+
+def _slice_leading(p: torch.Tensor, limit: int) -> torch.Tensor:
+    """Every s-th index along the first dimensions, until at most ``limit`` elements."""
+    v = p
+    for d in range(p.dim()):
+        if v.numel() <= limit:
+            break
+        rest = math.prod(v.shape[d + 1:])
+        keep = max(1, limit // rest)
+        step = v.shape[d] if keep == 1 and rest > limit else -(-v.shape[d] // keep)
+        v = v[(slice(None),) * d + (slice(None, None, step),)]
+    return v
+
+
+def _stack(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One tensor of 0-d ``ts`` (parameters may live on several devices)."""
+    return torch.stack([t.to(device) for t in ts])
+
+
+def _spread(values: torch.Tensor, present: list[int], n: int) -> torch.Tensor:
+    """``values`` (one per present parameter) at their places among ``n``, NaN elsewhere."""
+    nan = torch.full((), float("nan"), device=values.device, dtype=values.dtype)
+    out = [nan] * n
+    for j, v in zip(present, values.unbind(0), strict=True):
+        out[j] = v
+    return torch.stack(out)
 
 
 def _max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

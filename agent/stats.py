@@ -22,6 +22,7 @@ Host side (agent thread): the arithmetic that turns those columns into statistic
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -30,7 +31,8 @@ import torch
 from agent.config import LAYER_STATS, Config
 
 __all__ = ["LAYER_STATS", "ROW_COLS", "SUMMARY_COLS", "Needs", "first_tensor", "sample_stride",
-           "sample_rows", "unit_max", "activation_row", "summarize", "hist_counts",
+           "sample_rows", "unit_max", "activation_row", "stack_by_size", "summarize",
+           "hist_counts",
            "finalize_layers"]
 
 #: One call's exact row: the non-finite count, the largest and the smallest value.
@@ -167,8 +169,20 @@ def pool_by_layer(samples: list[torch.Tensor], layer_of: list[int]
     return {i: ts[0] if len(ts) == 1 else torch.cat(ts) for i, ts in by_layer.items()}
 
 
-def summarize(pooled: dict[int, torch.Tensor], layers: int, eps: float,
-              device: torch.device) -> torch.Tensor:
+Groups = list[tuple[list[int], torch.Tensor]]
+
+
+def stack_by_size(pooled: dict[int, torch.Tensor], device: torch.device) -> Groups:
+    """The pooled samples as ``(layers, [len(layers) x n] stack)``, one per sample size n,
+    so that the report's reductions are a few batched kernels, not a few per layer."""
+    by_size: dict[int, list[int]] = {}
+    for i, t in pooled.items():
+        if t.numel():
+            by_size.setdefault(t.numel(), []).append(i)
+    return [(idx, torch.stack([pooled[i].to(device) for i in idx])) for idx in by_size.values()]
+
+
+def summarize(groups: Groups, layers: int, eps: float, device: torch.device) -> torch.Tensor:
     """``[layers x SUMMARY_COLS]`` on the device: each layer's pooled sample reduced to its
     mean, variance, 4th central moment, zero and near-zero (|a| < eps) fractions, and the
     median |a| over every s-th value (at most ``MEDIAN_SAMPLE``; the last one dropped when
@@ -176,19 +190,16 @@ def summarize(pooled: dict[int, torch.Tensor], layers: int, eps: float,
     sample. Moments accumulate in float64."""
     missing = torch.full((len(SUMMARY_COLS),), float("nan"), device=device)
     out: list[torch.Tensor] = [missing] * layers
-    by_size: dict[int, list[int]] = {}
-    for i, t in pooled.items():
-        by_size.setdefault(t.numel(), []).append(i)
-    for n, idx in by_size.items():  # one batch of kernels per sample size
-        a = torch.stack([pooled[i].to(device) for i in idx])
+    for idx, a in groups:
+        n = a.shape[1]
         mean = a.mean(1, dtype=torch.float64)
         d2 = (a - mean.float()[:, None]).square_()
-        mag = a.abs_()  # ``a`` is a fresh stack: reuse it
+        mag = a.abs()
         small = mag[:, :: sample_stride(n, MEDIAN_SAMPLE, 1)]
         if small.shape[1] % 2 == 0:  # an odd count: the median is one value, no sort needed
             small = small[:, :-1]
         cols = (mean, d2.mean(1, dtype=torch.float64), d2.square_().mean(1, dtype=torch.float64),
-                (mag == 0).sum(1) / n, (mag < eps).sum(1) / n, small.median(1).values)
+                (a == 0).sum(1) / n, (mag < eps).sum(1) / n, small.median(1).values)
         for i, row in zip(idx, torch.stack([c.float() for c in cols], 1).unbind(0),
                           strict=True):
             out[i] = row
@@ -196,30 +207,54 @@ def summarize(pooled: dict[int, torch.Tensor], layers: int, eps: float,
     return torch.stack(out) if out else torch.zeros((0, len(SUMMARY_COLS)), device=device)
 
 
-def hist_counts(pooled: list[torch.Tensor | None], exponents: tuple[int, int], limit: int,
-                device: torch.device) -> torch.Tensor:
-    """``[len(pooled) x bins]`` counts in the bins of ``agent.histograms`` (on the device),
-    each over at most ``limit`` values of its sample (every s-th); a row of zeros for None.
+#: A float32's top 10 bits (sign, exponent, first mantissa bit) decide its histogram bin.
+_CODE_SHIFT, _CODES = 22, 1024
 
-    The bin comes from the float's exponent bits (exact, and cheaper than a log or a
-    search); NaN is not counted (``nonfinite`` counts it); no value is read back."""
-    lo, hi = exponents
+
+@functools.lru_cache(maxsize=8)
+def _bin_matrix(device: torch.device, lo: int, hi: int) -> torch.Tensor:
+    """``[_CODES x bins]`` one-hot float map from a value's top-10-bit code to its bin of
+    ``agent.histograms``; quiet NaN (exponent 255, first mantissa bit set) maps nowhere.
+    Made on the device from an ``arange``: no host-to-device copy."""
     k = hi - lo
     bins = 2 * k + 3
-    counts = torch.zeros(len(pooled) * bins + 1, device=device)  # the last slot takes NaN
-    picked = [(r, a[:: max(1, -(-a.numel() // max(limit, 1)))])
-              for r, a in enumerate(pooled) if a is not None and a.numel()]
-    if picked:
-        x = torch.cat([a.to(device) for _, a in picked]).float()
-        base = torch.cat([torch.full((a.numel(),), r * bins, dtype=torch.int32, device=device)
-                          for r, a in picked])  # each value's row, made on the device
-        bits = x.view(torch.int32)
-        mag = bits & 0x7FFFFFFF
-        p = ((mag >> 23) - 127 - lo).clamp_(-1, k)  # -1: the zero bin; k: overflow
-        idx = base + torch.where(bits < 0, k - p, k + 2 + p)
-        idx = torch.where(mag > 0x7F800000, len(pooled) * bins, idx)
-        counts.scatter_add_(0, idx.long(), torch.ones_like(x))
-    return counts[:-1].view(len(pooled), bins)
+    c = torch.arange(_CODES, device=device)
+    exp = (c >> 1) & 0xFF
+    p = (exp - 127 - lo).clamp_(-1, k)  # -1: the zero bin (zero, subnormal, < 2**lo); k: overflow
+    b = torch.where(c >= _CODES // 2, k - p, k + 2 + p)
+    b = torch.where((exp == 0xFF) & (c & 1 == 1), bins, b)
+    return (b[:, None] == torch.arange(bins, device=device)[None, :]).float()
+
+
+def hist_counts(groups: Groups, want: list[int], exponents: tuple[int, int], limit: int,
+                device: torch.device) -> torch.Tensor:
+    """``[len(want) x bins]`` counts in the bins of ``agent.histograms`` (on the device):
+    row r for layer ``want[r]``, over every s-th value of its sample (at most ``limit``);
+    zeros for a layer with no sample.
+
+    A value's bin follows from its top 10 bits (exact, and cheaper than a log or a
+    search): each row's values are counted per code (one ``scatter_add_``), and the code
+    counts go to bins in one small matmul. NaN is not counted (``nonfinite`` counts it);
+    no value is read back."""
+    lo, hi = exponents
+    bins = 2 * (hi - lo) + 3
+    to_bin = _bin_matrix(device, lo, hi)
+    row_of = {layer: r for r, layer in enumerate(want)}
+    zero = torch.zeros(bins, device=device)
+    out: list[torch.Tensor] = [zero] * len(want)
+    for idx, a in groups:
+        pick = [(j, row_of[i]) for j, i in enumerate(idx) if i in row_of]
+        if not pick:
+            continue
+        if len(pick) < len(idx):
+            a = torch.stack([a[j] for j, _ in pick])
+        a = a[:, :: max(1, -(-a.shape[1] // max(limit, 1)))]
+        code = ((a.view(torch.int32) >> _CODE_SHIFT) & (_CODES - 1)).long()
+        per_code = torch.zeros(a.shape[0], _CODES, device=device).scatter_add_(
+            1, code, torch.ones((), device=device).expand(code.shape))
+        for (_, r), row in zip(pick, (per_code @ to_bin).unbind(0), strict=True):
+            out[r] = row
+    return torch.stack(out) if out else torch.zeros((0, bins), device=device)
 
 
 def finalize_layers(stats: tuple[str, ...], layers: int, rows: np.ndarray,

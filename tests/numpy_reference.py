@@ -83,10 +83,27 @@ def param_sample(p: np.ndarray, limit: int) -> np.ndarray:
     return p.reshape(rows, width)[:: stride(rows, max(1, limit // width), 1)].reshape(-1)
 
 
+def leading_sample(p: np.ndarray, limit: int) -> np.ndarray:
+    """README: a parameter that is not contiguous: every s-th index of its leading
+    dimensions, one dimension after the other, until at most ``limit`` values are left."""
+    v = p
+    for d in range(p.ndim):
+        if v.size <= limit:
+            break
+        rest = math.prod(v.shape[d + 1:])
+        if rest > limit:
+            v = v[(slice(None),) * d + (slice(0, 1),)]
+        else:
+            step = math.ceil(v.shape[d] / (limit // rest))
+            v = v[(slice(None),) * d + (slice(None, None, step),)]
+    return v.reshape(-1)
+
+
 def param_stats(before: np.ndarray, after: np.ndarray, grad: np.ndarray,
-                sample: int) -> dict[str, float]:
+                sample: int, leading: bool = False) -> dict[str, float]:
     b, a, g = (x.astype(np.float64) for x in (before, after, grad))
-    bs, as_, gs = (param_sample(x, sample) for x in (b, a, g))
+    pick = leading_sample if leading else param_sample
+    bs, as_, gs = (pick(x, sample) for x in (b, a, g))
     return {"grad_norm": np.linalg.norm(g), "grad_max_abs": np.abs(g).max(),
             "weight_norm": np.linalg.norm(b),
             "update_ratio": np.linalg.norm(bs - as_) / np.linalg.norm(bs),

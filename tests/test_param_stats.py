@@ -1,0 +1,81 @@
+"""Per-parameter statistics of a real optimizer step against NumPy, including the cases
+the batched buffers must get right: a sampled weight, a channels_last (not contiguous)
+convolution, a parameter without a gradient in this step, and bf16 weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from agent.config import PARAM_STATS
+from agent.param_stats import ParamStats, param_names
+from tests import numpy_reference as ref
+
+SAMPLE = 256
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)
+        self.fc = nn.Linear(16 * 4 * 4, 40)
+        self.unused = nn.Linear(4, 4)  # no gradient: NaN, not a stale or zero value
+        self.head = nn.Linear(40, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.head(torch.relu(self.fc(h)))
+
+
+def step_and_measure(model: nn.Module, dtype: torch.dtype = torch.float32
+                     ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, ...]], list[str]]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    stats = ParamStats(param_names(model, opt), sample=SAMPLE)
+    x = torch.randn(4, 8, 6, 6, dtype=dtype).to(memory_format=torch.channels_last)
+    for _ in range(2):  # the second step runs with optimizer state
+        opt.zero_grad(set_to_none=True)
+        model(x).float().square().mean().backward()
+        before = {n: p.detach().float().numpy().copy() for n, p in model.named_parameters()}
+        grads = {n: p.grad.float().numpy().copy() for n, p in model.named_parameters()
+                 if p.grad is not None}
+        stats.before_step()
+        opt.step()
+        block = stats.after_step(torch.device("cpu"))
+    after = {n: p.detach().float().numpy().copy() for n, p in model.named_parameters()}
+    data = {n: (before[n], after[n], grads.get(n)) for n in before}
+    return block.numpy(), data, stats.names
+
+
+def expected(data, names, model: nn.Module) -> np.ndarray:
+    params = dict(model.named_parameters())
+    rows = []
+    for n in names:
+        b, a, g = data[n]
+        if g is None:  # no gradient: its statistics are NaN
+            g = np.full_like(b, np.nan)
+        r = ref.param_stats(b, a, g, SAMPLE, leading=not params[n].is_contiguous())
+        rows.append([r[s] for s in PARAM_STATS])
+    return np.array(rows)
+
+
+def test_param_stats_match_numpy_for_sampled_channels_last_and_unused_parameters():
+    torch.manual_seed(0)
+    model = Net()
+    assert not model.conv.weight.is_contiguous()  # the case under test
+    block, data, names = step_and_measure(model)
+    want = expected(data, names, model)
+    assert block.shape == (len(names), len(PARAM_STATS))
+    unused = [i for i, n in enumerate(names) if n.startswith("unused")]
+    assert np.isnan(block[unused][:, [PARAM_STATS.index(s) for s in
+                                      ("grad_norm", "grad_max_abs", "nlm_cos")]]).all()
+    np.testing.assert_allclose(block, want, rtol=2e-4, atol=1e-7)
+
+
+def test_param_stats_of_bf16_weights():
+    torch.manual_seed(0)
+    model = Net().to(torch.bfloat16)
+    block, data, names = step_and_measure(model, torch.bfloat16)
+    want = expected(data, names, model)
+    used = [i for i, n in enumerate(names) if not n.startswith("unused")]
+    np.testing.assert_allclose(block[used], want[used], rtol=2e-2, atol=1e-6)
