@@ -21,6 +21,7 @@ from agent.stats import (
     ROW_COLS,
     Needs,
     activation_row,
+    finish_unit_max,
     first_tensor,
     hist_counts,
     pool_by_layer,
@@ -87,8 +88,13 @@ class LayerCollector:
         self.row_layer.append(i)
         if umax is not None:
             prev = self.umax[i]
-            self.umax[i] = umax if prev is None or prev.shape != umax.shape \
-                else torch.maximum(prev, umax)
+            if prev is None or prev.shape[1] != umax.shape[1]:  # new, or its units changed
+                self.umax[i] = umax
+            elif prev.shape == umax.shape:
+                self.umax[i] = torch.maximum(prev, umax)
+            else:  # another batch size: reduce both to the units' maxima
+                self.umax[i] = torch.maximum(prev.amax(0, keepdim=True),
+                                             umax.amax(0, keepdim=True))
 
     def _grad_hook(self, i: int):
         def hook(g: torch.Tensor) -> None:
@@ -131,7 +137,7 @@ class LayerCollector:
             "grad_norms": _stack(torch._foreach_norm(self.grad_samples) if self.grad_samples
                                  else [], dev, (0,)),
         }
-        units = [u.numel() if u is not None else 0 for u in self.umax]
+        units = [u.shape[1] if u is not None else 0 for u in self.umax]
         if self.need.units and any(units):
             parts["dead"], parts["dead_window"] = self._dead_counts(dev, units)
         if self.hist_now:
@@ -158,8 +164,11 @@ class LayerCollector:
         """
         nan = float("nan")
         width = max(max(units), self._width)
+        have = [i for i, u in enumerate(self.umax) if u is not None]
+        done = dict(zip(have, finish_unit_max([self.umax[i].to(dev) for i in have]),
+                        strict=True))
         cur = torch.nn.utils.rnn.pad_sequence(
-            [u.to(dev) if u is not None else torch.zeros(0, device=dev) for u in self.umax],
+            [done.get(i, torch.zeros(0, device=dev)) for i in range(len(self.specs))],
             batch_first=True, padding_value=nan)
         if cur.shape[1] < width:
             cur = torch.nn.functional.pad(cur, (0, width - cur.shape[1]), value=nan)

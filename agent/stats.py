@@ -3,11 +3,11 @@ computes from a window's calls on the device, and the host-side arithmetic that 
 into the ``[layers x stats]`` block.
 
 Per call of a measured module (training thread): the few statistics that must see every
-element read the whole activation (the non-finite count, max |a| from ``amin`` and the
-per-unit maxima, which also give the dead units); everything else is taken from a row
-sample (``sample_rows``: the whole activation when it has at most ``Config.sample``
-elements), copied out as it is. Each call costs a handful of kernels, none of which
-branches on a device value.
+element read the whole activation, in two passes (the per-unit maxima, which give the
+dead units, and one ``aminmax``, which gives max |a| and, on CPU, tells whether the
+non-finite count must run); everything else is taken from a row sample (``sample_rows``:
+the whole activation when it has at most ``Config.sample`` elements), copied out as it
+is. Each call costs three or four kernels, none of which branches on a device value.
 
 Per report (training thread, ``summarize`` and ``hist_counts``): each layer's calls
 (modules called several times per forward, gradient accumulation) are pooled, and the
@@ -31,9 +31,8 @@ import torch
 from agent.config import LAYER_STATS, Config
 
 __all__ = ["LAYER_STATS", "ROW_COLS", "SUMMARY_COLS", "Needs", "first_tensor", "sample_stride",
-           "sample_rows", "unit_max", "activation_row", "stack_by_size", "summarize",
-           "hist_counts",
-           "finalize_layers"]
+           "sample_rows", "unit_max", "finish_unit_max", "activation_row", "stack_by_size",
+           "summarize", "hist_counts", "finalize_layers"]
 
 #: One call's exact row: the non-finite count, the largest and the smallest value.
 ROW_COLS = ("nonfinite", "max", "min")
@@ -112,39 +111,55 @@ def sample_rows(x: torch.Tensor, limit: int) -> torch.Tensor:
 
 
 def unit_max(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The maximum of each unit (index along ``dim``) over every other dimension."""
+    """``[k x units]`` partial maxima: the maximum of each unit (index along ``dim``) over
+    every other dimension is their column max (``finish_unit_max``).
+
+    The last dimension is reduced as a ``[rows / k x k * units]`` view, which is fastest
+    on CPU with rows at least ``_FOLD_WIDTH`` wide; the k-fold rest is left for the
+    report, where all layers' rests take one batched kernel instead of one each here.
+    """
     if x.dim() == 0:
-        return x.reshape(1)
+        return x.reshape(1, 1)
     if dim != x.dim() - 1:
-        return x.amax(dim=[d for d in range(x.dim()) if d != dim])
+        return x.amax(dim=[d for d in range(x.dim()) if d != dim]).view(1, -1)
     c = max(x.shape[-1], 1)
     rows = x.numel() // c
-    fold = math.gcd(rows, max(1, _FOLD_WIDTH // c))
-    if fold > 1 and x.is_contiguous():
-        return x.reshape(rows // fold, fold * c).amax(0).reshape(fold, c).amax(0)
-    return x.reshape(rows, c).amax(0)
+    fold = math.gcd(rows, max(1, _FOLD_WIDTH // c)) if x.is_contiguous() else 1
+    return x.reshape(rows // fold, fold * c).amax(0).view(fold, c)
+
+
+def finish_unit_max(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each ``unit_max`` result reduced to its ``[units]`` maxima, one kernel per shape."""
+    out: list[torch.Tensor] = [p[0] for p in parts]  # a 1-row part is done already
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(parts):
+        if p.shape[0] > 1:
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+    for idx in by_shape.values():
+        for i, m in zip(idx, torch.stack([parts[i] for i in idx]).amax(1).unbind(0),
+                        strict=True):
+            out[i] = m
+    return out
 
 
 def activation_row(x: torch.Tensor, need: Needs, cfg: Config, zero: torch.Tensor,
                    unit_dim: int, scratch: torch.Tensor | None
                    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
-    """One call of a layer, ``x`` float32: ``(row, unit maxima or None, sample)``; the row is
-    ``ROW_COLS`` 0-d tensors (the report stacks all its rows at once).
+    """One call of a layer, ``x`` float32: ``(row, unit_max parts or None, sample)``; the
+    row is ``ROW_COLS`` 0-d tensors (the report stacks all its rows at once).
 
-    The sample is owned (never a view of ``x``, which may change in place later).
-    ``scratch``, when given, is a float32 buffer of at least ``x.numel()`` elements for
-    the non-finite count's one temporary (on CPU a fresh multi-megabyte temporary per
-    call costs more than the arithmetic).
+    Two passes over ``x`` at most: the per-unit maxima and one ``aminmax``. The sample is
+    owned (never a view of ``x``, which may change in place later). ``scratch``, when
+    given, is a float32 buffer of at least ``x.numel()`` elements for the non-finite
+    count's one temporary (on CPU a fresh multi-megabyte temporary per call costs more
+    than the arithmetic).
     """
     flat = x.reshape(-1)
     cols = [zero] * len(ROW_COLS)
     cpu = x.device.type == "cpu"
     umax = unit_max(x, unit_dim) if need.units else None
     if need.max or (need.nonfinite and cpu):
-        if umax is not None:
-            hi, lo = umax.max(), flat.amin()
-        else:
-            lo, hi = torch.aminmax(flat)
+        lo, hi = torch.aminmax(flat)
         if need.max:
             cols[MAX], cols[MIN] = hi, lo
     # On the CPU, reading a value is free (there is no device to wait for), and the max and
