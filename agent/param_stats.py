@@ -3,7 +3,8 @@
 Before the step (report steps only): gradient norm, max |g| and weight norm over every
 element, and cos(-g, theta) over a row sample; the row samples of the weights and of
 the gradients are copied into two padded ``[params x sample]`` buffers with one
-``_foreach_copy_`` each. After the step: the update ratio ||theta_before - theta_after||
+``_foreach_copy_`` each. The full-size norms are ``_foreach_norm`` on a device and BLAS
+dot products on CPU (``_norms``). After the step: the update ratio ||theta_before - theta_after||
 / ||theta_before|| over the same sample, which spares a full copy and two full passes
 over the parameters. A sample is every row of a tensor with at most ``Config.sample``
 elements, else every r-th row (see ``agent.stats.sample_stride``); a parameter that is not
@@ -76,7 +77,7 @@ class ParamStats:
             return
         grads = [self.params[j].grad for j in present]
         dev = grads[0].device
-        gn = _stack(torch._foreach_norm(grads), dev)
+        gn = _norms(grads, dev)
         self.grad_norm = torch.linalg.vector_norm(gn.float())
         if not self.enabled:
             return
@@ -98,7 +99,7 @@ class ParamStats:
         if not all_present:  # NaN for the parameters without a gradient
             gn, gmax = (_spread(t, present, len(self.params)) for t in (gn, gmax))
         self._before = {"gn": gn, "gmax": gmax, "cos": cos, "on": on,
-                        "wn": _stack(torch._foreach_norm(self.params), dev)}
+                        "wn": _norms(self.params, dev)}
 
     @torch.no_grad()
     def after_step(self, device: torch.device) -> torch.Tensor | None:
@@ -143,6 +144,22 @@ def _slice_leading(p: torch.Tensor, limit: int) -> torch.Tensor:
         step = v.shape[d] if keep == 1 and rest > limit else -(-v.shape[d] // keep)
         v = v[(slice(None),) * d + (slice(None, None, step),)]
     return v
+
+
+def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The 2-norm of each tensor, as one tensor on ``device``.
+
+    On CPU, a float32 tensor's norm is the square root of its ``dot`` with itself: BLAS
+    reads it at twice the speed of ``vector_norm``, which matters for three full passes
+    over the parameters per report (both overflow past 1.8e19 alike)."""
+    if tensors[0].device.type != "cpu":
+        return _stack(torch._foreach_norm(tensors), device)
+    sq = []
+    for t in tensors:
+        v = t.reshape(-1)
+        sq.append(torch.dot(v, v) if v.dtype == torch.float32
+                  else torch.linalg.vector_norm(v, dtype=torch.float32).square())
+    return _stack(sq, device).sqrt_()
 
 
 def _stack(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
