@@ -34,7 +34,7 @@ def layer_stats(a: np.ndarray, grad: np.ndarray | None, *, sample: int, eps: flo
     s = row_sample(a, sample).astype(np.float64)
     mean, var = s.mean(), s.var()
     mag = np.abs(s)
-    small = mag[:: stride(mag.size, 2048, 1)]
+    small = mag[:: stride(mag.size, 512, 1)]
     med = np.median(small[: small.size - (small.size % 2 == 0)])  # an odd count
     finite = np.isfinite(a)
     max_abs = np.abs(a).max()
