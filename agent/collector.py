@@ -19,15 +19,17 @@ from agent.config import Config
 from agent.layers import LayerSpec, unit_dim_for
 from agent.stats import (
     ROW_COLS,
+    CallPlan,
     Needs,
     activation_row,
+    call_plan,
     finish_unit_max,
     first_tensor,
     hist_counts,
     pool_by_layer,
-    sample_rows,
     stack_by_size,
     summarize,
+    take_sample,
 )
 
 
@@ -42,6 +44,7 @@ class LayerCollector:
         self.device: torch.device | None = None
         self._grad_fns = [self._grad_hook(i) for i in range(len(specs))]
         self._scratch: torch.Tensor | None = None
+        self._plans: dict[tuple[int, torch.Size, bool], CallPlan] = {}
         self._zero_t: torch.Tensor | None = None
         self._width = 0  # columns of the unit-maxima matrices
         self._ring: torch.Tensor | None = None  # [dead_window, layers, width] past maxima
@@ -77,9 +80,8 @@ class LayerCollector:
         x = t.detach()
         if x.dtype != torch.float32:
             x = x.float()
-        row, umax, sample = activation_row(
-            x, self.need, self.config, self._zero(x.device), unit_dim_for(spec, x.dim()),
-            self._scratch_for(x))
+        row, umax, sample = activation_row(x, self._plan(i, x), self.need, self._zero(x.device),
+                                           self._scratch_for(x))
         if i not in self._seen:
             self._seen.add(i)
             self.order.append(i)
@@ -104,11 +106,20 @@ class LayerCollector:
     def on_grad(self, i: int, g: torch.Tensor) -> None:
         """Tensor hook body on a layer's output: a row sample of dL/dh (the same rule as for
         activations), kept for its norm and histogram, both taken at pack time."""
-        sample = sample_rows(g.detach(), self.config.sample)
-        if sample.numel() == g.numel() or sample.dtype != torch.float32:  # a view: copy
-            sample = sample.to(torch.float32, copy=True)
-        self.grad_samples.append(sample)
+        g = g.detach()
+        self.grad_samples.append(take_sample(g.reshape(-1), self._plan(i, g)).float())
         self.grad_layer.append(i)
+
+    def _plan(self, i: int, x: torch.Tensor) -> CallPlan:
+        """Layer ``i``'s plan for outputs (or gradients) shaped like ``x`` (cached)."""
+        key = (i, x.shape, x.is_contiguous())
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 64 * len(self.specs):  # shapes that keep changing
+                self._plans.clear()
+            plan = self._plans[key] = call_plan(
+                x.shape, key[2], unit_dim_for(self.specs[i], x.dim()), self.config.sample)
+        return plan
 
     def _zero(self, device: torch.device) -> torch.Tensor:
         """A cached 0-d zero on ``device``: the value of the statistics not computed."""

@@ -48,6 +48,7 @@ class ParamStats:
         self.params = [p for _, p in named]
         self.enabled = enabled
         self.sample = sample
+        self._leading: list[bool] = []  # sampled by leading dimensions (not contiguous)
         self._views: list[torch.Tensor] = []  # row samples of the parameters (views)
         self._w: torch.Tensor | None = None  # [params x width]: the weights' samples
         self._g: torch.Tensor | None = None  # [params x width]: the gradients' samples

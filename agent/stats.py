@@ -5,7 +5,7 @@ into the ``[layers x stats]`` block.
 Per call of a measured module (training thread): the few statistics that must see every
 element read the whole activation, in two passes (the per-unit maxima, which give the
 dead units, and one ``aminmax``, which gives max |a| and, on CPU, tells whether the
-non-finite count must run); everything else is taken from a row sample (``sample_rows``:
+non-finite count must run); everything else is taken from a row sample (``take_sample``:
 the whole activation when it has at most ``Config.sample`` elements), copied out as it
 is. Each call costs three or four kernels, none of which branches on a device value.
 
@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from agent.config import LAYER_STATS, Config
+from agent.config import LAYER_STATS
 
 __all__ = ["LAYER_STATS", "ROW_COLS", "SUMMARY_COLS", "Needs", "first_tensor", "sample_stride",
-           "sample_rows", "unit_max", "finish_unit_max", "activation_row", "stack_by_size",
+           "CallPlan", "call_plan", "take_sample", "unit_max", "finish_unit_max",
+           "activation_row", "stack_by_size",
            "summarize", "hist_counts", "finalize_layers"]
 
 #: One call's exact row: the non-finite count, the largest and the smallest value.
@@ -90,43 +92,70 @@ def sample_stride(n: int, limit: int, period: int) -> int:
     return s
 
 
-def sample_rows(x: torch.Tensor, limit: int) -> torch.Tensor:
-    """At most ``limit`` elements of ``x``, 1-D (a view of ``x`` when it is that small).
+class CallPlan(NamedTuple):
+    """How one call reads an output of a given shape, worked out once per layer and shape
+    (the hooks run per call: every Python operation there is paid 36 times a step)."""
 
-    Whole rows (the last dimension) are taken, every r-th one, r coprime with the size of
-    the second-to-last dimension (so that, e.g., token positions vary): contiguous rows
-    cost far less memory traffic than scattered elements. A row longer than ``limit``
-    falls back to every s-th element.
+    units: int  # units (see ``agent.layers.unit_dim_for``)
+    fold: tuple[int, int] | None  # the per-unit max's ``[rows / k x k * units]`` view
+    other_dims: list[int] | None  # or the dimensions to reduce (units not last)
+    sample: tuple[int, int, int] | None  # (rows, width, every r-th row); None: whole
+    every: int  # every s-th element, when a row is wider than the sample (else 0)
+
+
+def call_plan(shape: torch.Size, contiguous: bool, unit_dim: int, limit: int) -> CallPlan:
+    """The plan for an output of ``shape`` whose units lie along ``unit_dim``."""
+    ndim, n = len(shape), math.prod(shape)
+    units, fold, other = 1, None, None
+    if ndim:
+        units = max(shape[unit_dim], 1)
+        if unit_dim != ndim - 1:
+            other = [d for d in range(ndim) if d != unit_dim]
+        else:
+            rows = n // units
+            k = math.gcd(rows, max(1, _FOLD_WIDTH // units)) if contiguous else 1
+            fold = (rows // k, k * units)
+    sample, every = None, 0
+    if n > limit:
+        width = shape[-1] if ndim else 1
+        if width > limit:
+            every = sample_stride(n, limit, 1)
+        else:
+            rows = n // width
+            period = shape[-2] if ndim >= 3 else 1
+            sample = (rows, width, sample_stride(rows, max(1, limit // width), period))
+    return CallPlan(units, fold, other, sample, every)
+
+
+def take_sample(flat: torch.Tensor, plan: CallPlan) -> torch.Tensor:
+    """The row sample of a flattened output, owned (a copy, never a view of it).
+
+    Whole rows (the last dimension), every r-th one, r coprime with the size of the
+    second-to-last dimension (so that, e.g., token positions vary): contiguous rows cost
+    far less memory traffic than scattered elements. A row longer than the sample falls
+    back to every s-th element; an output no larger than the sample is taken whole.
     """
-    flat = x.reshape(-1)
-    n = flat.numel()
-    if n <= limit:
-        return flat
-    width = x.shape[-1] if x.dim() else 1
-    if width > limit:
-        return flat[:: sample_stride(n, limit, 1)].contiguous()
-    rows = n // width
-    period = x.shape[-2] if x.dim() >= 3 else 1
-    return flat.view(rows, width)[:: sample_stride(rows, max(1, limit // width), period)
-                                   ].reshape(-1)
+    if plan.sample is not None:
+        rows, width, r = plan.sample
+        return flat.view(rows, width)[::r].reshape(-1)
+    if plan.every:
+        return flat[:: plan.every].clone()
+    return flat.clone()
 
 
-def unit_max(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``[k x units]`` partial maxima: the maximum of each unit (index along ``dim``) over
-    every other dimension is their column max (``finish_unit_max``).
+def unit_max(x: torch.Tensor, flat: torch.Tensor, plan: CallPlan) -> torch.Tensor:
+    """``[k x units]`` partial maxima: the maximum of each unit over every other dimension
+    is their column max (``finish_unit_max``).
 
-    The last dimension is reduced as a ``[rows / k x k * units]`` view, which is fastest
-    on CPU with rows at least ``_FOLD_WIDTH`` wide; the k-fold rest is left for the
-    report, where all layers' rests take one batched kernel instead of one each here.
+    Units along the last dimension are reduced as a ``[rows / k x k * units]`` view, which
+    is fastest on CPU with rows at least ``_FOLD_WIDTH`` wide; the k-fold rest is left for
+    the report, where all layers' rests take one batched kernel instead of one each here.
     """
-    if x.dim() == 0:
-        return x.reshape(1, 1)
-    if dim != x.dim() - 1:
-        return x.amax(dim=[d for d in range(x.dim()) if d != dim]).view(1, -1)
-    c = max(x.shape[-1], 1)
-    rows = x.numel() // c
-    fold = math.gcd(rows, max(1, _FOLD_WIDTH // c)) if x.is_contiguous() else 1
-    return x.reshape(rows // fold, fold * c).amax(0).view(fold, c)
+    if plan.other_dims is not None:
+        return x.amax(dim=plan.other_dims).view(1, -1)
+    if plan.fold is None:  # a 0-d output
+        return flat.view(1, 1)
+    return flat.view(plan.fold).amax(0).view(-1, plan.units)
 
 
 def finish_unit_max(parts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -143,22 +172,21 @@ def finish_unit_max(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def activation_row(x: torch.Tensor, need: Needs, cfg: Config, zero: torch.Tensor,
-                   unit_dim: int, scratch: torch.Tensor | None
+def activation_row(x: torch.Tensor, plan: CallPlan, need: Needs, zero: torch.Tensor,
+                   scratch: torch.Tensor | None
                    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
     """One call of a layer, ``x`` float32: ``(row, unit_max parts or None, sample)``; the
     row is ``ROW_COLS`` 0-d tensors (the report stacks all its rows at once).
 
-    Two passes over ``x`` at most: the per-unit maxima and one ``aminmax``. The sample is
-    owned (never a view of ``x``, which may change in place later). ``scratch``, when
-    given, is a float32 buffer of at least ``x.numel()`` elements for the non-finite
+    Two passes over ``x`` at most: the per-unit maxima and one ``aminmax``. ``scratch``,
+    when given, is a float32 buffer of at least ``x.numel()`` elements for the non-finite
     count's one temporary (on CPU a fresh multi-megabyte temporary per call costs more
     than the arithmetic).
     """
-    flat = x.reshape(-1)
+    flat = x.reshape(-1)  # a copy only when ``x`` is not contiguous
     cols = [zero] * len(ROW_COLS)
     cpu = x.device.type == "cpu"
-    umax = unit_max(x, unit_dim) if need.units else None
+    umax = unit_max(x, flat, plan) if need.units else None
     if need.max or (need.nonfinite and cpu):
         lo, hi = torch.aminmax(flat)
         if need.max:
@@ -170,10 +198,7 @@ def activation_row(x: torch.Tensor, need: Needs, cfg: Config, zero: torch.Tensor
         out = scratch[: flat.numel()] if scratch is not None else None
         # a - a is 0 where a is finite and NaN elsewhere
         cols[NONFINITE] = torch.sub(flat, flat, out=out).nan_to_num_(1.0).sum()
-    sample = sample_rows(x, cfg.sample)
-    if sample.numel() == flat.numel():
-        sample = sample.clone()
-    return cols, umax, sample
+    return cols, umax, take_sample(flat, plan)
 
 
 def pool_by_layer(samples: list[torch.Tensor], layer_of: list[int]

@@ -271,14 +271,74 @@ def test_no_host_device_sync_on_cuda():
 def test_nonfinite_count_is_exact_for_nan_and_inf(stats):
     """On the CPU the count runs only when max/min show a non-finite value: it must still be
     exact for NaN, +inf and -inf, with or without the max and unit statistics."""
-    from agent.stats import NONFINITE, Needs, activation_row
+    from agent.stats import NONFINITE, Needs, activation_row, call_plan
 
     cfg = Config(stats=stats)
+
+    def row_of(x: torch.Tensor) -> list[torch.Tensor]:
+        plan = call_plan(x.shape, x.is_contiguous(), 1, cfg.sample)
+        return activation_row(x, plan, Needs(cfg.stats), torch.zeros(()), None)[0]
+
     x = torch.randn(64, 32)
-    row, _, _ = activation_row(x, Needs(cfg.stats), cfg, torch.zeros(()), 1, None)
+    row = row_of(x)
     assert row[NONFINITE].item() == 0
     x[3, 4] = x[10, 0] = float("nan")
     x[5, 5], x[63, 31] = float("inf"), float("-inf")
     for planted in (x, x[:, :16].contiguous(), x.clone().fill_(float("-inf"))):
-        row, _, _ = activation_row(planted, Needs(cfg.stats), cfg, torch.zeros(()), 1, None)
+        row = row_of(planted)
         assert row[NONFINITE].item() == (~np.isfinite(planted.numpy())).sum()
+
+
+class Transposed(nn.Module):
+    """A leaf whose output is a transposed view: not contiguous."""
+
+    def forward(self, x):
+        return x.t()
+
+
+class Shapes(nn.Module):
+    """Outputs whose layout the hooks must read right: channels (dim 1) as units, rows
+    wider than the sample, and an output that is not contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.wide = nn.Linear(8 * 6 * 6, 300)
+        self.tr = Transposed()
+        self.head = nn.Linear(300, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv(x)).flatten(1)
+        return self.head(self.tr(self.wide(h)).t())  # tr: [300 x batch], units = the batch
+
+
+def test_channel_units_wide_rows_and_non_contiguous_outputs():
+    torch.manual_seed(0)
+    model = Shapes()
+    with torch.no_grad():
+        model.conv.bias[0] = -100.0  # a dead channel: dead along dim 1, not along W
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    names = ["conv", "act", "wide", "tr"]
+    cap = Capture(model, names)
+    x = torch.randn(24, 3, 6, 6)
+    y = torch.randint(0, 3, (24,))
+    with agent.watch(model, opt, report_every=1, signal_layers=["*"], sample=256) as mon:
+        tel = Telemetry(mon)
+        train_step(model, opt, mon, x, y)
+        schema, block, _ = tel.stats(mon.step)
+        tel.close()
+    stats = schema["stats"]
+    assert not model.tr(torch.zeros(2, 3)).is_contiguous()
+    assert cap.outs["conv"][0].ndim == 4 and cap.outs["wide"][0].shape[-1] > 256
+    for name in names:
+        a, g = cap.outs[name][0], cap.grads[name][0]
+        units = np.moveaxis(a, 1, -1) if a.ndim == 4 else a  # channels of NCHW
+        umax = units.reshape(-1, units.shape[-1]).max(axis=0)
+        want = ref.layer_stats(a, g, sample=256, eps=mon.config.eps, units_max_window=umax)
+        want["dead_frac"] = np.mean(umax <= 0)
+        got = block[schema["layers"].index(name)]
+        if name in ("conv", "act"):
+            assert got[stats.index("dead_frac")] == 1 / 8
+        np.testing.assert_allclose(got, [want[s] for s in stats], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
