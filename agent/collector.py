@@ -23,7 +23,6 @@ from agent.stats import (
     Needs,
     activation_row,
     call_plan,
-    finish_unit_max,
     first_tensor,
     hist_counts,
     pool_by_layer,
@@ -45,6 +44,7 @@ class LayerCollector:
         self._grad_fns = [self._grad_hook(i) for i in range(len(specs))]
         self._scratch: torch.Tensor | None = None
         self._plans: dict[tuple[int, torch.Size, bool], CallPlan] = {}
+        self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._zero_t: torch.Tensor | None = None
         self._width = 0  # columns of the unit-maxima matrices
         self._ring: torch.Tensor | None = None  # [dead_window, layers, width] past maxima
@@ -170,19 +170,12 @@ class LayerCollector:
         """Units never positive in this window, and over the last ``dead_window`` windows.
 
         The per-unit maxima of all layers go into one NaN-padded matrix (NaN <= 0 is
-        false, so padding never counts); a ring of the last windows' matrices gives the
-        running max. A layer whose unit count changed restarts its window.
+        false, so padding never counts), the current slot of a ring of the last windows'
+        matrices, which gives the running max. A layer whose unit count changed restarts
+        its window.
         """
         nan = float("nan")
         width = max(max(units), self._width)
-        have = [i for i, u in enumerate(self.umax) if u is not None]
-        done = dict(zip(have, finish_unit_max([self.umax[i].to(dev) for i in have]),
-                        strict=True))
-        cur = torch.nn.utils.rnn.pad_sequence(
-            [done.get(i, torch.zeros(0, device=dev)) for i in range(len(self.specs))],
-            batch_first=True, padding_value=nan)
-        if cur.shape[1] < width:
-            cur = torch.nn.functional.pad(cur, (0, width - cur.shape[1]), value=nan)
         if self._ring is None or self._ring.device != dev or width > self._width:
             ring = torch.full((self.config.dead_window, len(self.specs), width), nan,
                               device=dev)
@@ -193,10 +186,30 @@ class LayerCollector:
             if u and u != self._units[i]:
                 self._ring[:, i].fill_(nan)
                 self._units[i] = u
-        self._ring[self._ring_pos % self.config.dead_window].copy_(cur)
+        cur = self._ring[self._ring_pos % self.config.dead_window]
         self._ring_pos += 1
+        cur.fill_(nan)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, u in enumerate(self.umax):
+            if u is not None:
+                by_shape.setdefault((u.shape[0], u.shape[1]), []).append(i)
+        for (_, c), layers in by_shape.items():  # finish the folds: one kernel per shape
+            m = torch.stack([self.umax[i].to(dev) for i in layers]).amax(1)
+            cur[:, :c].index_copy_(0, self._index(layers, dev), m)
         window = self._ring.nan_to_num(nan=float("-inf")).amax(0)
         return (cur <= 0).sum(1), ((window <= 0) & self._valid_mask(dev, units, width)).sum(1)
+
+    def _index(self, layers: list[int], dev: torch.device) -> torch.Tensor:
+        """``layers`` as an index tensor on ``dev`` (cached). On CUDA it is copied from pinned
+        memory without waiting: a plain host-to-device copy would synchronize."""
+        key = (tuple(layers), dev)
+        idx = self._indices.get(key)
+        if idx is None:
+            idx = torch.tensor(layers, dtype=torch.long)
+            if dev.type == "cuda":
+                idx = idx.pin_memory().to(dev, non_blocking=True)
+            idx = self._indices[key] = idx.to(dev)
+        return idx
 
     def _valid_mask(self, dev: torch.device, units: list[int], width: int) -> torch.Tensor:
         """``[layers x width]``: which columns are units this window (cached by layout)."""

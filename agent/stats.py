@@ -32,9 +32,8 @@ import torch
 from agent.config import LAYER_STATS
 
 __all__ = ["LAYER_STATS", "ROW_COLS", "SUMMARY_COLS", "Needs", "first_tensor", "sample_stride",
-           "CallPlan", "call_plan", "take_sample", "unit_max", "finish_unit_max",
-           "activation_row", "stack_by_size",
-           "summarize", "hist_counts", "finalize_layers"]
+           "CallPlan", "call_plan", "take_sample", "unit_max", "activation_row",
+           "stack_by_size", "summarize", "hist_counts", "finalize_layers"]
 
 #: One call's exact row: the non-finite count, the largest and the smallest value.
 ROW_COLS = ("nonfinite", "max", "min")
@@ -145,7 +144,7 @@ def take_sample(flat: torch.Tensor, plan: CallPlan) -> torch.Tensor:
 
 def unit_max(x: torch.Tensor, flat: torch.Tensor, plan: CallPlan) -> torch.Tensor:
     """``[k x units]`` partial maxima: the maximum of each unit over every other dimension
-    is their column max (``finish_unit_max``).
+    is their column max (taken at the report, see ``LayerCollector._dead_counts``).
 
     Units along the last dimension are reduced as a ``[rows / k x k * units]`` view, which
     is fastest on CPU with rows at least ``_FOLD_WIDTH`` wide; the k-fold rest is left for
@@ -156,20 +155,6 @@ def unit_max(x: torch.Tensor, flat: torch.Tensor, plan: CallPlan) -> torch.Tenso
     if plan.fold is None:  # a 0-d output
         return flat.view(1, 1)
     return flat.view(plan.fold).amax(0).view(-1, plan.units)
-
-
-def finish_unit_max(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each ``unit_max`` result reduced to its ``[units]`` maxima, one kernel per shape."""
-    out: list[torch.Tensor] = [p[0] for p in parts]  # a 1-row part is done already
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(parts):
-        if p.shape[0] > 1:
-            by_shape.setdefault(tuple(p.shape), []).append(i)
-    for idx in by_shape.values():
-        for i, m in zip(idx, torch.stack([parts[i] for i in idx]).amax(1).unbind(0),
-                        strict=True):
-            out[i] = m
-    return out
 
 
 def activation_row(x: torch.Tensor, plan: CallPlan, need: Needs, zero: torch.Tensor,
