@@ -97,3 +97,14 @@ async def test_columns_and_layer_detail(start_run):
             await until(pilot, lambda: app.screen_name == "layers", what="back to the table")
     finally:
         client.close()
+
+
+def test_sparkline_scales_to_its_range_and_draws_a_flat_series_mid_height():
+    from tui.plotting import BLOCKS, sparkline
+
+    rising = sparkline(np.arange(8.0), 8)
+    assert rising == BLOCKS  # lowest block to highest
+    flat = sparkline(np.full(5, 1.0), 8)  # e.g. a layer stuck at 100 % dead
+    assert len(flat) == 5 and len(set(flat)) == 1 and flat[0] not in (BLOCKS[0], BLOCKS[-1])
+    assert sparkline(np.array([np.nan, 2.0, np.inf, 2.0]), 8) == flat[:2]  # gaps skipped
+    assert sparkline(np.arange(100.0), 10) == sparkline(np.arange(90.0, 100.0), 10)  # last

@@ -45,14 +45,15 @@ def window(x: np.ndarray, last: int | None, *ys: np.ndarray) -> tuple[np.ndarray
 
 
 def sparkline(values: np.ndarray, width: int) -> str:
-    """Unicode block sparkline of the last values, scaled to their own range."""
+    """Unicode block sparkline of the last values, scaled to their own range. A constant
+    series draws mid-height: flat, not low (a layer stuck at 100 % dead is not at 0)."""
     v = np.asarray(values, dtype=np.float64)[-width:]
     v = v[np.isfinite(v)]
     if v.size == 0:
         return ""
     lo, hi = float(v.min()), float(v.max())
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        return BLOCKS[0] * len(v)
+        return BLOCKS[len(BLOCKS) // 2 - 1] * len(v)
     idx = np.clip(((v - lo) / (hi - lo) * (len(BLOCKS) - 1)).round().astype(int), 0,
                   len(BLOCKS) - 1)
     return "".join(BLOCKS[i] for i in idx)
