@@ -149,7 +149,7 @@ class AgentService(threading.Thread):
             self.telemetry_endpoint = f"tcp://{self._bind_host}:{port}"
             router = ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 500)
-            router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+            router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)
             if self._curve:
                 self._curve.make_server(router)
             port = router.bind_to_random_port(f"tcp://{self._bind_host}")

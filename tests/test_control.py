@@ -139,6 +139,8 @@ def test_pause_holds_step_advances_exactly_and_bad_values_are_refused(start_run,
             c.command("step", {"n": 0}).result(10)
         with pytest.raises(CommandError, match="pause does not take 'force'"):
             c.command("pause", {"force": True}).result(10)
+        with pytest.raises(CommandError, match="bytes encoded; the agent takes commands of at"):
+            c.command("set", {"knob": "lr", "value": "x" * (2 << 20)}).result(10)
         assert c.command("knobs").result(10)["knobs"][0]["value"] == 0.05, "a refusal changed lr"
         assert max(steps_logged(log)) == held + 3, "a refused command moved the run"
 

@@ -95,6 +95,12 @@ class LiveClient:
             fut.set_exception(CommandError("read-only: this connection has no control key"))
             return fut
         req = wire.new_request(cmd, args, sender=self._sender)
+        size = len(wire.encode_signed(None, req)[0])
+        if size > wire.MAX_HEADER_BYTES:  # ZeroMQ would cut it and drop the connection
+            fut.set_exception(CommandError(
+                f"{cmd!r} is {size} bytes encoded; the agent takes commands of at most"
+                f" {wire.MAX_HEADER_BYTES} bytes"))
+            return fut
         self._outbox.put((req, fut, time.monotonic() + timeout))
         return fut
 
