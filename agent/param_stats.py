@@ -14,7 +14,8 @@ the sample is still a view. Nothing is read back.
 The buffers make cos(-g, theta) and the update ratio three row-wise reductions for all
 parameters at once instead of a few small kernels per tensor; zero padding adds nothing
 to a dot product or a norm. On CPU, max |g| is one ``aminmax`` per tensor: CPU has no
-fast path for the infinity norm, which costs ~10x more there.
+fast path for the infinity norm, which costs ~10x more there. A sparse gradient's norm and
+max come from its coalesced values; it has no row sample, so its cos is NaN.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class ParamStats:
         if not present:
             self.grad_norm, self._before = None, None
             return
-        grads = [self.params[j].grad for j in present]
+        grads = [_dense(self.params[j].grad) for j in present]
         dev = grads[0].device
         gn = _norms(grads, dev)
         self.grad_norm = torch.linalg.vector_norm(gn.float())
@@ -85,13 +86,14 @@ class ParamStats:
         if self._w is None:
             self._buffers()
         all_present = len(present) == len(self.params)
-        if not all_present:
-            self._g.zero_()  # a parameter without a gradient has no sample
+        sampled = [j for j in present if not self.params[j].grad.is_sparse]
+        if len(sampled) < len(self.params):
+            self._g.zero_()  # no gradient, or a sparse one: no sample (cos is NaN)
         torch._foreach_copy_(
-            [self._g_rows[j] for j in present],
+            [self._g_rows[j] for j in sampled],
             [sample_view(g if g.is_contiguous() or self._leading[j] else g.contiguous(),
-                         self.sample, self._leading[j]) for g, j in zip(grads, present,
-                                                                        strict=True)])
+                         self.sample, self._leading[j])
+             for g, j in ((self.params[j].grad, j) for j in sampled)])
         torch._foreach_copy_(self._w_rows, self._views)
         on = torch.linalg.vector_norm(self._w, dim=1)
         # a parameter without a gradient has a zero row in ``_g``: its cos is 0/0, NaN
@@ -177,7 +179,15 @@ def _spread(values: torch.Tensor, present: list[int], n: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    """What decides a gradient's norm and max |g|: itself, or a sparse one's coalesced
+    values (``nn.Embedding(sparse=True)``; on CUDA, coalescing waits for the device)."""
+    return g.coalesce().values() if g.is_sparse else g
+
+
 def _max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if any(t.numel() == 0 for t in tensors):  # a sparse gradient that touched no row
+        return [_max_abs([t])[0] if t.numel() else t.new_zeros(()) for t in tensors]
     if tensors[0].device.type == "cpu":
         out = []
         for t in tensors:

@@ -79,3 +79,32 @@ def test_param_stats_of_bf16_weights():
     want = expected(data, names, model)
     used = [i for i, n in enumerate(names) if not n.startswith("unused")]
     np.testing.assert_allclose(block[used], want[used], rtol=2e-2, atol=1e-6)
+
+
+def test_sparse_embedding_gradients():
+    """``nn.Embedding(sparse=True)``: norm and max |g| from the coalesced gradient (repeated
+    token ids add up), no sample of it (cos NaN); training goes on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = ParamStats(param_names(model, opt), sample=SAMPLE)
+    x = torch.tensor([[1, 1, 2, 7], [7, 7, 7, 3]])  # repeats: an uncoalesced gradient
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        g = model[0].weight.grad
+        assert g.is_sparse and not g.is_coalesced()
+        dense = g.to_dense().numpy().copy()
+        before = model[0].weight.detach().numpy().copy()
+        stats.before_step()
+        opt.step()
+        block = stats.after_step(torch.device("cpu")).numpy()
+    after = model[0].weight.detach().numpy()
+    row = dict(zip(PARAM_STATS, block[0], strict=True))
+    want = ref.param_stats(before, after, dense, SAMPLE)
+    for s in ("grad_norm", "grad_max_abs", "weight_norm", "update_ratio"):
+        np.testing.assert_allclose(row[s], want[s], rtol=1e-5, err_msg=s)
+    assert np.isnan(row["nlm_cos"])
+    assert np.isfinite(block[1:]).all()  # the dense Linear is measured in full
+    total = np.sqrt(sum(np.sum(p.grad.to_dense().numpy() ** 2) for p in model.parameters()))
+    np.testing.assert_allclose(float(stats.grad_norm), total, rtol=1e-5)
