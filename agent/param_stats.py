@@ -152,22 +152,22 @@ def _slice_leading(p: torch.Tensor, limit: int) -> torch.Tensor:
 def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The 2-norm of each tensor, as one tensor on ``device``.
 
-    On CPU, a float32 tensor's norm is the square root of its ``dot`` with itself: BLAS
-    reads it at twice the speed of ``vector_norm``, which matters for three full passes
-    over the parameters per report (both overflow past 1.8e19 alike)."""
+    On CPU, a float32 (or float64) tensor's norm is the square root of its ``dot`` with
+    itself: BLAS reads it at twice the speed of ``vector_norm``, which matters for three
+    full passes over the parameters per report (in float32 both overflow past 1.8e19)."""
     if tensors[0].device.type != "cpu":
         return _stack(torch._foreach_norm(tensors), device)
     sq = []
     for t in tensors:
         v = t.reshape(-1)
-        sq.append(torch.dot(v, v) if v.dtype == torch.float32
+        sq.append(torch.dot(v, v) if v.dtype in (torch.float32, torch.float64)
                   else torch.linalg.vector_norm(v, dtype=torch.float32).square())
-    return _stack(sq, device).sqrt_()
+    return torch.stack([q.to(device, torch.float64) for q in sq]).sqrt_().float()
 
 
 def _stack(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """One tensor of 0-d ``ts`` (parameters may live on several devices)."""
-    return torch.stack([t.to(device) for t in ts])
+    """One float32 tensor of 0-d ``ts`` (parameters may differ in device and dtype)."""
+    return torch.stack([t.to(device, torch.float32) for t in ts])
 
 
 def _spread(values: torch.Tensor, present: list[int], n: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ convolution, a parameter without a gradient in this step, and bf16 weights."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -72,13 +73,14 @@ def test_param_stats_match_numpy_for_sampled_channels_last_and_unused_parameters
     np.testing.assert_allclose(block, want, rtol=2e-4, atol=1e-7)
 
 
-def test_param_stats_of_bf16_weights():
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 2e-2), (torch.float64, 1e-5)])
+def test_param_stats_of_bf16_and_float64_weights(dtype, rtol):
     torch.manual_seed(0)
-    model = Net().to(torch.bfloat16)
-    block, data, names = step_and_measure(model, torch.bfloat16)
+    model = Net().to(dtype)
+    block, data, names = step_and_measure(model, dtype)
     want = expected(data, names, model)
     used = [i for i, n in enumerate(names) if not n.startswith("unused")]
-    np.testing.assert_allclose(block[used], want[used], rtol=2e-2, atol=1e-6)
+    np.testing.assert_allclose(block[used], want[used], rtol=rtol, atol=1e-6)
 
 
 def test_sparse_embedding_gradients():
