@@ -7,7 +7,7 @@ the gradients are copied into two padded ``[params x sample]`` buffers with one
 dot products on CPU (``_norms``). After the step: the update ratio ||theta_before - theta_after||
 / ||theta_before|| over the same sample, which spares a full copy and two full passes
 over the parameters. A sample is every row of a tensor with at most ``Config.sample``
-elements, else every r-th row (see ``agent.stats.sample_stride``); a parameter that is not
+elements, else every r-th row (see ``agent.stats.row_layout``); a parameter that is not
 contiguous (channels_last) is sampled by slicing its leading dimensions instead, so that
 the sample is still a view. Nothing is read back.
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from agent.config import PARAM_STATS
-from agent.stats import sample_stride
+from agent.stats import row_layout
 
 
 def param_names(model: nn.Module,
@@ -89,11 +89,8 @@ class ParamStats:
         sampled = [j for j in present if not self.params[j].grad.is_sparse]
         if len(sampled) < len(self.params):
             self._g.zero_()  # no gradient, or a sparse one: no sample (cos is NaN)
-        torch._foreach_copy_(
-            [self._g_rows[j] for j in sampled],
-            [sample_view(g if g.is_contiguous() or self._leading[j] else g.contiguous(),
-                         self.sample, self._leading[j])
-             for g, j in ((self.params[j].grad, j) for j in sampled)])
+        torch._foreach_copy_([self._g_rows[j] for j in sampled],
+                             [self._grad_sample(j) for j in sampled])
         torch._foreach_copy_(self._w_rows, self._views)
         on = torch.linalg.vector_norm(self._w, dim=1)
         # a parameter without a gradient has a zero row in ``_g``: its cos is 0/0, NaN
@@ -103,6 +100,12 @@ class ParamStats:
             gn, gmax = (_spread(t, present, len(self.params)) for t in (gn, gmax))
         self._before = {"gn": gn, "gmax": gmax, "cos": cos, "on": on,
                         "wn": _norms(self.params, dev)}
+
+    def _grad_sample(self, j: int) -> torch.Tensor:
+        """Parameter ``j``'s gradient at the positions of its weight sample."""
+        g, lead = self.params[j].grad, self._leading[j]
+        return sample_view(g if lead or g.is_contiguous() else g.contiguous(), self.sample,
+                           lead)
 
     @torch.no_grad()
     def after_step(self, device: torch.device) -> torch.Tensor | None:
@@ -124,16 +127,14 @@ def sample_view(p: torch.Tensor, limit: int, leading: bool = False) -> torch.Ten
     a parameter and its gradient give matching samples. A view, not a copy, so that it
     shows the values the optimizer writes in place.
     """
-    n = p.numel()
-    if n <= limit:
+    if p.numel() <= limit:
         return p
     if leading:
         return _slice_leading(p, limit)
-    width = p.shape[-1] if p.dim() else 1
-    if width > limit:
-        return p.view(-1)[:: sample_stride(n, limit, 1)]
-    rows = n // width
-    return p.view(rows, width)[:: sample_stride(rows, max(1, limit // width), 1)]
+    rows, every = row_layout(tuple(p.shape), limit, 1)
+    if rows is not None:
+        return p.view(rows[0], rows[1])[:: rows[2]]
+    return p.view(-1)[::every]
 
 
 def _slice_leading(p: torch.Tensor, limit: int) -> torch.Tensor:
@@ -186,12 +187,14 @@ def _dense(g: torch.Tensor) -> torch.Tensor:
 
 
 def _max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    if any(t.numel() == 0 for t in tensors):  # a sparse gradient that touched no row
-        return [_max_abs([t])[0] if t.numel() else t.new_zeros(()) for t in tensors]
-    if tensors[0].device.type == "cpu":
-        out = []
-        for t in tensors:
+    """max |t| of each tensor; 0 for an empty one (a sparse gradient that touched no row)."""
+    if tensors[0].device.type != "cpu" and all(t.numel() for t in tensors):
+        return torch._foreach_max(torch._foreach_abs(tensors))
+    out = []
+    for t in tensors:
+        if t.numel():
             lo, hi = torch.aminmax(t)
             out.append(torch.maximum(hi, lo.neg()))
-        return out
-    return torch._foreach_max(torch._foreach_abs(tensors))
+        else:
+            out.append(t.new_zeros(()))
+    return out

@@ -32,7 +32,7 @@ import torch
 from agent.config import LAYER_STATS
 
 __all__ = ["LAYER_STATS", "ROW_COLS", "SUMMARY_COLS", "Needs", "first_tensor", "sample_stride",
-           "CallPlan", "call_plan", "take_sample", "unit_max", "activation_row",
+           "CallPlan", "call_plan", "row_layout", "take_sample", "unit_max", "activation_row",
            "stack_by_size", "summarize", "hist_counts", "finalize_layers"]
 
 #: One call's exact row: the non-finite count, the largest and the smallest value.
@@ -114,16 +114,24 @@ def call_plan(shape: torch.Size, contiguous: bool, unit_dim: int, limit: int) ->
             rows = n // units
             k = math.gcd(rows, max(1, _FOLD_WIDTH // units)) if contiguous else 1
             fold = (rows // k, k * units)
-    sample, every = None, 0
-    if n > limit:
-        width = shape[-1] if ndim else 1
-        if width > limit:
-            every = sample_stride(n, limit, 1)
-        else:
-            rows = n // width
-            period = shape[-2] if ndim >= 3 else 1
-            sample = (rows, width, sample_stride(rows, max(1, limit // width), period))
+    sample, every = row_layout(shape, limit, shape[-2] if ndim >= 3 else 1)
     return CallPlan(units, fold, other, sample, every)
+
+
+def row_layout(shape: tuple[int, ...], limit: int, period: int
+               ) -> tuple[tuple[int, int, int] | None, int]:
+    """Where the row sample of at most ``limit`` elements of a tensor of ``shape`` lies:
+    ``((rows, width, r), 0)`` for every r-th row of its last dimension, r coprime with
+    ``period``; ``(None, s)`` for every s-th element when a row is wider than ``limit``;
+    ``(None, 0)`` for the whole tensor. Activations, gradients and parameters share it."""
+    n = math.prod(shape)
+    if n <= limit:
+        return None, 0
+    width = shape[-1] if shape else 1
+    if width > limit:
+        return None, sample_stride(n, limit, 1)
+    rows = n // width
+    return (rows, width, sample_stride(rows, max(1, limit // width), period)), 0
 
 
 def take_sample(flat: torch.Tensor, plan: CallPlan) -> torch.Tensor:
