@@ -65,7 +65,7 @@ class Config:
     #: A histogram counts at most this many values of the layer's sample (every s-th).
     hist_sample: int = 2048
     #: Symmetric log-spaced bins, one per octave: magnitudes 2**lo .. 2**hi, plus a zero
-    #: bin (|a| < 2**lo) and two overflow bins (see ``agent.histograms``).
+    #: bin (|a| < 2**lo) and two overflow bins (see ``neurotop.protocol.histograms``).
     hist_exponents: tuple[int, int] = (-24, 16)
     #: Per-parameter statistics (``PARAM_STATS``); the update ratio keeps one copy of the
     #: parameters on the device, taken just before the optimizer step of a report.

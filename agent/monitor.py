@@ -5,7 +5,7 @@ forward hooks add each measured layer's sums to device accumulators and hook its
 gradient; the optimizer's step pre-hook takes the parameter statistics; the post-hook
 packs the report into one device buffer, starts its one copy to the host, hands it to
 the agent thread and applies queued commands (pausing there if asked). Nothing here
-reads a device value back to the host. See ``agent.config.Config`` for the options.
+reads a device value back to the host. See ``neurotop.config.Config`` for the options.
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from agent import connfile
-from agent.autopause import AutoPause
-from agent.binding import CurveKeys, check_bind
-from agent.collector import LayerCollector
-from agent.config import PARAM_STATS, Config
-from agent.control import Controller
-from agent.detectors import AlertRules, Detectors, alert_rules
-from agent.histograms import hist_edges
-from agent.knobs import Knobs, UserKnob
-from agent.layers import select_layers
-from agent.packing import pack, to_host
-from agent.param_stats import ParamStats, param_names
-from agent.recorder import start_recording
-from agent.report import DEVICE_SCALARS, HOST_SCALARS, PendingReport, lr_names
-from agent.service import AgentService, Report
-from agent.snapshot import Snapshotter
-from agent.stats import first_tensor
+from neurotop.config import PARAM_STATS, Config
+from neurotop.protocol import connfile
+from neurotop.protocol.binding import CurveKeys, check_bind
+from neurotop.protocol.histograms import hist_edges
+from neurotop.service.autopause import AutoPause
+from neurotop.service.controller import Controller
+from neurotop.service.detectors import AlertRules, Detectors, alert_rules
+from neurotop.service.finalize import DEVICE_SCALARS, HOST_SCALARS, PendingReport, Report, lr_names
+from neurotop.service.loop import AgentService
+from neurotop.service.recorder import start_recording
+from neurotop.training.checkpoint import Snapshotter
+from neurotop.training.collector import LayerCollector
+from neurotop.training.knobs import Knobs, UserKnob
+from neurotop.training.layers import select_layers
+from neurotop.training.packing import pack, to_host
+from neurotop.training.param_stats import ParamStats, param_names
+from neurotop.training.stats import first_tensor
 
 
 class Monitor:
@@ -288,7 +288,7 @@ def _device_of(params: list[torch.Tensor]) -> torch.device:
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Monitor:
-    """Start monitoring: ``mon = agent.watch(model, opt)``; ``mon.observe(loss=loss)`` each
+    """Start monitoring: ``mon = neurotop.watch(model, opt)``; ``mon.observe(loss=loss)`` each
     step; ``mon.close()`` (or use it as a context manager). Options: ``name``, ``run_id``,
     ``bind_host``, ``config=Config(...)`` and any ``Config`` field by name
     (``report_every=5``); ``alerts=AlertRules(...)`` (or a dict of its fields) sets the

@@ -27,7 +27,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent import connfile, wire  # noqa: E402
+from neurotop.protocol import connfile, wire  # noqa: E402
 
 
 def wait_for_run(proc: subprocess.Popen, run_id: str) -> connfile.ConnectionInfo:

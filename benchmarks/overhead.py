@@ -9,7 +9,7 @@ of 1024, batch 1024; ``--mlp-batch`` changes it: with fewer rows per step the fi
 per-parameter statistics weigh more: ~1.18x for everything on every step at 256).
 Three modes, each in its own fresh process, run in rotated order rep after rep
 (off, default, all / default, all, off / ...): ``off`` is the bare loop, ``default`` is
-``agent.watch(model, opt)`` with the default settings, ``all`` computes every statistic on
+``neurotop.watch(model, opt)`` with the default settings, ``all`` computes every statistic on
 every step (report_every=1, histograms of every layer on every report, the backprop signal
 on every layer, parameter statistics). Each process warms up, then times chunks of 10
 steps, so that every chunk holds exactly one report step of the default mode; a step's
@@ -106,11 +106,11 @@ def child(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     mon = None
     if args.mode != "off":
-        import agent
+        import neurotop
 
         opts = {} if args.mode == "default" else dict(
             report_every=1, hist_every=1, signal_layers=("*",), hist_layers=("*",))
-        mon = agent.watch(model, opt, name=f"bench-{args.model}", **opts)
+        mon = neurotop.watch(model, opt, name=f"bench-{args.model}", **opts)
 
     def sync() -> None:
         if args.device == "cuda":

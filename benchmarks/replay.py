@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import wire  # noqa: E402
-from agent.sessionfile import SessionWriter  # noqa: E402
+from neurotop.protocol import wire  # noqa: E402
+from neurotop.protocol.sessionfile import SessionWriter  # noqa: E402
 
 HZ = 20.0
 
@@ -85,9 +85,9 @@ def build(path: Path, steps: int, layers: int, stats: int) -> None:
 
 
 async def measure(path: Path, seeks: int) -> tuple[float, float]:
-    from tui.replay import ReplaySource
-    from tui.replay_app import ReplayApp
-    from tui.widgets import LayerTable
+    from neurotop.tui.data.replay_source import ReplaySource
+    from neurotop.tui.screens.replay_app import ReplayApp
+    from neurotop.tui.screens.widgets import LayerTable
 
     t0 = time.perf_counter()
     source = ReplaySource(path).start()

@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent import wire  # noqa: E402
+from neurotop.protocol import wire  # noqa: E402
 
 STATS = ["mean", "std", "rms", "max_abs", "massive_ratio", "kurtosis", "zero_frac",
          "near_zero_frac", "dead_frac", "dead_frac_window", "nonfinite", "grad_rms"]
@@ -66,7 +66,7 @@ def report(rng: np.random.Generator, layers: int, step: int) -> list[tuple[dict,
 
 
 def filled_store(layers: int, steps: int):
-    from tui.store import RunStore
+    from neurotop.tui.data.store import RunStore
     store = RunStore()
     store.ingest_schema(schema(layers))
     rng = np.random.default_rng(0)
@@ -85,8 +85,8 @@ def filled_store(layers: int, steps: int):
 def frame_times(layers: int, steps: int, frames: int) -> tuple[list[float], list[float]]:
     """CPU milliseconds of the UI thread per frame (the work a frame costs), and wall
     milliseconds until Textual is idle again (that includes waiting for its paint tick)."""
-    from tui.app import NeurotopApp
-    from tui.client import Endpoints, LiveClient
+    from neurotop.tui.data.client import Endpoints, LiveClient
+    from neurotop.tui.screens.app import NeurotopApp
 
     store = filled_store(layers, steps)
     client = LiveClient(Endpoints(telemetry="tcp://127.0.0.1:9"), store=store)  # not started
@@ -117,8 +117,8 @@ def frame_times(layers: int, steps: int, frames: int) -> tuple[list[float], list
 
 def child_follow(endpoint: str, seconds: float) -> None:
     """In the child: the real client and app, headless, following the stream."""
-    from tui.app import NeurotopApp
-    from tui.client import Endpoints, LiveClient
+    from neurotop.tui.data.client import Endpoints, LiveClient
+    from neurotop.tui.screens.app import NeurotopApp
 
     client = LiveClient(Endpoints(telemetry=endpoint)).start()
     app = NeurotopApp(client, read_only=True)
@@ -183,8 +183,8 @@ def child_memory(layers: int, steps: int) -> None:
 
 
 def child_cold() -> None:
-    from tui.app import NeurotopApp
-    from tui.client import Endpoints, LiveClient
+    from neurotop.tui.data.client import Endpoints, LiveClient
+    from neurotop.tui.screens.app import NeurotopApp
 
     app = NeurotopApp(LiveClient(Endpoints(telemetry="tcp://127.0.0.1:9")), read_only=True)
     app.call_after_refresh(app.exit)

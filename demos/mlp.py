@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-import agent
+import neurotop
 
 
 def make_model(width: int, depth: int, classes: int) -> nn.Sequential:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     model = make_model(args.width, args.depth, classes)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     loss_fn = nn.CrossEntropyLoss()
-    with agent.watch(model, opt, name="demo-mlp", report_every=args.report_every) as mon:
+    with neurotop.watch(model, opt, name="demo-mlp", report_every=args.report_every) as mon:
         print(f"neurotop: run {mon.run_id} (connection file {mon.connection_file})", flush=True)
         step = 0
         try:

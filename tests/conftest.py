@@ -12,10 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from agent import connfile
+import neurotop
+from neurotop.protocol import connfile
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+# Tests and the processes they start import ``neurotop`` from the editable install; make
+# sure it is this checkout's (a stale install elsewhere would test other code).
+if Path(neurotop.__file__).resolve().parent != ROOT / "agent":
+    raise pytest.UsageError(f"neurotop is imported from {neurotop.__file__}, not this checkout:"
+                            f" run `pip install -e '{ROOT}[agent,test]'`")
 
 
 @pytest.fixture(autouse=True)
@@ -24,9 +31,6 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "runtime"
     monkeypatch.setenv("NEUROTOP_RUNTIME_DIR", str(d))
     monkeypatch.setenv("NEUROTOP_RUNS_DIR", str(tmp_path / "runs"))  # recordings stay here
-    # Child processes import this checkout, whatever copy is installed in editable mode.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     return d
 
 
@@ -98,6 +102,6 @@ async def until(pilot, pred, timeout: float = 20.0, what: str = "condition") -> 
 
 def status_text(app) -> str:
     """What the status bar shows now, as plain text."""
-    from tui.widgets import StatusBar
+    from neurotop.tui.screens.widgets import StatusBar
 
     return str(app.query_one(StatusBar).render())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import wire
-from agent.sessionfile import SessionWriter
+from neurotop.protocol import wire
+from neurotop.protocol.sessionfile import SessionWriter
 
 
 class SessionBuilder:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import zmq
 
-from agent import connfile, wire
-from agent.config import Config
+from neurotop.config import Config
+from neurotop.protocol import connfile, wire
+from neurotop.tui.data.client import CommandError, Endpoints, LiveClient
 from tests import numpy_reference as ref
 from tests.conftest import wait_until
-from tui.client import CommandError, Endpoints, LiveClient
 
 
 def collect(endpoint: str, seconds: float, until_step: int | None = None,

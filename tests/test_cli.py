@@ -10,7 +10,8 @@ from tests.conftest import wait_until
 
 
 def neurotop(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from tui.cli import main; main()", *args],
+    return subprocess.run([sys.executable, "-c", "from neurotop.tui.cli import main; main()",
+                           *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -40,7 +41,7 @@ def test_unknown_target_gives_a_clear_error():
 
 
 def test_stale_connection_file_is_ignored_and_cleaned(runtime_dir):
-    from agent import connfile
+    from neurotop.protocol import connfile
 
     dead = connfile.ConnectionInfo(run_id="dead", name="x", pid=2**22 + 7, start_time=0,
                                    telemetry="tcp://127.0.0.1:1", control="tcp://127.0.0.1:2",

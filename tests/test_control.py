@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from neurotop.tui.data.client import CommandError, Endpoints, LiveClient
 from tests.conftest import SCRIPTS, wait_until
-from tui.client import CommandError, Endpoints, LiveClient
 
 LOOP = SCRIPTS / "control_loop.py"
 

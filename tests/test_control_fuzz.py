@@ -9,9 +9,9 @@ import msgpack
 import numpy as np
 import zmq
 
-from agent import wire
+from neurotop.protocol import wire
+from neurotop.tui.data.client import Endpoints, LiveClient
 from tests.conftest import wait_until
-from tui.client import Endpoints, LiveClient
 
 # Signed with the run's key, but wrong: each must be refused (ok False), never applied.
 BAD_SIGNED = [

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from textual.widgets import ContentSwitcher
 
+from neurotop.tui.data.client import LiveClient
+from neurotop.tui.data.targets import resolve
+from neurotop.tui.screens.app import NeurotopApp
+from neurotop.tui.screens.control_panel import ConfirmScreen, ControlPanel, KnobEditScreen
 from tests.conftest import SCRIPTS, status_text, until
 from tests.test_control import steps_logged
-from tui.app import NeurotopApp
-from tui.client import LiveClient
-from tui.control_panel import ConfirmScreen, ControlPanel, KnobEditScreen
-from tui.targets import resolve
 
 
 def panel_text(app: NeurotopApp) -> str:

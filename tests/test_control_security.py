@@ -12,13 +12,13 @@ import msgpack
 import pytest
 import zmq
 
-from agent import connfile, wire
-from agent.binding import UnsafeBindError, check_bind, is_loopback
-from agent.control import Controller
-from agent.service import AgentService
+from neurotop.protocol import connfile, wire
+from neurotop.protocol.binding import UnsafeBindError, check_bind, is_loopback
+from neurotop.service.controller import Controller
+from neurotop.service.loop import AgentService
+from neurotop.tui.data.client import Endpoints, LiveClient
+from neurotop.tui.data.targets import resolve
 from tests.conftest import SCRIPTS, wait_until
-from tui.client import Endpoints, LiveClient
-from tui.targets import resolve
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])

@@ -7,16 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent import wire
+from neurotop.protocol import wire
+from neurotop.tui.data.replay_source import ReplaySource
+from neurotop.tui.data.store import RunStore
+from neurotop.tui.screens.app import HelpScreen
+from neurotop.tui.screens.control_panel import ControlPanel
+from neurotop.tui.screens.dashboard import AlertFeed, HeatStrip, Panel, Plot
+from neurotop.tui.screens.replay_app import ReplayApp
+from neurotop.tui.screens.widgets import LayerTable
 from tests.conftest import until
 from tests.sessions import DASH_STATS, write_dashboard_run
-from tui.app import HelpScreen
-from tui.control_panel import ControlPanel
-from tui.dashboard import AlertFeed, HeatStrip, Panel, Plot
-from tui.replay import ReplaySource
-from tui.replay_app import ReplayApp
-from tui.store import RunStore
-from tui.widgets import LayerTable
 
 DYING = "net.4"  # write_dashboard_run's layer whose dead fraction climbs to 1
 
@@ -129,7 +129,7 @@ async def test_every_screen_sort_filter_toggles(dash_app):
 
 def test_help_covers_every_binding():
     """Every key the app binds has a line in the help."""
-    from tui.app import NeurotopApp
+    from neurotop.tui.screens.app import NeurotopApp
     helped = {a for _, a, _ in (*NeurotopApp.VIEW_HELP, *NeurotopApp.HELP)}
     bound = {b.action.split("(")[0] for b in NeurotopApp.BINDINGS}
     assert bound - {"next_layer", "reverse_sort"} <= helped | {"help"}

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from neurotop.tui.data.replay_source import ReplaySource
+from neurotop.tui.screens.replay_app import ReplayApp
 from tests.conftest import until
 from tests.sessions import write_dashboard_run
-from tui.replay import ReplaySource
-from tui.replay_app import ReplayApp
 
 SCREENS = {"overview": "1", "layers": "2", "detail": "3", "gradients": "4", "control": "5",
            "help": "question_mark"}

@@ -1,48 +1,49 @@
-"""The UI starts without PyTorch; the agent never loads the UI toolkit."""
+"""At run time, not only in the import graph (``tests/test_contracts.py``): the UI starts
+with PyTorch blocked outright, ``import neurotop`` is lazy, the agent never loads the UI
+toolkit. Modules are found by walking the packages, so a new one cannot be left out."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-TUI_MODULES = ["tui.cli", "tui.app", "tui.client", "tui.store", "tui.widgets", "tui.targets",
-               "tui.plotting", "tui.remote", "tui.children", "tui.control_panel", "tui.replay",
-               "tui.replay_app", "tui.sessionload", "tui.backfill", "tui.export", "tui.dashboard",
-               "tui.health", "tui.history", "tui.view"]
+WALK = ("import importlib, pkgutil, sys\n"
+        "def walk(pkg):\n"
+        "    p = importlib.import_module(pkg)\n"
+        "    return [m.name for m in pkgutil.walk_packages(p.__path__, pkg + '.')]\n")
 
 
 def run_py(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip()
 
 
-def test_tui_never_imports_torch():
-    code = ("import sys, importlib\n"
-            f"for m in {TUI_MODULES!r}: importlib.import_module(m)\n"
-            "print(sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.')))")
-    assert run_py(code) == "[]"
+def test_the_whole_ui_imports_and_builds_with_torch_unimportable():
+    code = ("import sys; sys.modules['torch'] = None\n" + WALK +
+            "mods = walk('neurotop.tui'); [importlib.import_module(m) for m in mods]\n"
+            "from neurotop.tui.screens.app import NeurotopApp\n"
+            "from neurotop.tui.data.client import LiveClient, Endpoints\n"
+            "NeurotopApp(LiveClient(Endpoints('tcp://127.0.0.1:9')))\n"
+            "print(len(mods) > 20, 'neurotop.tui.screens.app' in mods)")
+    assert run_py(code) == "True True"
 
 
-def test_tui_works_with_torch_unimportable():
-    """Block torch outright: importing the UI and building its app must still work."""
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from tui.app import NeurotopApp; from tui.client import LiveClient, Endpoints\n"
-            "NeurotopApp(LiveClient(Endpoints('tcp://127.0.0.1:9'))); print('ok')")
-    assert run_py(code) == "ok"
+def test_the_agent_never_imports_textual_or_plotext():
+    code = (WALK + "mods = [m for m in walk('neurotop') if not m.startswith('neurotop.tui')]\n"
+            "[importlib.import_module(m) for m in mods]\n"
+            "print('neurotop.monitor' in mods,"
+            " sorted(k for k in sys.modules if k.split('.')[0] in ('textual', 'plotext')))")
+    assert run_py(code) == "True []"
 
 
-def test_agent_never_imports_textual_or_plotext():
-    code = ("import sys, agent.monitor, agent.service, agent.stats, agent.control,"
-            " agent.knobs, agent.autopause, agent.snapshot, agent.recorder, agent.sessionfile,"
-            " agent.runs, agent.collector, agent.layers, agent.param_stats, agent.report,"
-            " agent.packing\n"
-            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('textual', 'plotext')))")
-    assert run_py(code) == "[]"
-
-
-def test_agent_package_import_is_lazy():
-    code = ("import sys, agent, agent.wire, agent.connfile, agent.binding, agent.control,"
-            " agent.autopause, agent.sessionfile, agent.runs, agent.recorder, agent.config,"
-            " agent.histograms, agent.detectors; agent.StopTraining; agent.AlertRules;"
-            " print('torch' in sys.modules)")
-    assert run_py(code) == "False"
+def test_import_neurotop_is_lazy():
+    """The public names that are plain data come without torch; ``watch`` brings it."""
+    code = ("import sys, neurotop\n"
+            "neurotop.StopTraining; neurotop.Config; neurotop.AlertRules\n"
+            "import neurotop.protocol.wire, neurotop.service.loop, neurotop.service.finalize\n"
+            "lazy = 'torch' not in sys.modules\n"
+            "neurotop.watch\n"
+            "print(lazy, 'torch' in sys.modules, sorted(set(neurotop.__all__) - set(dir(neurotop))"
+            " - {'watch', 'Monitor', 'StopTraining', 'Config', 'AlertRules'}))")
+    assert run_py(code) == "True True []"

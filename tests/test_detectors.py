@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-import agent
-from agent import wire
-from agent.autopause import AutoPause
-from agent.detectors import ALERTS, AlertRules, AlertRulesError, Detectors, alert_rules
-from agent.sessionfile import KIND_CODES, MESSAGE, SessionReader, split_frames
+import neurotop
+from neurotop.protocol import wire
+from neurotop.protocol.sessionfile import KIND_CODES, MESSAGE, SessionReader, split_frames
+from neurotop.service.autopause import AutoPause
+from neurotop.service.detectors import ALERTS, AlertRules, AlertRulesError, Detectors, alert_rules
 
 STATS = ["mean", "rms", "max_abs", "massive_ratio", "dead_frac", "dead_frac_window",
          "nonfinite", "grad_rms"]
@@ -214,7 +214,7 @@ def test_a_real_run_logs_and_records_a_dying_layer_with_no_viewer(tmp_path, capl
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     runs = tmp_path / "runs"
     caplog.set_level(logging.WARNING, logger="neurotop.agent")
-    with agent.watch(model, opt, name="dying", report_every=2, record=runs,
+    with neurotop.watch(model, opt, name="dying", report_every=2, record=runs,
                      dead_window=3) as mon:
         for step in range(120):
             if step == 60:

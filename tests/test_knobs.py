@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from agent.control import check_args, check_value, parse_value, split_knob
-from agent.knobs import Knobs
+from neurotop.protocol.commands import check_args, check_value, parse_value, split_knob
+from neurotop.training.knobs import Knobs
 
 
 def test_l1_hook_gradient_equals_adding_the_penalty_to_the_loss():

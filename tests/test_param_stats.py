@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from agent.config import PARAM_STATS
-from agent.param_stats import ParamStats, param_names
+from neurotop.config import PARAM_STATS
+from neurotop.training.param_stats import ParamStats, param_names
 from tests import numpy_reference as ref
 
 SAMPLE = 256

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import wire
-from agent.runs import SESSION_FILE
-from agent.sessionfile import MESSAGE, SessionReader
+from neurotop.protocol import wire
+from neurotop.protocol.runs import SESSION_FILE
+from neurotop.protocol.sessionfile import MESSAGE, SessionReader
+from neurotop.tui.data.client import LiveClient
+from neurotop.tui.data.replay_source import ReplaySource
+from neurotop.tui.data.targets import resolve
 from tests.conftest import wait_until
 from tests.test_agent_e2e import collect
-from tui.client import LiveClient
-from tui.replay import ReplaySource
-from tui.targets import resolve
 
 
 def recorded_steps(path: Path) -> np.ndarray:
@@ -69,7 +69,7 @@ def test_kill_9_mid_write_then_replay(start_run):
     np.testing.assert_array_equal(np.diff(steps), 1)  # every step up to the last flush
     assert np.isfinite(src.store.scalar("loss")[1]).all()
     src.close()
-    out = subprocess.run([sys.executable, "-c", "from tui.cli import main; main()", "ls",
+    out = subprocess.run([sys.executable, "-c", "from neurotop.tui.cli import main; main()", "ls",
                           "--json"], capture_output=True, text=True, timeout=30)
     listed = {r["run_id"]: r for r in json.loads(out.stdout)}
     assert listed[run.info.run_id]["state"] == "ended*"

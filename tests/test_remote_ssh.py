@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import zmq
 
-from agent import connfile
+from neurotop.protocol import connfile
+from neurotop.tui.data.client import CommandError, Endpoints, LiveClient
+from neurotop.tui.data.remote import SshTarget, connect, free_port
+from neurotop.tui.data.targets import resolve
+from neurotop.tui.screens.app import HelpScreen, NeurotopApp
 from tests.conftest import status_text, until, wait_until
-from tui.app import HelpScreen, NeurotopApp
-from tui.client import CommandError, Endpoints, LiveClient
-from tui.remote import SshTarget, connect, free_port
-from tui.targets import resolve
 
 SSHD = Path("/usr/sbin/sshd")
 
@@ -155,7 +155,8 @@ def sshd(tmp_path: Path, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch):
 
 def neurotop(*args: str, env: dict[str, str] | None = None,
              timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from tui.cli import main; main()", *args],
+    return subprocess.run([sys.executable, "-c", "from neurotop.tui.cli import main; main()",
+                           *args],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
@@ -310,7 +311,7 @@ def test_a_killed_viewer_takes_its_tunnel_down(sshd):
         run_id="20200101-000000-live", name="x", pid=os.getpid(), start_time=time.time(),
         telemetry=f"tcp://127.0.0.1:{ports[0]}", control=f"tcp://127.0.0.1:{ports[1]}",
         key="00"))
-    code = ("import sys, time; from tui.targets import resolve; resolve(sys.argv[1]);"
+    code = ("import sys, time; from neurotop.tui.data.targets import resolve; resolve(sys.argv[1]);"
             " print('up', flush=True); time.sleep(120)")
     viewer = subprocess.Popen([sys.executable, "-c", code, sshd.url()], stdout=subprocess.PIPE,
                               text=True)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from neurotop.tui.data.client import CommandError
+from neurotop.tui.data.replay_source import ReplaySource
+from neurotop.tui.screens.replay_app import GotoStep, ReplayApp, TimelineBar
+from neurotop.tui.screens.widgets import LayerTable
 from tests.conftest import status_text, until
 from tests.sessions import write_run
-from tui.client import CommandError
-from tui.replay import ReplaySource
-from tui.replay_app import GotoStep, ReplayApp, TimelineBar
-from tui.widgets import LayerTable
 
 
 def timeline_text(app: ReplayApp) -> str:

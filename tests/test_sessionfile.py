@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import wire
-from agent.recorder import Recorder
-from agent.sessionfile import FILE_HEADER, MESSAGE, SessionFormatError, SessionReader
+from neurotop.protocol import wire
+from neurotop.protocol.sessionfile import FILE_HEADER, MESSAGE, SessionFormatError, SessionReader
+from neurotop.service.recorder import Recorder
+from neurotop.tui.data.replay_source import ReplaySource
+from neurotop.tui.data.store import RunStore
 from tests.sessions import write_run
-from tui.replay import ReplaySource
-from tui.store import RunStore
 
 
 def reference_store(messages: list[list[bytes]], upto_step: int | None = None) -> RunStore:
@@ -203,7 +203,7 @@ def test_sync_makes_everything_recorded_readable(tmp_path):
 
 
 def test_export_writes_documented_csv_tables(tmp_path):
-    from tui.export import export_csv
+    from neurotop.tui.data.export import export_csv
 
     path = tmp_path / "s.ntop"
     run = write_run(path, 40, events_every=20)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-import agent
-from agent.config import Config, ConfigError
-from agent.layers import select_layers, unit_dim_for
+import neurotop
+from neurotop.config import Config, ConfigError
+from neurotop.training.layers import select_layers, unit_dim_for
 
 
 class Block(nn.Module):
@@ -65,11 +65,11 @@ def test_bad_options_are_refused_with_the_reason():
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="unknown option.*'report_evry'"):
-        agent.watch(model, opt, report_evry=5)
+        neurotop.watch(model, opt, report_evry=5)
     with pytest.raises(ConfigError, match=r"stats: unknown \['kurt'\]"):
-        agent.watch(model, opt, stats=["mean", "kurt"])
+        neurotop.watch(model, opt, stats=["mean", "kurt"])
     with pytest.raises(ConfigError, match="report_every must be an integer >= 1"):
-        agent.watch(model, opt, report_every=0)
+        neurotop.watch(model, opt, report_every=0)
     with pytest.raises(ConfigError, match="hist_exponents"):
         Config(hist_exponents=(4, 2))
     assert Config(stats=("std", "mean")).stats == ("mean", "std")  # canonical order

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from agent import wire
+from neurotop.protocol import wire
 from tests import numpy_reference as ref
 from tests.conftest import SCRIPTS
 from tests.test_agent_e2e import collect as collect_until
@@ -108,5 +108,5 @@ def test_injected_nan_names_the_first_layer(start_run, tmp_path):
 
 
 def wire_stats() -> tuple[str, ...]:
-    from agent.config import LAYER_STATS
+    from neurotop.config import LAYER_STATS
     return LAYER_STATS

@@ -15,17 +15,17 @@ import torch
 import zmq
 from torch import nn
 
-import agent
-from agent import wire
-from agent.config import Config
-from agent.stats import first_tensor
+import neurotop
+from neurotop.config import Config
+from neurotop.protocol import wire
+from neurotop.training.stats import first_tensor
 from tests import numpy_reference as ref
 
 
 class Telemetry:
     """A SUB socket on a monitor's telemetry, ready once the first schema came through."""
 
-    def __init__(self, mon: agent.Monitor) -> None:
+    def __init__(self, mon: neurotop.Monitor) -> None:
         self.sub = zmq.Context.instance().socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.subscribe(b"")
@@ -83,7 +83,7 @@ def expected_row(cap: Capture, name: str, stats: list[str], cfg: Config) -> list
     return [r[s] for s in stats]
 
 
-def check(mon: agent.Monitor, tel: Telemetry, cap: Capture, names: list[str],
+def check(mon: neurotop.Monitor, tel: Telemetry, cap: Capture, names: list[str],
           rtol: float = 1e-4) -> np.ndarray:
     schema, block, _ = tel.stats(mon.step)
     rows = [schema["layers"].index(n) for n in names]
@@ -149,7 +149,7 @@ def test_tuple_and_dict_outputs():
     model = Unpack()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cap = Capture(model, ["t", "d"])
-    with agent.watch(model, opt, report_every=1, signal_layers=["*"]) as mon:
+    with neurotop.watch(model, opt, report_every=1, signal_layers=["*"]) as mon:
         tel = Telemetry(mon)
         train_step(model, opt, mon, *data())
         check(mon, tel, cap, ["t", "d"])
@@ -161,7 +161,7 @@ def test_inplace_relu_keeps_the_layer_before_it_intact():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cap = Capture(model, ["0", "1"])
-    with agent.watch(model, opt, report_every=1) as mon:
+    with neurotop.watch(model, opt, report_every=1) as mon:
         tel = Telemetry(mon)
         train_step(model, opt, mon, *data())
         got = check(mon, tel, cap, ["0", "1"])
@@ -176,7 +176,7 @@ def test_module_called_several_times_pools_every_call():
     model = Shared()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cap = Capture(model, ["lin"])
-    with agent.watch(model, opt, report_every=1) as mon:
+    with neurotop.watch(model, opt, report_every=1) as mon:
         tel = Telemetry(mon)
         train_step(model, opt, mon, *data())
         assert len(cap.outs["lin"]) == 3 and len(cap.grads["lin"]) == 3
@@ -189,7 +189,7 @@ def test_gradient_accumulation_pools_the_micro_batches():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cap = Capture(model, ["0", "1", "2"])
-    with agent.watch(model, opt, report_every=1) as mon:
+    with neurotop.watch(model, opt, report_every=1) as mon:
         tel = Telemetry(mon)
         x, y = data(64)
         train_step(model, opt, mon, x, y, micro=4)
@@ -211,7 +211,7 @@ def test_bf16_autocast_on_cpu():
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cap = Capture(model, ["0", "1", "2"])
-    with agent.watch(model, opt, report_every=1) as mon:
+    with neurotop.watch(model, opt, report_every=1) as mon:
         tel = Telemetry(mon)
         x, y = data()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -231,7 +231,7 @@ def test_hooks_registered_before_torch_compile():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cap = Capture(model, ["0", "1", "2"])
-    with agent.watch(model, opt, report_every=2) as mon:
+    with neurotop.watch(model, opt, report_every=2) as mon:
         compiled = torch.compile(model)
         tel = Telemetry(mon)
         x, y = data()
@@ -252,7 +252,7 @@ def test_no_host_device_sync_on_cuda():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(512, 64, device=dev)
     y = torch.randint(0, 10, (512,), device=dev)
-    with agent.watch(model, opt, report_every=1, hist_every=1, signal_layers=["*"]) as mon:
+    with neurotop.watch(model, opt, report_every=1, hist_every=1, signal_layers=["*"]) as mon:
         tel = Telemetry(mon)
         train_step(model, opt, mon, x, y)  # first report: allocations, warm-up
         torch.cuda.synchronize()
@@ -271,7 +271,8 @@ def test_no_host_device_sync_on_cuda():
 def test_nonfinite_count_is_exact_for_nan_and_inf(stats):
     """On the CPU the count runs only when max/min show a non-finite value: it must still be
     exact for NaN, +inf and -inf, with or without the max and unit statistics."""
-    from agent.stats import NONFINITE, Needs, activation_row, call_plan
+    from neurotop.service.finalize import NONFINITE
+    from neurotop.training.stats import Needs, activation_row, call_plan
 
     cfg = Config(stats=stats)
 
@@ -323,7 +324,7 @@ def test_channel_units_wide_rows_and_non_contiguous_outputs():
     cap = Capture(model, names)
     x = torch.randn(24, 3, 6, 6)
     y = torch.randint(0, 3, (24,))
-    with agent.watch(model, opt, report_every=1, signal_layers=["*"], sample=256) as mon:
+    with neurotop.watch(model, opt, report_every=1, signal_layers=["*"], sample=256) as mon:
         tel = Telemetry(mon)
         train_step(model, opt, mon, x, y)
         schema, block, _ = tel.stats(mon.step)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from agent import connfile
+from neurotop.protocol import connfile
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.skipif(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+from neurotop.tui.data.client import LiveClient
+from neurotop.tui.data.targets import resolve
+from neurotop.tui.screens.app import HelpScreen, NeurotopApp
+from neurotop.tui.screens.widgets import LayerTable
 from tests.conftest import ROOT, status_text, until
-from tui.app import HelpScreen, NeurotopApp
-from tui.client import LiveClient
-from tui.targets import resolve
-from tui.widgets import LayerTable
 
 
 async def test_live_view_pause_resume_help_quit(start_run):

@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 
-from agent import wire
+from neurotop.protocol import wire
+from neurotop.tui.data.client import LiveClient
+from neurotop.tui.data.store import RunStore
+from neurotop.tui.data.targets import resolve
+from neurotop.tui.screens.app import NeurotopApp
+from neurotop.tui.screens.dashboard import Panel, Plot
+from neurotop.tui.screens.widgets import COLUMN_PRESETS, ColumnPicker, LayerTable
 from tests.conftest import SCRIPTS, until
-from tui.app import NeurotopApp
-from tui.client import LiveClient
-from tui.dashboard import Panel, Plot
-from tui.store import RunStore
-from tui.targets import resolve
-from tui.widgets import COLUMN_PRESETS, ColumnPicker, LayerTable
 
 STATS = ["mean", "std", "max_abs", "grad_rms"]
 
@@ -100,7 +100,7 @@ async def test_columns_and_layer_detail(start_run):
 
 
 def test_sparkline_scales_to_its_range_and_draws_a_flat_series_mid_height():
-    from tui.plotting import BLOCKS, sparkline
+    from neurotop.tui.screens.plotting import BLOCKS, sparkline
 
     rising = sparkline(np.arange(8.0), 8)
     assert rising == BLOCKS  # lowest block to highest

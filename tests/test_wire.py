@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from agent import wire
+from neurotop.protocol import wire
 
 
 def test_roundtrip_keeps_header_and_arrays():

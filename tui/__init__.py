@@ -1,1 +1,3 @@
-"""neurotop's terminal UI. Never imports torch: it must start fast on a laptop without it."""
+"""The terminal UI (``neurotop.tui``). Never imports torch: it must start fast on a laptop
+without it.
+"""

@@ -11,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from agent import connfile, runs
-from agent.control import parse_value, split_knob
-from agent.sessionfile import SessionFormatError, SessionReader
-from tui import remote
-from tui.children import die_with_parent
-from tui.client import CommandError, LiveClient
-from tui.targets import TargetError, resolve
+from neurotop.protocol import connfile, runs
+from neurotop.protocol.commands import parse_value, split_knob
+from neurotop.protocol.sessionfile import SessionFormatError, SessionReader
+from neurotop.tui.data import remote
+from neurotop.tui.data.children import die_with_parent
+from neurotop.tui.data.client import CommandError, LiveClient
+from neurotop.tui.data.targets import TargetError, resolve
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos"
 
@@ -36,7 +36,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
 
 def _run_ui(endpoints, read_only: bool) -> None:
-    from tui.app import NeurotopApp  # textual loads only for commands that draw
+    from neurotop.tui.screens.app import NeurotopApp  # textual loads only for commands that draw
 
     client = LiveClient(endpoints, backfill=True).start()
     try:
@@ -113,7 +113,9 @@ def cmd_ls(args: argparse.Namespace) -> None:
 
 
 def _open_session(target: str):
-    from tui.replay import ReplaySource  # textual-free, but numpy-heavy: load on demand
+    from neurotop.tui.data.replay_source import (
+        ReplaySource,  # textual-free, but numpy-heavy: load on demand
+    )
 
     try:
         return ReplaySource(runs.find_session(target))
@@ -132,7 +134,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     source.start()
     if args.step is not None:
         source.seek_step(args.step).result(10)
-    from tui.replay_app import ReplayApp
+    from neurotop.tui.screens.replay_app import ReplayApp
 
     try:
         ReplayApp(source).run()
@@ -142,7 +144,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from tui.export import export_csv
+    from neurotop.tui.data.export import export_csv
 
     source = _open_session(args.file)
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import agent
+import neurotop
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
         lambda m, i, out: relu_zero.append(float((out == 0).float().mean())))
     log = args.log.open("a") if args.log else None
     step = 0
-    with agent.watch(model, opt, name="control-loop", scheduler=sched, report_every=1,
+    with neurotop.watch(model, opt, name="control-loop", scheduler=sched, report_every=1,
                      snapshot=args.snapshot_dir, raise_on_stop=args.raise_on_stop) as mon:
         temperature = mon.knob("temperature", 1.0, min=0.1, max=10.0,
                                doc="divides the logits")
@@ -84,7 +84,7 @@ def main() -> None:
                     time.sleep(args.step_sleep)
         except KeyboardInterrupt:
             pass
-        except agent.StopTraining as e:
+        except neurotop.StopTraining as e:
             print("STOPTRAINING", e, flush=True)
     print("STOPPED", mon.step, flush=True)
 

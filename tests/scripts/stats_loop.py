@@ -6,7 +6,7 @@ with ``--massive``, one unit of layer ``2`` with a bias of 300 (a massive activa
 With ``--dump DIR``, each of the first ``--dump-steps`` steps saves every layer's output
 and output gradient, the parameters before and after the optimizer step, their
 gradients, the loss and the learning rate, so that tests can recompute every statistic
-with NumPy. ``--config JSON`` passes options to ``agent.watch``.
+with NumPy. ``--config JSON`` passes options to ``neurotop.watch``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import agent
+import neurotop
 
 
 def build(relu_inplace: bool, massive: bool) -> nn.Sequential:
@@ -39,7 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=0, help="0: run until interrupted")
     p.add_argument("--step-sleep", type=float, default=0.0)
-    p.add_argument("--config", default="{}", help="agent.watch options as JSON")
+    p.add_argument("--config", default="{}", help="neurotop.watch options as JSON")
     p.add_argument("--dump", type=Path)
     p.add_argument("--dump-steps", type=int, default=30)
     p.add_argument("--massive", action="store_true")
@@ -70,7 +70,7 @@ def main() -> None:
                 m.register_forward_hook(lambda mod, i, o, name=name: capture(mod, i, o, name))
     gen = torch.Generator().manual_seed(1)
     # No auto-pause: a planted NaN must not stop the run before its step is dumped.
-    with agent.watch(model, opt, name="stats-loop", auto_pause=False,
+    with neurotop.watch(model, opt, name="stats-loop", auto_pause=False,
                      **json.loads(args.config)) as mon:
         print("READY", mon.run_id, flush=True)
         try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import agent
+import neurotop
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
                 m.register_forward_hook(
                     lambda mod, inp, out, name=name: captured.__setitem__(
                         name, out.detach().numpy().copy()))
-    with agent.watch(model, opt, report_every=args.report_every, name="test-loop",
+    with neurotop.watch(model, opt, report_every=args.report_every, name="test-loop",
                      bind_host=args.bind_host, curve=args.curve,
                      record=not args.no_record) as mon:
         print("READY", mon.run_id, flush=True)

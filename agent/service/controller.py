@@ -1,0 +1,200 @@
+"""Commands from the UI, applied by the training thread at an optimizer step boundary.
+
+The agent thread validates and queues (``Pending``); the training thread drains
+the queue in the optimizer's step post-hook and produces one ack per command
+naming the step where it took effect (the number of optimizer steps completed
+when it was applied: step ``k`` means step ``k + 1`` is the first to see it).
+Pause blocks the training thread right there, still draining the queue so that
+resume (or anything else) is applied. Every command is plain data ``(cmd, args)``
+applied deterministically from the state at the boundary, so that under
+torch.distributed the same list can be broadcast and applied by all ranks at the
+same step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from neurotop.protocol.commands import check_args
+
+
+class StopTraining(Exception):
+    """Raised from ``optimizer.step()`` after a ``stop`` command when the run was started
+    with ``watch(..., raise_on_stop=True)``; otherwise the loop polls ``mon.should_stop``."""
+
+
+class KnobTable(Protocol):
+    """What the controller needs from the knobs (``training.knobs.Knobs`` implements it)."""
+
+    def describe(self) -> list[dict[str, Any]]: ...
+    def values(self) -> dict[str, Any]: ...
+    def validate(self, knob: str, value: Any, op: str) -> None: ...
+    def apply(self, knob: str, value: Any, op: str) -> dict[str, Any]: ...
+
+
+#: ``snapshot(step, done)``: called at the boundary; ``done`` gets ``{"new": where}`` or
+#: ``{"error": why}``, possibly later and from another thread.
+Snapshotter = Callable[[int, Callable[[dict[str, Any]], None]], None]
+
+
+# --- the queue and the state it changes ---------------------------------------------------
+
+@dataclass
+class Pending:
+    """A validated command waiting for the next boundary; ``reply`` sends its ack."""
+
+    req_id: str
+    cmd: str
+    args: dict[str, Any]
+    sender: str
+    reply: Callable[[dict[str, Any]], None]
+    received: float = field(default_factory=time.time)
+
+
+class Controller:
+    """State the operator can change, and the queue that carries the changes."""
+
+    def __init__(self, knobs: KnobTable | None = None, snapshot: Snapshotter | None = None,
+                 raise_on_stop: bool = False) -> None:
+        self.queue: queue.Queue[Pending] = queue.Queue()
+        #: Events that are not acks (e.g. "paused after step N"); the agent publishes them.
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        #: Called after an event is queued: wakes the agent thread (set by the agent).
+        self.notify: Callable[[], None] = lambda: None
+        self.knobs, self.snapshot, self.raise_on_stop = knobs, snapshot, raise_on_stop
+        self.paused = False
+        self.paused_at: int | None = None
+        self.pause_reason = ""
+        self.stop_requested = False
+        self.resumes = 0  # bumped by every resume/step: lets auto-pause re-arm
+        self._until: int | None = None  # `step N`: pause again when this step is reached
+        self._stop_raised = False
+        self._closed = threading.Event()
+
+    # -- agent thread ---------------------------------------------------------------------
+
+    def validate(self, cmd: str, args: dict[str, Any]) -> str | None:
+        """Refuse what can be refused before the boundary, with the reason. Never blocks."""
+        err = check_args(cmd, args)
+        if err or cmd != "set":
+            return err
+        if self.knobs is None:
+            return "this run has no knobs"
+        try:
+            self.knobs.validate(args["knob"], args["value"], args.get("op", "set"))
+        except ValueError as e:
+            return str(e)
+        except Exception as e:  # untrusted input must never take the agent thread down
+            return f"cannot set {args['knob']}: {e!r}"
+        return None
+
+    def submit(self, p: Pending) -> None:
+        """From the agent thread. Never blocks."""
+        if self._closed.is_set():
+            p.reply(self._ack(p, ok=False, step=None, error="the run has ended"))
+            return
+        self.queue.put(p)
+
+    def describe_knobs(self) -> list[dict[str, Any]]:
+        return self.knobs.describe() if self.knobs else []
+
+    def heartbeat(self) -> dict[str, Any]:
+        """Fields the heartbeat carries for the UI: why it is paused, knob values."""
+        return {"pause_reason": self.pause_reason, "stopping": self.stop_requested,
+                "knobs": self.knobs.values() if self.knobs else {}}
+
+    # -- training thread ------------------------------------------------------------------
+
+    def at_boundary(self, step: int) -> None:
+        """From the training thread after each optimizer step: apply, then hold while paused."""
+        self._drain(step, block=False)
+        if self._until is not None and step >= self._until and not self.paused:
+            n = self._until
+            self._pause(step, f"stepped to {n}")
+            self.events.put({"event": "paused", "step": step, "reason": self.pause_reason,
+                             **self._state()})
+            self.notify()
+        while self.paused and not self._closed.is_set():
+            self._drain(step, block=True)
+        if self.stop_requested and self.raise_on_stop and not self._stop_raised:
+            self._stop_raised = True
+            raise StopTraining(f"stopped by an operator command at step {step}")
+
+    def close(self) -> None:
+        """Release a paused loop and refuse what is still queued."""
+        self._closed.set()
+        self.paused = False
+        while True:
+            try:
+                p = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            p.reply(self._ack(p, ok=False, step=None, error="the run has ended"))
+
+    def _drain(self, step: int, block: bool) -> None:
+        while True:
+            try:
+                p = self.queue.get(timeout=0.05) if block else self.queue.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                ack = self._apply(p, step)
+            except Exception as e:  # a command must never crash the training loop
+                ack = self._ack(p, ok=False, step=None, error=f"{p.cmd} failed: {e!r}")
+            if ack is not None:
+                p.reply(ack)
+            block = False
+
+    def _pause(self, step: int, reason: str) -> None:
+        self.paused, self.paused_at, self.pause_reason, self._until = True, step, reason, None
+
+    def _apply(self, p: Pending, step: int) -> dict[str, Any] | None:
+        old = self._state()["state"]
+        if p.cmd == "pause":
+            self._pause(step, p.args.get("reason") or f"paused by {p.sender or 'an operator'}")
+            return self._ack(p, ok=True, step=step, old=old, new="paused")
+        if p.cmd in ("resume", "step"):
+            self.paused, self.paused_at, self.pause_reason = False, None, ""
+            self.resumes += 1
+            if p.cmd == "resume":
+                self._until = None
+                return self._ack(p, ok=True, step=step, old=old, new="running")
+            self._until = step + p.args["n"]
+            return self._ack(p, ok=True, step=step, old=old, new="stepping", until=self._until)
+        if p.cmd == "set":
+            try:
+                result = self.knobs.apply(p.args["knob"], p.args["value"],
+                                          p.args.get("op", "set")) if self.knobs else None
+            except ValueError as e:
+                return self._ack(p, ok=False, step=None, error=str(e))
+            if result is None:
+                return self._ack(p, ok=False, step=None, error="this run has no knobs")
+            return self._ack(p, ok=True, step=step, **result)
+        if p.cmd == "stop":
+            self.stop_requested = True
+            self.paused, self.paused_at, self.pause_reason, self._until = False, None, "", None
+            return self._ack(p, ok=True, step=step, old=old, new="stopping")
+        if p.cmd == "snapshot" and self.snapshot is not None:
+            def done(result: dict[str, Any]) -> None:
+                ok = "error" not in result
+                p.reply(self._ack(p, ok=ok, step=step if ok else None, **result))
+            try:
+                self.snapshot(step, done)
+            except Exception as e:  # a failing snapshot must not take the run down
+                return self._ack(p, ok=False, step=None, error=f"snapshot failed: {e!r}")
+            return None
+        return self._ack(p, ok=False, step=None, error=f"{p.cmd!r} is not available in this run")
+
+    def _state(self) -> dict[str, Any]:
+        return {"state": "paused" if self.paused else "running", "paused_at": self.paused_at}
+
+    def _ack(self, p: Pending, *, ok: bool, step: int | None, old: Any = None, new: Any = None,
+             error: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {"id": p.req_id, "cmd": p.cmd, "args": p.args, "ok": ok, "step": step,
+                "old": old, "new": new, "error": error, "sender": p.sender,
+                "pause_reason": self.pause_reason, **self._state(), **extra}

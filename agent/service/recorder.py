@@ -1,0 +1,162 @@
+"""The recorder: writes every published message to the run's session file, on its own thread.
+
+The agent thread hands each message's encoded frames to ``record``, which never blocks:
+when the queue is full (the disk is slower than the run) the message is dropped and
+counted, and the count is written into the file and sent in heartbeats. The training
+thread never touches any of this. Records reach the OS at least every ``flush_s``
+seconds (from then on they survive a ``kill -9``) and the disk every ``fsync_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from neurotop.protocol import runs, wire
+from neurotop.protocol.sessionfile import NOTE, SessionWriter
+
+log = logging.getLogger("neurotop.recorder")
+
+_IDLE = object()
+
+
+class Recorder(threading.Thread):
+    """Owns one ``SessionWriter``; fed by the agent thread through a bounded queue."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], *, flush_s: float = 0.25,
+                 fsync_s: float = 5.0, max_queued: int = 4096,
+                 max_queued_bytes: int = 64 << 20, index_every: int = 1024) -> None:
+        super().__init__(name="neurotop-recorder", daemon=True)
+        self.path = path
+        self.flush_s, self.fsync_s = flush_s, fsync_s
+        self.max_queued, self.max_queued_bytes = max_queued, max_queued_bytes
+        self._writer = SessionWriter(path, meta, index_every=index_every)
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._queued = self._queued_bytes = 0
+        self.dropped = 0
+        self.error = ""
+        self.flushed_size = self._writer.flushed  # a record boundary; readers may read up to it
+
+    # -- the agent thread ---------------------------------------------------------------
+
+    def record(self, kind: str, step: int | None, t: float, frames: list[bytes]) -> None:
+        """Queue one message; never blocks. Dropped (and counted) when the queue is full."""
+        n = sum(map(len, frames))
+        with self._lock:
+            if (self.error or self._queued >= self.max_queued
+                    or self._queued_bytes + n > self.max_queued_bytes):
+                self.dropped += 1
+                return
+            self._queued += 1
+            self._queued_bytes += n
+        self._q.put((kind, -1 if step is None else int(step), t, frames, n))
+
+    def sync(self, timeout: float = 2.0) -> bool:
+        """Wait until everything queued so far is in the file (flushed to the OS)."""
+        done = threading.Event()
+        self._q.put(done)
+        return done.wait(timeout) if self.is_alive() else False
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then the index and the END record; fsync."""
+        self._q.put(None)
+        if self.is_alive():
+            self.join(timeout)
+
+    # -- the recorder thread ------------------------------------------------------------
+
+    def run(self) -> None:
+        w = self._writer
+        last_flush = last_sync = time.monotonic()
+        noted = 0
+        dirty = unsynced = False
+        try:
+            while True:
+                try:
+                    item = self._q.get(timeout=self.flush_s)
+                except queue.Empty:
+                    item = _IDLE
+                if item is None:
+                    break
+                if isinstance(item, threading.Event):
+                    w.flush()
+                    self.flushed_size, dirty = w.flushed, False
+                    item.set()
+                    continue
+                if item is not _IDLE:
+                    kind, step, t, frames, n = item
+                    with self._lock:
+                        self._queued -= 1
+                        self._queued_bytes -= n
+                    w.write_message(frames, kind=kind, step=step, t=t)
+                    dirty = unsynced = True
+                if self.dropped != noted:
+                    noted = self.dropped
+                    w.write_note(NOTE, {"dropped": noted}, time.time())
+                now = time.monotonic()
+                if dirty and (self._q.empty() or now - last_flush >= self.flush_s):
+                    w.flush()
+                    self.flushed_size, dirty, last_flush = w.flushed, False, now
+                if unsynced and now - last_sync >= self.fsync_s:
+                    w.sync()
+                    unsynced, last_sync = False, now
+        except OSError as e:
+            self.error = f"recording stopped: {e}"
+            log.warning("neurotop: %s (%s)", self.error, self.path)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        while True:  # release anyone waiting in sync(); what is left is counted as dropped
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, threading.Event):
+                item.set()
+            elif item is not None:
+                self.dropped += 1
+        try:
+            self._writer.close({"dropped": self.dropped, "error": self.error}, time.time())
+            self.flushed_size = self._writer.flushed
+        except OSError as e:
+            log.warning("neurotop: could not finish the session file %s: %s", self.path, e)
+
+
+def start_recording(record: bool | str | os.PathLike | None, run_id: str, name: str,
+                    start_time: float) -> Recorder | None:
+    """Start recording to ``<root>/<run_id>/session.ntop``.
+
+    ``record``: ``True`` (the default root, see ``neurotop.protocol.runs``), a directory to use as
+    the root, or ``False``/``None`` (do not record). A directory the caller named must be
+    writable (a clear error otherwise); when the default one is not, the run goes on
+    unrecorded with a warning.
+    """
+    if record is None or record is False:
+        return None
+    root = runs.runs_root() if record is True else Path(record)
+    meta = {"run_id": run_id, "name": name, "start_time": start_time,
+            "host": socket.gethostname(), "pid": os.getpid(),
+            "protocol": wire.PROTOCOL_VERSION}
+    try:
+        run_dir = root / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rec = Recorder(run_dir / runs.SESSION_FILE, meta)
+    except OSError as e:
+        if record is not True:
+            raise OSError(f"neurotop cannot record to {root}: {e}") from None
+        log.warning("neurotop: not recording this run (cannot write %s: %s)", root, e)
+        return None
+    try:
+        runs.register(run_id, rec.path, name=name, start_time=start_time)
+    except OSError as e:
+        log.warning("neurotop: recording, but `neurotop ls` will not list it: %s", e)
+    rec.start()
+    return rec

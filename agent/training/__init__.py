@@ -1,0 +1,3 @@
+"""Code that runs in the training thread: hooks, statistics on the device, parameter
+statistics, knobs applied at the step boundary, checkpoints.
+"""

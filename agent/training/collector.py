@@ -1,0 +1,227 @@
+"""What the hooks collect during one report window, on the training thread.
+
+A window is the forwards and backwards between two report boundaries. Every call of a
+measured module appends one row and one sample (see ``neurotop.training.stats``) and keeps its
+per-unit maxima; every gradient hook call keeps ||dL/dh|| (and, on histogram reports, a
+sample of dL/dh). ``pack`` concatenates them into a few device tensors for the report's
+one copy and starts a fresh window. Host-side facts (which layer each row belongs to,
+sample sizes, unit counts, the forward order) are Python ints taken from shapes, never
+from values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from neurotop.config import Config
+from neurotop.service.finalize import ROW_COLS
+from neurotop.training.layers import LayerSpec, unit_dim_for
+from neurotop.training.stats import (
+    CallPlan,
+    Needs,
+    activation_row,
+    call_plan,
+    first_tensor,
+    hist_counts,
+    pool_by_layer,
+    stack_by_size,
+    summarize,
+    take_sample,
+)
+
+
+class LayerCollector:
+    """Per-window lists of device rows; the hook bodies append to them."""
+
+    def __init__(self, specs: list[LayerSpec], config: Config) -> None:
+        self.specs, self.config = specs, config
+        self.need = Needs(config.stats)
+        self.hist_rows = {i: h for h, i in enumerate(i for i, s in enumerate(specs) if s.hist)}
+        self.hist_now = False  # set by the monitor: this window's report carries histograms
+        self.device: torch.device | None = None
+        self._grad_fns = [self._grad_hook(i) for i in range(len(specs))]
+        self._scratch: torch.Tensor | None = None
+        self._plans: dict[tuple[int, torch.Size, bool], CallPlan] = {}
+        self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._zero_t: torch.Tensor | None = None
+        self._width = 0  # columns of the unit-maxima matrices
+        self._ring: torch.Tensor | None = None  # [dead_window, layers, width] past maxima
+        self._ring_pos = 0
+        self._units = [0] * len(specs)
+        self._valid: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.rows: list[torch.Tensor] = []  # ROW_COLS 0-d tensors of every call, in order
+        self.samples: list[torch.Tensor] = []
+        self.row_layer: list[int] = []
+        self.order: list[int] = []  # layers in the order of their first call
+        self._seen: set[int] = set()
+        self.umax: list[torch.Tensor | None] = [None] * len(self.specs)
+        self.grad_layer: list[int] = []
+        self.grad_samples: list[torch.Tensor] = []  # one per gradient hook call, owned
+
+    # -- hook bodies (training thread, report windows only) -------------------------------
+
+    def on_output(self, i: int, out: Any) -> None:
+        """Forward hook body: this call's row; hook the output's gradient if asked."""
+        t = first_tensor(out)
+        if t is None or not t.is_floating_point() or t.numel() == 0:
+            return
+        spec = self.specs[i]
+        if spec.signal and self.need.grad and t.requires_grad and torch.is_grad_enabled():
+            t.register_hook(self._grad_fns[i])
+        if self.device is None:
+            self.device = t.device
+        # Detached, so nothing below is recorded by autograd; and none of these kernels is
+        # one that autocast changes (matmul-like), so no context managers are needed.
+        x = t.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        row, umax, sample = activation_row(x, self._plan(i, x), self.need, self._zero(x.device),
+                                           self._scratch_for(x))
+        if i not in self._seen:
+            self._seen.add(i)
+            self.order.append(i)
+        self.rows.extend(row)
+        self.samples.append(sample)
+        self.row_layer.append(i)
+        if umax is not None:
+            prev = self.umax[i]
+            if prev is None or prev.shape[1] != umax.shape[1]:  # new, or its units changed
+                self.umax[i] = umax
+            elif prev.shape == umax.shape:
+                self.umax[i] = torch.maximum(prev, umax)
+            else:  # another batch size: reduce both to the units' maxima
+                self.umax[i] = torch.maximum(prev.amax(0, keepdim=True),
+                                             umax.amax(0, keepdim=True))
+
+    def _grad_hook(self, i: int):
+        def hook(g: torch.Tensor) -> None:
+            self.on_grad(i, g)
+        return hook
+
+    def on_grad(self, i: int, g: torch.Tensor) -> None:
+        """Tensor hook body on a layer's output: a row sample of dL/dh (the same rule as for
+        activations), kept for its norm and histogram, both taken at pack time."""
+        g = g.detach()
+        self.grad_samples.append(take_sample(g.reshape(-1), self._plan(i, g)).float())
+        self.grad_layer.append(i)
+
+    def _plan(self, i: int, x: torch.Tensor) -> CallPlan:
+        """Layer ``i``'s plan for outputs (or gradients) shaped like ``x`` (cached)."""
+        key = (i, x.shape, x.is_contiguous())
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 64 * len(self.specs):  # shapes that keep changing
+                self._plans.clear()
+            plan = self._plans[key] = call_plan(
+                x.shape, key[2], unit_dim_for(self.specs[i], x.dim()), self.config.sample)
+        return plan
+
+    def _zero(self, device: torch.device) -> torch.Tensor:
+        """A cached 0-d zero on ``device``: the value of the statistics not computed."""
+        if self._zero_t is None or self._zero_t.device != device:
+            self._zero_t = torch.zeros((), device=device)
+        return self._zero_t
+
+    def _scratch_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A reusable CPU buffer for the one full-size temporary (see ``activation_row``)."""
+        if x.device.type != "cpu":
+            return None
+        if self._scratch is None or self._scratch.numel() < x.numel():
+            self._scratch = torch.empty(x.numel())
+        return self._scratch
+
+    # -- report ---------------------------------------------------------------------------
+
+    def pack(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This window's device tensors and host facts; then a fresh window starts."""
+        dev = self.device or device
+        c = self.config
+        groups = stack_by_size(pool_by_layer(self.samples, self.row_layer), dev)
+        parts: dict[str, torch.Tensor] = {
+            "rows": _stack(self.rows, dev, (0,)).view(-1, len(ROW_COLS)),
+            "summary": summarize(groups, len(self.specs), c.eps, dev),
+            "grad_norms": _stack(torch._foreach_norm(self.grad_samples) if self.grad_samples
+                                 else [], dev, (0,)),
+        }
+        units = [u.shape[1] if u is not None else 0 for u in self.umax]
+        if self.need.units and any(units):
+            parts["dead"], parts["dead_window"] = self._dead_counts(dev, units)
+        if self.hist_now:
+            hist = list(self.hist_rows)  # layer indices, in the schema's hist_layers order
+            grads = stack_by_size(pool_by_layer(self.grad_samples, self.grad_layer), dev)
+            parts["hist"] = hist_counts(groups, hist, c.hist_exponents, c.hist_sample, dev)
+            parts["grad_hist"] = hist_counts(grads, hist, c.hist_exponents, c.hist_sample,
+                                             dev)
+        meta: dict[str, Any] = {
+            "layers": len(self.specs), "row_layer": self.row_layer, "order": self.order,
+            "units": units, "grad_layer": self.grad_layer,
+            "grad_elements": [t.numel() for t in self.grad_samples],
+            "hist": self.hist_now}
+        self._new_window()
+        return parts, meta
+
+    def _dead_counts(self, dev: torch.device, units: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Units never positive in this window, and over the last ``dead_window`` windows.
+
+        The per-unit maxima of all layers go into one NaN-padded matrix (NaN <= 0 is
+        false, so padding never counts), the current slot of a ring of the last windows'
+        matrices, which gives the running max. A layer whose unit count changed restarts
+        its window.
+        """
+        nan = float("nan")
+        width = max(max(units), self._width)
+        if self._ring is None or self._ring.device != dev or width > self._width:
+            ring = torch.full((self.config.dead_window, len(self.specs), width), nan,
+                              device=dev)
+            if self._ring is not None and self._ring.device == dev:
+                ring[:, :, : self._width] = self._ring
+            self._ring, self._width = ring, width
+        for i, u in enumerate(units):
+            if u and u != self._units[i]:
+                self._ring[:, i].fill_(nan)
+                self._units[i] = u
+        cur = self._ring[self._ring_pos % self.config.dead_window]
+        self._ring_pos += 1
+        cur.fill_(nan)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, u in enumerate(self.umax):
+            if u is not None:
+                by_shape.setdefault((u.shape[0], u.shape[1]), []).append(i)
+        for (_, c), layers in by_shape.items():  # finish the folds: one kernel per shape
+            m = torch.stack([self.umax[i].to(dev) for i in layers]).amax(1)
+            cur[:, :c].index_copy_(0, self._index(layers, dev), m)
+        window = self._ring.nan_to_num(nan=float("-inf")).amax(0)
+        return (cur <= 0).sum(1), ((window <= 0) & self._valid_mask(dev, units, width)).sum(1)
+
+    def _index(self, layers: list[int], dev: torch.device) -> torch.Tensor:
+        """``layers`` as an index tensor on ``dev`` (cached). On CUDA it is copied from pinned
+        memory without waiting: a plain host-to-device copy would synchronize."""
+        key = (tuple(layers), dev)
+        idx = self._indices.get(key)
+        if idx is None:
+            idx = torch.tensor(layers, dtype=torch.long)
+            if dev.type == "cuda":
+                idx = idx.pin_memory().to(dev, non_blocking=True)
+            idx = self._indices[key] = idx.to(dev)
+        return idx
+
+    def _valid_mask(self, dev: torch.device, units: list[int], width: int) -> torch.Tensor:
+        """``[layers x width]``: which columns are units this window (cached by layout)."""
+        key = (*units, width)
+        if self._valid is None or self._valid[0] != key or self._valid[1].device != dev:
+            mask = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones(u, dtype=torch.bool, device=dev) for u in units],
+                batch_first=True, padding_value=False)
+            mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=False)
+            self._valid = (key, mask)
+        return self._valid[1]
+
+
+def _stack(ts: list[torch.Tensor], dev: torch.device, empty: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([t.to(dev) for t in ts]) if ts else torch.zeros(empty, device=dev)

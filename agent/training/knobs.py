@@ -1,0 +1,452 @@
+"""Knobs: what an operator may change while the run trains, and how each change lands.
+
+Every knob is set by the training thread at an optimizer step boundary (see
+``neurotop.service.controller``); the agent thread only reads them (for ``knobs`` and the
+heartbeat) and validates requests. Built in:
+
+- ``lr`` / ``lr[i]``: learning rate of every param group / group ``i``. With an LR
+  scheduler given to ``watch(scheduler=...)`` the whole schedule is rescaled: the
+  group's ``lr`` is set, and ``scheduler.base_lrs`` (plus ``max_lrs`` and the group's
+  ``initial_lr``/``max_lr``/``min_lr`` where present) are multiplied by new/old, because
+  schedulers like ``LambdaLR`` recompute the LR from ``base_lrs`` and would overwrite a
+  plain edit. The value is also pinned for the next step: the step pre-hook, which runs
+  after the user's ``scheduler.step()``, sets it exactly and folds whatever the scheduler
+  changed in between into the rescale. So the next optimizer step uses exactly the value
+  asked for, and the schedule continues from it (its shape is kept, scaled).
+- ``weight_decay`` / ``weight_decay[i]``: the group's ``weight_decay``.
+- ``grad_clip``: max global grad norm, clipped by the agent in the step pre-hook with
+  ``clip_grad_norm_`` (no host sync); 0 is off.
+- ``dropout`` / ``dropout[GLOB]``: ``p`` of every ``nn.Dropout``-family module, or of
+  those whose ``named_modules()`` path matches the glob.
+- ``l1[GLOB]``: L1 activation penalty lambda on the outputs of the modules matching the
+  glob. A forward hook registers ``out.register_hook(g -> g + lambda * sign(out) / B)``
+  (B = ``out.shape[0]``), which equals adding ``lambda * sum|out| / B`` to the loss
+  without touching the user's loss code. 0 removes it.
+- ``auto_pause``: pause on non-finite loss, gradients or activations (decided by the
+  agent thread from each report; see ``neurotop.service.autopause``).
+- user knobs: ``mon.knob("temperature", 1.0, min=0.1, max=10)``.
+
+Values may be set (``op="set"``) or multiplied (``op="mul"``, float knobs only).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurotop.protocol.commands import check_value, split_knob
+
+Value = bool | int | float
+_SCHEDULE_ATTRS = ("base_lrs", "max_lrs")  # scheduler lists indexed by param group
+_SCHEDULE_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr")  # OneCycleLR & co. keep these
+
+
+class Knob:
+    """One named knob. Targets are what a selector picks (param groups, modules)."""
+
+    type = "float"
+    selector: str | None = None  # "group", "glob" or None
+
+    def __init__(self, name: str, doc: str, min: float | None = None,
+                 max: float | None = None) -> None:
+        self.name, self.doc, self.min, self.max = name, doc, min, max
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "min": self.min, "max": self.max,
+                "selector": self.selector, "doc": self.doc}
+
+    def targets(self, sel: str | None) -> list[str]:
+        if sel is not None:
+            raise ValueError(f"{self.name} takes no selector, got {self.name}[{sel}]")
+        return [""]
+
+    def get(self, target: str) -> Value | None:
+        raise NotImplementedError
+
+    def put(self, target: str, value: Value) -> None:
+        raise NotImplementedError
+
+    def listed(self) -> Any:
+        """The value ``knobs`` lists: one value, or a list when the targets differ."""
+        return collapse([self.get(t) for t in self.targets(None)])
+
+
+class UserKnob(Knob):
+    """A value the training loop reads (``.value``, or ``float(k)``); it changes only at
+    optimizer step boundaries, so it is constant for the whole of a step."""
+
+    def __init__(self, name: str, default: Value, doc: str = "", min: float | None = None,
+                 max: float | None = None) -> None:
+        kind = _kind(default)
+        if kind is None:
+            raise TypeError(f"knob {name!r}: default must be bool, int or float, got"
+                            f" {type(default).__name__}")
+        super().__init__(name, doc, min, max)
+        self.type = kind
+        err = check_value(self.spec(), default)
+        if err:
+            raise ValueError(f"knob default: {err}")
+        self.value_ = default
+
+    @property
+    def value(self) -> Value:
+        return self.value_
+
+    def get(self, target: str) -> Value:
+        return self.value_
+
+    def put(self, target: str, value: Value) -> None:
+        self.value_ = bool(value) if self.type == "bool" else value
+
+    def __float__(self) -> float:
+        return float(self.value_)
+
+    def __int__(self) -> int:
+        return int(self.value_)
+
+    def __bool__(self) -> bool:
+        return bool(self.value_)
+
+    def __repr__(self) -> str:
+        return f"UserKnob({self.name}={self.value_!r})"
+
+
+class GroupKnob(Knob):
+    """A hyperparameter of each optimizer param group (``lr``, ``weight_decay``)."""
+
+    selector = "group"
+
+    def __init__(self, name: str, optimizer: torch.optim.Optimizer, doc: str) -> None:
+        super().__init__(name, doc, min=0.0)
+        self.optimizer = optimizer
+
+    def targets(self, sel: str | None) -> list[str]:
+        n = len(self.optimizer.param_groups)
+        if sel is None:
+            return [str(i) for i in range(n)]
+        if not sel.isdigit() or int(sel) >= n:
+            raise ValueError(f"{self.name}[{sel}]: the optimizer has {n} param group(s),"
+                             f" select one of 0..{n - 1}")
+        return [str(int(sel))]
+
+    def get(self, target: str) -> float | None:
+        v = self.optimizer.param_groups[int(target)].get(self.name)
+        if isinstance(v, torch.Tensor):
+            return float(v) if v.device.type == "cpu" else None  # never sync a device here
+        return None if v is None else float(v)  # plain floats go on the wire (not numpy's)
+
+    def put(self, target: str, value: Value) -> None:
+        g = self.optimizer.param_groups[int(target)]
+        if isinstance(g.get(self.name), torch.Tensor):
+            g[self.name].fill_(value)
+        else:
+            g[self.name] = float(value)
+
+
+class LearningRate(GroupKnob):
+    """``lr``: rescales the scheduler's schedule and pins the value for the next step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
+        super().__init__("lr", optimizer, "learning rate per param group; with a scheduler the"
+                         " schedule is rescaled and continues from the new value")
+        self.scheduler = scheduler
+        self.pins: dict[int, float] = {}
+
+    def put(self, target: str, value: Value) -> None:
+        i = int(target)
+        old = self.get(target)
+        super().put(target, value)
+        if old:
+            self._rescale(i, float(value) / old)
+        self.pins[i] = float(value)
+
+    def at_pre_step(self) -> None:
+        """In the step pre-hook: undo what a scheduler did to a just-set LR (once)."""
+        if not self.pins:
+            return
+        pins, self.pins = self.pins, {}
+        for i, v in pins.items():
+            cur = self.get(str(i))
+            if cur is not None and cur != v:
+                GroupKnob.put(self, str(i), v)
+                if cur:
+                    self._rescale(i, v / cur)
+
+    def _rescale(self, i: int, r: float) -> None:
+        if r == 1.0 or self.scheduler is None:
+            return
+        for attr in _SCHEDULE_ATTRS:
+            lst = getattr(self.scheduler, attr, None)
+            if isinstance(lst, list) and i < len(lst) and isinstance(lst[i], (int, float)):
+                lst[i] = lst[i] * r
+        g = self.optimizer.param_groups[i]
+        for k in _SCHEDULE_GROUP_KEYS:
+            if isinstance(g.get(k), (int, float)) and not isinstance(g.get(k), bool):
+                g[k] = g[k] * r
+
+
+class GradClip(Knob):
+    """``grad_clip``: max global grad norm; the agent clips in the step pre-hook."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__("grad_clip", "clip the global grad norm to this before each step"
+                         " (0: off)", min=0.0)
+        self.optimizer = optimizer
+        self.max_norm = 0.0
+
+    def get(self, target: str) -> float:
+        return self.max_norm
+
+    def put(self, target: str, value: Value) -> None:
+        self.max_norm = float(value)
+
+    def at_pre_step(self) -> None:
+        if self.max_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]
+                      if p.grad is not None]
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+
+
+class ModuleKnob(Knob):
+    """A knob whose targets are modules picked by a glob over ``named_modules()`` paths."""
+
+    selector = "glob"
+
+    def __init__(self, name: str, doc: str, modules: dict[str, nn.Module], *,
+                 need_glob: bool, min: float | None = None, max: float | None = None) -> None:
+        super().__init__(name, doc, min, max)
+        self.modules, self.need_glob = modules, need_glob
+
+    def targets(self, sel: str | None) -> list[str]:
+        if sel is None:
+            if self.need_glob:
+                raise ValueError(f"{self.name} needs a layer glob: {self.name}[GLOB],"
+                                 f" e.g. {self.name}[{next(iter(self.modules), '*')}]")
+            return list(self.modules)
+        hits = [n for n in self.modules if fnmatch.fnmatchcase(n, sel)]
+        if not hits:
+            some = ", ".join(list(self.modules)[:8]) + (" ..." if len(self.modules) > 8 else "")
+            raise ValueError(f"{self.name}[{sel}] matches no module; candidates: {some}")
+        return hits
+
+
+class Dropout(ModuleKnob):
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__("dropout", "p of every nn.Dropout, or of those matching [GLOB]",
+                         modules, need_glob=False, min=0.0, max=1.0)
+
+    def get(self, target: str) -> float:
+        return float(self.modules[target].p)
+
+    def put(self, target: str, value: Value) -> None:
+        self.modules[target].p = float(value)
+
+
+class L1Penalty(ModuleKnob):
+    """``l1[GLOB]``: adds lambda * sign(a) / B to the gradient of the matched outputs."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__("l1", "L1 activation penalty lambda on the outputs of the modules"
+                         " matching [GLOB] (0: off)", modules, need_glob=True, min=0.0)
+        self.lams: dict[str, float] = {}
+        self._handles: dict[str, Any] = {}
+
+    def get(self, target: str) -> float:
+        return self.lams.get(target, 0.0)
+
+    def listed(self) -> dict[str, float]:
+        return dict(self.lams)
+
+    def put(self, target: str, value: Value) -> None:
+        if value:
+            self.lams[target] = float(value)
+            if target not in self._handles:
+                self._handles[target] = self.modules[target].register_forward_hook(
+                    self._hook(target))
+        else:
+            self.lams.pop(target, None)
+            h = self._handles.pop(target, None)
+            if h is not None:
+                h.remove()
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            a = _output_tensor(out)
+            lam = self.lams.get(name, 0.0)
+            if a is None or not lam or not a.requires_grad or not torch.is_grad_enabled():
+                return
+            # sign taken now (int8: a quarter of the memory), so a later in-place op on the
+            # output cannot change it before backward.
+            sign = a.detach().sign().to(torch.int8)
+            scale = lam / (a.shape[0] if a.dim() else 1)
+            a.register_hook(lambda g: g + scale * sign)
+        return hook
+
+
+def _output_tensor(out: Any) -> torch.Tensor | None:
+    """The activation a module produced: its output, or the first tensor of a tuple/list."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return next((o for o in out if isinstance(o, torch.Tensor)), None)
+    return None
+
+
+def collapse(values: list[Any]) -> Any:
+    """One value when every target agrees, else the list (one entry per target)."""
+    if values and all(v == values[0] for v in values):
+        return values[0]
+    return values
+
+
+class Knobs:
+    """The knob table of one run: validation (agent thread), application (training thread)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 scheduler: Any = None, auto_pause: bool = True) -> None:
+        self.optimizer = optimizer
+        self._lock = threading.Lock()  # the agent thread reads while a boundary writes
+        named = {n: m for n, m in model.named_modules() if n}
+        dropouts = {n: m for n, m in named.items()
+                    if isinstance(m, nn.modules.dropout._DropoutNd)}
+        self.lr = LearningRate(optimizer, scheduler)
+        self.clip = GradClip(optimizer)
+        self.l1 = L1Penalty(named)
+        self.auto_pause = UserKnob("auto_pause", bool(auto_pause),
+                                   "pause on non-finite loss, gradients or activations")
+        knobs: list[Knob] = [self.lr]
+        if any("weight_decay" in g for g in optimizer.param_groups):
+            knobs.append(GroupKnob("weight_decay", optimizer, "weight decay per param group"))
+        knobs.append(self.clip)
+        if dropouts:
+            knobs.append(Dropout(dropouts))
+        knobs += [self.l1, self.auto_pause]
+        self._builtin = {k.name for k in knobs}
+        self._knobs: dict[str, Knob] = {k.name: k for k in knobs}
+
+    @property
+    def scheduler(self) -> Any:
+        return self.lr.scheduler
+
+    @scheduler.setter
+    def scheduler(self, s: Any) -> None:
+        self.lr.scheduler = s
+
+    def user(self, name: str, default: Value, *, min: float | None = None,
+             max: float | None = None, doc: str = "") -> UserKnob:
+        """Register (or fetch, if it exists) a user knob."""
+        k = self._knobs.get(name)
+        if isinstance(k, UserKnob) and k.type == _kind(default):
+            return k  # the common case: the loop asks for its knob every step
+        base, sel = split_knob(name)
+        if sel is not None or name in self._builtin:
+            raise ValueError(f"{name!r} cannot name a user knob (built in: "
+                             f"{', '.join(sorted(self._builtin))})")
+        with self._lock:
+            k = self._knobs.get(name)
+            if k is None:
+                k = self._knobs[name] = UserKnob(name, default, doc, min, max)
+            elif not isinstance(k, UserKnob) or _kind(default) != k.type:
+                raise TypeError(f"knob {name!r} exists as a {k.type}")
+        return k
+
+    # -- agent thread ---------------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{**k.spec(), "value": _safe_listed(k), "targets": _safe_targets(k)}
+                    for k in self._knobs.values()]
+
+    def values(self) -> dict[str, Any]:
+        with self._lock:
+            return {k.name: _safe_listed(k) for k in self._knobs.values()}
+
+    def validate(self, knob: str, value: Any, op: str) -> None:
+        """Raise ``ValueError`` with the reason if ``set knob value`` cannot be applied."""
+        with self._lock:
+            k, targets = self._resolve(knob)
+            err = check_value(k.spec(), value, op)
+            if err:
+                raise ValueError(err)
+            if k.name == "lr" and any(k.get(t) is None for t in targets):
+                raise ValueError("lr is a device tensor in this optimizer (capturable):"
+                                 " it cannot be changed live")
+
+    # -- training thread ------------------------------------------------------------------
+
+    def apply(self, knob: str, value: Any, op: str) -> dict[str, Any]:
+        """Apply at a boundary; all targets or none. Returns the ack's old/new/applied_to."""
+        with self._lock:
+            k, targets = self._resolve(knob)
+            spec = k.spec()
+            err = check_value(spec, value, op)
+            if err:
+                raise ValueError(err)
+            olds = [k.get(t) for t in targets]
+            if op == "mul":
+                if any(o is None for o in olds):
+                    raise ValueError(f"{knob} has no current value to multiply")
+                news = [o * value for o in olds]
+            else:
+                cast = {"bool": bool, "int": int, "float": float}[spec["type"]]
+                news = [cast(value)] * len(targets)
+            for n in news:
+                err = check_value(spec, n)
+                if err:
+                    raise ValueError(f"{knob} {'x' if op == 'mul' else ''}{value}: {err}")
+            for t, n in zip(targets, news, strict=True):
+                k.put(t, n)
+        out = {"knob": knob, "old": collapse(olds), "new": collapse(news)}
+        if k.selector:
+            out["applied_to"] = targets
+        return out
+
+    def pre_step(self) -> None:
+        """In the optimizer's step pre-hook: pin a just-set LR, clip gradients."""
+        self.lr.at_pre_step()
+        self.clip.at_pre_step()
+
+    def close(self) -> None:
+        self.l1.close()
+
+    def _resolve(self, knob: str) -> tuple[Knob, list[str]]:
+        base, sel = split_knob(knob)
+        k = self._knobs.get(base)
+        if k is None:
+            raise ValueError(f"unknown knob {base!r}; known: {', '.join(self._knobs)}")
+        return k, k.targets(sel)
+
+
+def _kind(v: Any) -> str | None:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int):
+        return "int"
+    return "float" if isinstance(v, float) else None
+
+
+def _safe_listed(k: Knob) -> Any:
+    """A knob's value for the agent thread: None rather than an exception if some odd
+    object sits where a number should be (the heartbeat must keep going)."""
+    try:
+        return k.listed()
+    except Exception:
+        return None
+
+
+def _safe_targets(k: Knob) -> list[str]:
+    try:
+        return k.targets(None)
+    except ValueError:
+        return []

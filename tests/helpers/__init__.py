@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: processes, waits, session files, the built package."""

@@ -1,0 +1,502 @@
+"""The UI's data: plain NumPy series filled by the receiver, read by the widgets' timer.
+
+One writer (the client's receiver thread), many readers (the redraw timer). Readers
+take ``snapshot()``-style copies under the lock, so widgets never see a half-applied
+message and never parse anything.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from neurotop.protocol import wire
+from neurotop.tui.data.compaction import Summary
+
+#: Full-resolution rows a live store keeps; older rows are compacted (``compaction``).
+LIVE_WINDOW = 2048
+#: Histogram reports kept for the heatmap over time.
+HIST_KEEP = 256
+
+
+class Growable:
+    """An array that grows along axis 0 by doubling; ``view()`` is the shown part.
+
+    ``filled`` rows hold data; the first ``n`` are shown. They differ only in replay,
+    which rewinds with ``show`` and plays forward again without copying anything.
+    Appending discards the rows after the shown ones.
+    """
+
+    def __init__(self, row_shape: tuple[int, ...], dtype: Any = np.float32,
+                 fill: float = np.nan) -> None:
+        self._a = np.full((64, *row_shape), fill, dtype=dtype)
+        self._fill = fill
+        self.n = self.filled = 0
+
+    def _grow(self, capacity: int) -> None:
+        grown = np.empty((capacity, *self._a.shape[1:]), self._a.dtype)  # rows past n unread
+        grown[: self.n] = self._a[: self.n]
+        self._a = grown
+
+    def append(self, row: Any) -> None:
+        if self.n == len(self._a):
+            self._grow(2 * len(self._a))
+        self._a[self.n] = row
+        self.n += 1
+        self.filled = self.n
+
+    def extend(self, rows: np.ndarray, reserve: int = 0) -> None:
+        """Append many rows at once; ``reserve`` sizes the array for rows still to come."""
+        end = self.n + len(rows)
+        if end > len(self._a):
+            self._grow(max(end, reserve, 2 * len(self._a)))
+        self._a[self.n:end] = rows
+        self.n = self.filled = end
+
+    def drop_front(self, k: int) -> None:
+        """Forget the first ``k`` rows (a live store moving them into its ``Summary``)."""
+        self._a[: self.n - k] = self._a[k: self.n]
+        self.n = self.filled = self.n - k
+
+    def show(self, n: int) -> None:
+        self.n = min(max(n, 0), self.filled)
+
+    def view(self) -> np.ndarray:
+        return self._a[: self.n]
+
+
+@dataclass
+class RunState:
+    """What the header shows: the latest heartbeat plus connection health."""
+
+    run_id: str = ""
+    run_name: str = ""
+    rank: int = 0
+    step: int = 0
+    state: str = "connecting"  # connecting | running | paused | ended
+    paused_at: int | None = None
+    pause_reason: str = ""  # why it paused: who asked, or what tripped auto-pause
+    steps_per_s: float = 0.0
+    last_message: float = 0.0
+    remote_dropped: int = 0
+    rejected: int = 0  # control messages the run refused (malformed, unsigned, replayed, invalid)
+    missed: int = 0  # telemetry messages lost between agent and UI (seq gaps)
+    bad_messages: int = 0
+    last_error: str = ""
+    control: bool = False  # whether this UI may send commands
+    link: str = ""  # trouble with the way to the run (an ssh tunnel): "" while all is well
+    rec_dropped: int = 0  # messages the run's recorder dropped (from heartbeats)
+    replay: bool = False  # showing a recorded session, not a live run
+    history: str = ""  # progress of a late attach's backfill, shown while it lasts
+    events: list[dict[str, Any]] = field(default_factory=list)
+    #: Alerts raised by the run's detectors so far, by level ("warn", "critical").
+    alerts: dict[str, int] = field(default_factory=dict)
+
+
+class RunStore:
+    """Series of one run: steps, ``[steps x layers x stats]`` and named scalars."""
+
+    STALE_AFTER_S = 3.0
+
+    def __init__(self, window: int | None = LIVE_WINDOW) -> None:
+        """``window``: full-resolution rows to keep before compacting the oldest (live, so
+        memory stays bounded); ``None`` keeps every row (replay, which seeks to any row)."""
+        self.lock = threading.Lock()
+        self.window = window
+        self.summary = Summary(window or 2)
+        self._hists: list[tuple[int, np.ndarray, np.ndarray]] = []  # the heatmap's
+        self.schema: dict[str, Any] | None = None
+        self.status = RunState()
+        self.version = 0  # bumped on every change; the redraw timer compares it
+        self._steps = Growable((), np.int64, 0)
+        self._stats: Growable | None = None
+        self._scalars: dict[str, Growable] = {}
+        self._last_seq: int | None = None
+        self.knobs: list[dict[str, Any]] = []  # the last `knobs` listing (types, bounds, docs)
+        self.knob_values: dict[str, Any] = {}  # current values, from every heartbeat
+        self._reset_extras()
+
+    # -- writer ---------------------------------------------------------------------------
+
+    def ingest(self, msg: wire.Message, *, count_gaps: bool = True) -> None:
+        """Apply one telemetry message. Malformed content is counted, never raised.
+        ``count_gaps=False`` for recorded messages, which skip sequence numbers."""
+        with self.lock:
+            self.status.last_message = time.time()
+            self._count_gaps(msg.header, count_gaps)
+            try:
+                getattr(self, f"_on_{msg.kind}", self._on_unknown)(msg)
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                self.status.bad_messages += 1
+                self.status.last_error = f"bad {msg.kind} message: {e}"
+            self.version += 1
+
+    def ingest_schema(self, schema: dict[str, Any]) -> None:
+        self.ingest(wire.Message({"kind": wire.SCHEMA, **schema}))
+
+    def _count_gaps(self, h: dict[str, Any], count: bool = True) -> None:
+        """Track the sender's sequence number; count a jump as missed messages (live only:
+        recorded messages skip numbers, and must still move the mark for what follows)."""
+        seq = h.get("seq")
+        if isinstance(seq, int):
+            if count and self._last_seq is not None and seq > self._last_seq + 1:
+                self.status.missed += seq - self._last_seq - 1
+            self._last_seq = seq
+
+    def _on_schema(self, msg: wire.Message) -> None:
+        h = msg.header
+        layers, stats, scalars = list(h["layers"]), list(h["stats"]), list(h["scalars"])
+        old = self.schema
+        if old is None or old["layers"] != layers or old["stats"] != stats:
+            self._steps = Growable((), np.int64, 0)
+            self._stats = Growable((len(layers), len(stats)))
+            self._scalars = {}
+            self.summary = Summary(self.window or 2)
+            self._hists = []
+        for name in scalars:
+            if name not in self._scalars:
+                g = Growable(())
+                g.extend(np.full(self._steps.n, np.nan, np.float32))
+                self._scalars[name] = g
+        self.schema = {"layers": layers, "stats": stats, "scalars": scalars,
+                       "schema_id": h.get("schema_id", 0)}
+        self._schema_extras(h)
+        self.status.run_name = str(h.get("run_name", self.status.run_name))
+        self.status.run_id = str(h.get("run", self.status.run_id))
+
+    def _on_stats(self, msg: wire.Message) -> None:
+        if self.schema is None or self._stats is None:
+            return  # the schema is re-sent every few seconds; until then we cannot label it
+        block, scalars = msg.arrays
+        if block.shape != self._stats.view().shape[1:]:
+            raise ValueError(f"block {block.shape} does not match the schema")
+        step = int(msg.header["step"])
+        self._steps.append(step)
+        self._stats.append(block)
+        names = self.schema["scalars"]
+        for i, name in enumerate(names):
+            self._scalars[name].append(scalars[i] if i < len(scalars) else np.nan)
+        self.status.step = max(self.status.step, step)
+        self._compact()
+
+    def _on_heartbeat(self, msg: wire.Message) -> None:
+        h, s = msg.header, self.status
+        s.run_id = str(h.get("run", s.run_id))
+        s.rank = int(h.get("rank", s.rank))
+        s.step = int(h["step"])
+        s.state = str(h["state"])
+        s.paused_at = h.get("paused_at")
+        s.steps_per_s = float(h.get("steps_per_s", 0.0))
+        s.remote_dropped = int(h.get("dropped", 0))
+        s.rejected = int(h.get("rejected", 0))
+        s.pause_reason = str(h.get("pause_reason") or "")
+        if isinstance(h.get("knobs"), dict):
+            self.knob_values = h["knobs"]
+        s.rec_dropped = int(h.get("rec_dropped", 0))
+
+    def _on_event(self, msg: wire.Message) -> None:
+        h, s = msg.header, self.status
+        ev = h.get("event")
+        if (ev == "paused" or (ev == "ack" and h.get("ok"))) \
+                and h.get("state") in ("running", "paused"):
+            # Acks and "paused" events carry the run state after them: no wait for a heartbeat.
+            s.state, s.paused_at = h["state"], h.get("paused_at")
+            s.pause_reason = str(h.get("pause_reason") or "")
+            if isinstance(h.get("step"), int):
+                s.step = max(s.step, h["step"])
+        if ev == "alert":
+            level = str(h.get("level") or "warn")
+            s.alerts[level] = s.alerts.get(level, 0) + 1
+        if ev == "ack" and h.get("ok") and h.get("cmd") == "knobs":
+            self.knobs = [k for k in h["knobs"] if isinstance(k, dict) and "name" in k]
+        self.status.events.append(dict(h))
+        del self.status.events[:-500]
+
+    # -- the statistics engine's extras: parameters, histograms, layer details ----------
+
+    def _reset_extras(self) -> None:
+        self._param_steps = Growable((), np.int64, 0)
+        self._params: Growable | None = None
+        self._hist: dict[str, Any] | None = None  # the latest histograms
+        self.schema_extra: dict[str, Any] = {
+            "params": [], "param_stats": [], "hist_layers": [], "hist_edges": np.empty(0),
+            "layer_types": [], "blocks": [], "config": {}}
+
+    def _schema_extras(self, h: dict[str, Any]) -> None:
+        """Parameter names, histogram bins and layer details; older agents send none."""
+        params, pstats = list(h.get("params", [])), list(h.get("param_stats", []))
+        old = self.schema_extra
+        if self._params is None or old["params"] != params or old["param_stats"] != pstats:
+            self._param_steps = Growable((), np.int64, 0)
+            self._params = Growable((len(params), len(pstats)))
+        self.schema_extra = {
+            "params": params, "param_stats": pstats,
+            "hist_layers": list(h.get("hist_layers", [])),
+            "hist_edges": np.asarray(h.get("hist_edges", []), np.float64),
+            "layer_types": list(h.get("layer_types", [])), "blocks": list(h.get("blocks", [])),
+            "config": dict(h.get("config", {}))}
+
+    def _on_params(self, msg: wire.Message) -> None:
+        if self._params is None:
+            return  # labelled by the schema, which is re-sent every few seconds
+        (block,) = msg.arrays
+        if block.shape != self._params.view().shape[1:]:
+            raise ValueError(f"params block {block.shape} does not match the schema")
+        self._param_steps.append(int(msg.header["step"]))
+        self._params.append(block)
+
+    def _on_hist(self, msg: wire.Message) -> None:
+        if self.schema is None:
+            return
+        act, grad = msg.arrays
+        n, bins = len(self.schema_extra["hist_layers"]), len(self.schema_extra["hist_edges"]) + 1
+        if act.shape != (n, bins) or grad.shape != (n, bins):
+            raise ValueError(f"histograms {act.shape} do not match the schema ({n}, {bins})")
+        self._hist = {"step": int(msg.header["step"]), "act": act.copy(), "grad": grad.copy()}
+        self._hists.append((self._hist["step"], self._hist["act"], self._hist["grad"]))
+        del self._hists[:-HIST_KEEP]  # the heatmap over time; bounded
+
+    def _on_unknown(self, msg: wire.Message) -> None:
+        raise ValueError(f"unknown kind {msg.kind!r}")
+
+    def ingest_stats_bulk(self, steps: np.ndarray, blocks: np.ndarray, scalars: np.ndarray,
+                          *, last_seq: int | None = None, reserve: int = 0) -> int:
+        """Apply many recorded stats messages at once (replay, backfill): the same result
+        as ingesting them one by one. Returns how many rows were added."""
+        with self.lock:
+            self.version += 1
+            if self.schema is None or self._stats is None or not len(steps):
+                return 0  # as live: stats before any schema cannot be labelled
+            if blocks.shape[1:] != self._stats.view().shape[1:]:
+                self.status.bad_messages += len(steps)
+                self.status.last_error = (f"bad stats message: block {blocks.shape[1:]} does"
+                                          " not match the schema")
+                return 0
+            if last_seq is not None:
+                self._last_seq = last_seq
+            self._steps.extend(steps, reserve)
+            self._stats.extend(blocks, reserve)
+            k = scalars.shape[1] if scalars.ndim == 2 else 0
+            for i, name in enumerate(self.schema["scalars"]):
+                col = scalars[:, i] if i < k else np.full(len(steps), np.nan, np.float32)
+                self._scalars[name].extend(col, reserve)
+            self.status.step = max(self.status.step, int(steps.max()))
+            self._compact()
+            return len(steps)
+
+    def show_rows(self, n: int) -> None:
+        """Show only the first ``n`` stats rows (replay's cursor); the rest stay filled."""
+        with self.lock:
+            for g in (self._steps, self._stats, *self._scalars.values()):
+                if g is not None:
+                    g.show(n)
+            self.status.step = int(self._steps.view()[-1]) if self._steps.n else 0
+            self.version += 1
+
+    def filled_rows(self) -> int:
+        with self.lock:
+            return self._steps.filled
+
+    def set_status(self, **fields: Any) -> None:
+        """Set header fields a source knows better than the messages (replay's cursor)."""
+        with self.lock:
+            for k, v in fields.items():
+                setattr(self.status, k, v)
+            self.version += 1
+
+    def reset(self) -> None:
+        """Forget all series and events (replay rebuilding from an earlier point)."""
+        with self.lock:
+            self.schema = None
+            self._steps, self._stats, self._scalars = Growable((), np.int64, 0), None, {}
+            self._hists, self.summary = [], Summary(self.window or 2)
+            self._reset_extras()
+            self._last_seq = None
+            self.status.events, self.status.alerts = [], {}
+            self.status.step = 0
+            self.version += 1
+
+    def note_error(self, text: str) -> None:
+        with self.lock:
+            self.status.bad_messages += 1
+            self.status.last_error = text
+            self.version += 1
+
+    def set_link(self, text: str) -> None:
+        """From the link's supervisor (e.g. "ssh tunnel down; reconnecting")."""
+        with self.lock:
+            if text != self.status.link:
+                self.status.link = text
+                self.version += 1
+
+    # -- readers --------------------------------------------------------------------------
+
+    def connection(self) -> str:
+        """``live``, ``stale`` (no message for a while), ``waiting`` or ``ended``."""
+        s = self.status
+        if s.replay:
+            return "replay"
+        if s.state == "ended":
+            return "ended"
+        if not s.last_message:
+            return "waiting"
+        return "live" if time.time() - s.last_message < self.STALE_AFTER_S else "stale"
+
+    def recent_events(self, n: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.status.events[-n:])
+
+    def steps(self) -> np.ndarray:
+        """Every row's step: one per compacted bucket (its last step), then the recent rows."""
+        with self.lock:
+            return self._with_past(self.summary.steps[: self.summary.n], self._steps.view())
+
+    def scalar(self, name: str, envelope: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and values of one scalar. Compacted buckets give their mean, or with
+        ``envelope`` their min and max as two points (what a plot draws: spikes survive)."""
+        with self.lock:
+            g = self._scalars.get(name)
+            if g is None:
+                return np.empty(0, np.int64), np.empty(0, np.float32)
+            sm = self.summary
+            x, y = self._steps.view(), g.view()
+            key = f"s:{name}"
+            if not sm.n or sm.get(key) is None:
+                return x.copy(), y.copy()
+            px = sm.steps[: sm.n]
+            if envelope:
+                px = np.repeat(px, 2)
+                py = np.stack([sm.get(key, "min"), sm.get(key, "max")], 1).ravel()
+            else:
+                py = sm.get(key)
+            return np.concatenate([px, x]), np.concatenate([py, y])
+
+    def latest_block(self) -> np.ndarray | None:
+        with self.lock:
+            if self._stats is None or self._stats.n == 0:
+                return None
+            return self._stats.view()[-1].copy()
+
+    def layer_series(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[steps x stats]`` of one layer (the layer-detail screen's data)."""
+        with self.lock:
+            if self._stats is None or self.schema is None or layer not in self.schema["layers"]:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            i = self.schema["layers"].index(layer)
+            return self._steps.view().copy(), self._stats.view()[:, i, :].copy()
+
+    def latest_params(self) -> tuple[int, np.ndarray] | None:
+        """The step and ``[params x param_stats]`` of the latest report, if any."""
+        with self.lock:
+            if self._params is None or self._params.n == 0:
+                return None
+            return int(self._param_steps.view()[-1]), self._params.view()[-1].copy()
+
+    def param_history(self, stat: str, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[params x last]`` history of one parameter statistic."""
+        with self.lock:
+            pstats = self.schema_extra["param_stats"] if self._params is not None else []
+            if stat not in pstats:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            j = pstats.index(stat)
+            return (self._param_steps.view()[-last:].copy(),
+                    self._params.view()[-last:, :, j].T.copy())
+
+    def latest_histogram(self, layer: str) -> dict[str, Any] | None:
+        """``{step, edges, act, grad}`` of a layer's latest histograms, or None."""
+        with self.lock:
+            if self._hist is None or layer not in self.schema_extra["hist_layers"]:
+                return None
+            h = self.schema_extra["hist_layers"].index(layer)
+            return {"step": self._hist["step"], "edges": self.schema_extra["hist_edges"].copy(),
+                    "act": self._hist["act"][h].copy(), "grad": self._hist["grad"][h].copy()}
+
+    def layer_history(self, stat: str, last: int) -> np.ndarray:
+        """``[layers x last]`` history of one statistic (fewer columns early in a run)."""
+        with self.lock:
+            if self._stats is None or self.schema is None:
+                return np.empty((0, 0), np.float32)
+            j = self.schema["stats"].index(stat)
+            recent = self._stats.view()[-last:, :, j]
+            if len(recent) < last and self.summary.n:
+                past = self.summary.get("stats")[:, :, j]
+                recent = np.concatenate([past[-(last - len(recent)):], recent])
+            return recent.T.copy()
+
+    def stat_history(self, stat: str) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[rows x layers]`` of one statistic over the whole run (compacted
+        buckets as their max: the worst of each stretch, for the heat strip)."""
+        with self.lock:
+            if self._stats is None or self.schema is None or stat not in self.schema["stats"]:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            j = self.schema["stats"].index(stat)
+            past = self.summary.get("stats", "max")
+            return (self._with_past(self.summary.steps[: self.summary.n], self._steps.view()),
+                    self._with_past(None if past is None else past[:, :, j],
+                                    self._stats.view()[:, :, j]))
+
+    def layer_stats(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[rows x stats]`` of one layer over the run (buckets as means)."""
+        with self.lock:
+            if self._stats is None:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            past = self.summary.get("stats")
+            return (self._with_past(self.summary.steps[: self.summary.n], self._steps.view()),
+                    self._with_past(None if past is None else past[:, layer],
+                                    self._stats.view()[:, layer]))
+
+    def param_rows(self) -> int:
+        """How many reports of per-parameter statistics the store holds."""
+        with self.lock:
+            return self._param_steps.n
+
+    def histograms(self, layer: str, which: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[reports x bins]`` of one layer's histograms (``which``: 0 the
+        activations, 1 the gradients), oldest first; empty without histograms."""
+        with self.lock:
+            names = self.schema_extra["hist_layers"]
+            if layer not in names or not self._hists:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            i = names.index(layer)
+            rows = [(s, h[which][i]) for s, *h in self._hists if i < len(h[which])]
+            if not rows:
+                return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+            return np.array([s for s, _ in rows]), np.stack([r for _, r in rows])
+
+    def memory_bytes(self) -> int:
+        """What the series hold (arrays' allocated sizes), for the benchmark's report."""
+        with self.lock:
+            gs = [self._steps, self._stats, self._params, self._param_steps,
+                  *self._scalars.values()]
+            return (sum(g._a.nbytes for g in gs if g is not None) + self.summary.nbytes()
+                    + sum(a.nbytes + b.nbytes for _, a, b in self._hists))
+
+    @staticmethod
+    def _with_past(past: np.ndarray | None, recent: np.ndarray) -> np.ndarray:
+        if past is None or not len(past):
+            return recent.copy()
+        return np.concatenate([past, recent])
+
+    # -- dashboard additions (writer side) ------------------------------------------------
+
+    def _compact(self) -> None:
+        """Live stores: move the oldest ``window`` rows into the summary once twice that
+        many are held, so memory stays bounded however long the run."""
+        w = self.window
+        if w is None or self._stats is None:
+            return
+        while self._steps.n >= 2 * w:
+            rows = {"stats": self._stats.view()[:w]}
+            rows.update({f"s:{k}": g.view()[:w] for k, g in self._scalars.items()})
+            self.summary.add(self._steps.view()[:w], rows)
+            for g in (self._steps, self._stats, *self._scalars.values()):
+                if g is not None:
+                    g.drop_front(w)
+        if self._params is not None and self._param_steps.n >= 2 * w:
+            # Per-parameter statistics keep their recent reports only (no summary).
+            self._params.drop_front(w)
+            self._param_steps.drop_front(w)

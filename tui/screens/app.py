@@ -1,0 +1,317 @@
+"""The neurotop Textual app: pull, don't push.
+
+The client's thread fills the store; one timer redraws what changed, at 5 Hz, and only
+the visible screen (``dashboard``). Key bindings follow htop/btop/k9s: number keys
+switch screens, ``space`` pause/resume, ``/`` filter, ``?`` help, ``q`` quit.
+"""
+
+from __future__ import annotations
+
+import gc
+from concurrent.futures import Future
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.screen import ModalScreen
+from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Static
+
+from neurotop.tui.data.client import CommandError, LiveClient
+from neurotop.tui.data.store import RunStore
+from neurotop.tui.data.view import WINDOW_STEPS, View
+from neurotop.tui.screens.control_panel import ControlActions, ControlPanel
+from neurotop.tui.screens.dashboard import DetailPane, GradientsPane, LayersPane, OverviewPane
+from neurotop.tui.screens.widgets import ColumnPicker, LayerTable, StatusBar
+
+REDRAW_HZ = 5  # a busy screen at 200 layers costs ~40 ms: 5 Hz stays under 30 % of a core
+
+
+class HelpScreen(ModalScreen[None]):
+    """Every binding, in one place."""
+
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > Static { width: 72; max-height: 100%; padding: 0 1; border: round $accent;
+                          background: $panel; overflow-y: auto; }
+    """
+
+    def __init__(self, bindings: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self._rows = bindings
+
+    def compose(self) -> ComposeResult:
+        lines = ["[b]neurotop — keys[/b]  (esc, q or ? closes)"]
+        lines += [f"  [b]{k:<10}[/b] {d}" for k, d in self._rows]
+        yield Static("\n".join(lines))
+
+
+class NeurotopApp(ControlActions, App[None]):
+    """Live view of one run: status bar, loss plot, layers table."""
+
+    TITLE = "neurotop"
+    BINDINGS = [
+        Binding("1", "screen('overview')", "overview"),
+        Binding("2", "screen('layers')", "layers"),
+        Binding("3", "screen('detail')", "detail"),
+        Binding("4", "screen('gradients')", "grads"),
+        Binding("5", "screen('control')", "control"),
+        Binding("6", "help", show=False),
+        Binding("slash", "filter", "filter", show=False),
+        Binding("S", "sort", "sort", show=False),
+        Binding("R", "reverse_sort", show=False),
+        Binding("m", "toggle_smooth", "smooth", show=False),
+        Binding("a", "toggle_window", "window", show=False),
+        Binding("escape", "back", show=False),
+        Binding("comma", "next_layer(-1)", show=False),
+        Binding("full_stop", "next_layer(1)", show=False),
+        Binding("space", "toggle_pause", "pause/resume"),
+        Binding("n", "step_one", "step 1"),
+        Binding("c", "toggle_controls", "controls"),
+        Binding("e", "edit_knob", "edit knob", show=False),
+        Binding("w", "snapshot", "snapshot", show=False),
+        Binding("X", "stop_run", "stop run", show=False),
+        Binding("s", "cycle_spark", "statistic", show=False),
+        Binding("l", "toggle_log", "log", show=False),
+        Binding("o", "pick_columns", "columns", show=False),
+        Binding("p", "next_preset", "preset", show=False),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit", "quit"),
+    ]
+    CSS = """
+    #main { height: 1fr; }
+    ControlPanel.full { dock: none; width: 1fr; height: 1fr; border-left: none; }
+    #main.hidden { display: none; }
+    """
+    #: (keys, action, what it does) of the screens and views, for the help screen.
+    VIEW_HELP = (("1 … 5", "screen", "overview, layers, layer detail, gradients, control"),
+                 ("? or 6", "help", "this help"),
+                 ("s", "cycle_spark", "choose the statistic (heat strip, trend column)"),
+                 ("l", "toggle_log", "log scale of the plots"),
+                 ("m", "toggle_smooth", "smoothing of the plots"),
+                 ("a", "toggle_window", f"window: the last {WINDOW_STEPS:,} steps / all"),
+                 ("S, R", "sort", "layers: sort by the next column / reverse the order"),
+                 ("o", "pick_columns", "layers: choose the columns"),
+                 ("p", "next_preset", "layers: next column preset (overview, activations, …)"),
+                 ("/", "filter", "layers: filter by name glob (esc clears)"),
+                 ("enter", "detail", "layers: open the layer's detail"),
+                 (", .", "next_layer", "detail: previous / next layer"),
+                 ("esc", "back", "detail: back to the layers"))
+    #: Actions that drive the run: a read-only view neither shows nor runs them (the footer
+    #: and the help leave their keys out). Add every control action here.
+    CONTROL_ACTIONS = frozenset({"toggle_pause", "step_one", "toggle_controls", "edit_knob",
+                                 "snapshot", "stop_run"})
+    #: (keys, action, what it does) for the help screen.
+    HELP = (("space", "toggle_pause", "pause / resume the run at the next optimizer step"),
+            ("n", "step_one", "run one optimizer step, then pause"),
+            ("c", "toggle_controls", "show / hide the control panel (knobs, command log)"),
+            ("e, enter", "edit_knob", "edit the selected knob (asks to confirm)"),
+            ("w", "snapshot", "snapshot model + optimizer state"),
+            ("X", "stop_run", "stop the run gracefully (asks to confirm)"),
+            ("q", "quit", "quit (the run goes on)"))
+
+    def __init__(self, client: LiveClient, *, read_only: bool = False) -> None:
+        super().__init__()
+        self.client = client
+        self.store: RunStore = client.store
+        self.read_only = read_only or not client.can_control
+        self.pending = ""
+        self.view = View()
+        self.screen_name = "overview"
+        self._drawn: tuple = ()
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        yield ControlPanel(id="controls")
+        with ContentSwitcher(id="main", initial="overview"):
+            yield OverviewPane(id="overview")
+            yield LayersPane(id="layers-pane")
+            yield DetailPane(id="detail")
+            yield GradientsPane(id="gradients")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        # Everything built so far lives as long as the app: keep it out of the collector's
+        # full passes, which otherwise cost a frame 50+ ms every few seconds.
+        gc.freeze()
+        self.set_interval(1 / REDRAW_HZ, self.redraw)
+        self.redraw()
+
+    def redraw(self, force: bool = False) -> None:
+        """Redraw only when the store, the connection state or the screen changed, and
+        only what the visible screen shows."""
+        key = (self.store.version, self.store.connection() + self.pending, self.screen_name,
+               self.size)
+        if (key == self._drawn and not force) or not self.query(StatusBar):
+            return  # nothing new, or the app is closing and its widgets are gone
+        self._drawn = key
+        schema = self.store.schema
+        if schema and self.view.stat not in schema["stats"] and schema["stats"]:
+            stats = schema["stats"]
+            self.view.stat = next((s for s in ("dead_frac", "zero_frac") if s in stats),
+                                  stats[-1])
+        with self.batch_update():
+            self.query_one(StatusBar).draw(self.store, self.pending)
+            pane = {"overview": OverviewPane, "layers": LayersPane, "detail": DetailPane,
+                    "gradients": GradientsPane}.get(self.screen_name)
+            if pane is not None:
+                self.query_one(pane).draw(self.store, self.view)
+            self.draw_controls()
+
+    def invalidate(self) -> None:
+        """Redraw at the next tick even if the store did not change (a widget resized)."""
+        self._drawn = ()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return not (self.read_only and action in self.CONTROL_ACTIONS)
+
+    # -- actions --------------------------------------------------------------------------
+
+    def action_toggle_pause(self) -> None:
+        cmd = "resume" if self.store.status.state == "paused" else "pause"
+        self.pending = f"{cmd} requested…"
+        self.client.command(cmd).add_done_callback(
+            lambda f: self.call_from_thread(self._on_ack, cmd, f))
+        self.redraw()
+
+    def _on_ack(self, cmd: str, fut: Future) -> None:
+        self.pending = ""
+        try:
+            ack = fut.result()
+        except CommandError as e:
+            self.notify(f"{cmd} failed: {e}", severity="error")
+        else:
+            verb = "paused" if cmd == "pause" else "resumed"
+            self.notify(f"{verb} at step {ack['step']}")
+        self.redraw(force=True)
+
+    def action_cycle_spark(self) -> None:
+        stats = self.store.schema["stats"] if self.store.schema else []
+        if stats:
+            i = stats.index(self.view.stat) if self.view.stat in stats else -1
+            self.view.stat = stats[(i + 1) % len(stats)]
+            self.query_one(LayerTable).spark_stat = self.view.stat
+            self.notify(f"statistic: {self.view.stat}", timeout=2)
+            self.redraw(force=True)
+
+    def action_pick_columns(self) -> None:
+        if self.store.schema is None:
+            return
+        table = self.query_one(LayerTable)
+        stats = self.store.schema["stats"]
+
+        def apply(chosen: list[str] | None) -> None:
+            if chosen:
+                table.choose(chosen)
+                self.redraw(force=True)
+        if self.screen_name != "layers":
+            self.action_screen("layers")
+        self.push_screen(ColumnPicker(stats, table.shown(stats)), apply)
+
+    def action_next_preset(self) -> None:
+        self.notify(f"columns: {self.query_one(LayerTable).next_preset()}")
+        if self.screen_name != "layers":
+            self.action_screen("layers")
+        self.redraw(force=True)
+
+    def action_toggle_log(self) -> None:
+        self.view.log_y = not self.view.log_y
+        self.redraw(force=True)
+
+    def action_toggle_smooth(self) -> None:
+        self.view.smooth = not self.view.smooth
+        self.redraw(force=True)
+
+    def action_toggle_window(self) -> None:
+        self.view.last = None if self.view.last else WINDOW_STEPS
+        self.redraw(force=True)
+
+    def action_screen(self, name: str) -> None:
+        """Show one screen; the control screen is the control panel at full width."""
+        panel = self.query_one(ControlPanel)
+        self.query_one(ContentSwitcher).set_class(name == "control", "hidden")
+        if name == "control":
+            panel.add_class("shown", "full")
+            panel.query_one(DataTable).focus()
+        else:
+            if self.screen_name == "control":
+                panel.remove_class("shown", "full")
+            self.query_one(ContentSwitcher).current = (
+                "layers-pane" if name == "layers" else name)
+            if name == "layers":
+                self.query_one(LayerTable).focus()
+        self.screen_name = name
+        self.redraw(force=True)
+
+    def action_sort(self) -> None:
+        stats = self.store.schema["stats"] if self.store.schema else []
+        cols = ["", *stats]
+        i = cols.index(self.view.sort) if self.view.sort in cols else 0
+        self.view.sort = cols[(i + 1) % len(cols)]
+        self.view.descending = True
+        self._sorted()
+
+    def action_reverse_sort(self) -> None:
+        self.view.descending = not self.view.descending
+        self.view.sort = self.view.sort or "layer"
+        self._sorted()
+
+    def _sorted(self) -> None:
+        self.notify(f"sorted by {self.view.sort or 'model order'}"
+                    f"{' (descending)' if self.view.sort and self.view.descending else ''}",
+                    timeout=2)
+        if self.screen_name != "layers":
+            self.action_screen("layers")
+        self.redraw(force=True)
+
+    def on_layer_table_sort_by(self, event: LayerTable.SortBy) -> None:
+        same = event.column == self.view.sort
+        self.view.sort = event.column
+        # Numbers sort worst-first (largest); names A to Z (the model's order) first.
+        self.view.descending = not self.view.descending if same else event.column != "layer"
+        self._sorted()
+
+    def action_filter(self) -> None:
+        if self.screen_name != "layers":
+            self.action_screen("layers")
+        box = self.query_one("#filter", Input)
+        box.add_class("shown")
+        box.value = self.view.filter
+        box.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter":
+            self.view.filter = event.value.strip()
+            self.redraw(force=True)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "filter":
+            event.input.remove_class("shown")
+            self.query_one(LayerTable).focus()
+
+    def on_key(self, event) -> None:
+        box = self.query_one("#filter", Input)
+        if event.key == "escape" and box.has_focus:
+            box.value = ""
+            box.remove_class("shown")
+            self.query_one(LayerTable).focus()
+            event.stop()
+
+    def on_layer_table_chosen(self, event: LayerTable.Chosen) -> None:
+        self.view.layer = event.layer
+        self.action_screen("detail")
+
+    def action_back(self) -> None:
+        if self.screen_name == "detail":
+            self.action_screen("layers")
+
+    def action_next_layer(self, step: int) -> None:
+        layers = self.store.schema["layers"] if self.store.schema else []
+        if layers:
+            i = layers.index(self.view.layer) if self.view.layer in layers else 0
+            self.view.layer = layers[(i + step) % len(layers)]
+            self.redraw(force=True)
+
+    def action_help(self) -> None:
+        rows = [(keys, text) for keys, action, text in (*self.VIEW_HELP, *self.HELP)
+                if not (self.read_only and action in self.CONTROL_ACTIONS)]
+        self.push_screen(HelpScreen(rows))

@@ -1,0 +1,313 @@
+"""The control panel: knobs with their current values, editing with validation and
+confirmation, and the command log with every ack (from any viewer, or auto-pause).
+
+Like every widget it draws from the ``RunStore`` when the app's timer asks; it never
+parses messages. Values are checked here with the same rules the agent applies
+(``neurotop.protocol.commands.check_value``), so a typo is refused before it is sent; the agent
+checks again and its ack (or refusal) lands in the log.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Input, Static
+
+from neurotop.protocol.commands import check_value, parse_value, split_knob
+from neurotop.tui.data.client import CommandError, LiveClient
+from neurotop.tui.data.store import RunStore
+from neurotop.tui.screens.widgets import fmt
+
+LOG_LINES = 14
+
+
+def fmt_value(v: Any) -> str:
+    """A knob value for a cell: numbers compactly, lists and maps shortened."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, (int, float)):
+        return fmt(float(v)) if isinstance(v, float) else str(v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={fmt_value(x)}" for k, x in v.items()) or "off"
+    if isinstance(v, list):
+        return "[" + ", ".join(fmt_value(x) for x in v[:4]) + (", …]" if len(v) > 4 else "]")
+    return str(v)
+
+
+def bounds(spec: dict[str, Any]) -> str:
+    lo, hi = spec.get("min"), spec.get("max")
+    if lo is None and hi is None:
+        return spec["type"]
+    return f"{spec['type']} [{'' if lo is None else lo}, {'' if hi is None else hi}]"
+
+
+def describe_command(ev: dict[str, Any]) -> str:
+    """``set lr x0.5``, ``step 3``, ``pause``: what was asked, as a person would type it."""
+    cmd, args = ev.get("cmd") or "?", ev.get("args") if isinstance(ev.get("args"), dict) else {}
+    if cmd == "set":
+        op = "x" if args.get("op") == "mul" else ""
+        return f"set {args.get('knob')} {op}{args.get('value')}"
+    if cmd == "step":
+        return f"step {args.get('n')}"
+    return str(cmd)
+
+
+def log_line(ev: dict[str, Any]) -> Text | None:
+    """One line of the command log, or None for events the log does not show."""
+    kind = ev.get("event")
+    if ev.get("cmd") in ("knobs", "schema"):
+        return None  # read-only queries (the panel itself sends them)
+    t = time.strftime("%H:%M:%S", time.localtime(ev.get("t", time.time())))
+    if kind == "command":
+        return Text.assemble((t, "dim"), f" {ev.get('sender') or '?'}: ",
+                             (describe_command(ev), "bold"))
+    if kind == "ack" and ev.get("ok"):
+        change = ""
+        if ev.get("cmd") == "set":
+            change = f": {fmt_value(ev.get('old'))} → {fmt_value(ev.get('new'))}"
+        elif ev.get("new") is not None:
+            change = f": {fmt_value(ev.get('new'))}"
+        who = " (auto-pause)" if ev.get("sender") == "auto-pause" else ""
+        return Text.assemble((t, "dim"), ("  ✓ ", "green"),
+                             f"{describe_command(ev)} @ step {ev.get('step')}{change}{who}")
+    if kind == "ack":
+        return Text.assemble((t, "dim"), ("  ✗ ", "red"),
+                             f"{describe_command(ev)}: {ev.get('error')}")
+    if kind == "paused":
+        return Text.assemble((t, "dim"), ("  ⏸ ", "yellow"),
+                             f"paused @ step {ev.get('step')} ({ev.get('reason')})")
+    if kind == "refused":
+        return Text.assemble((t, "dim"), ("  ✗ refused: ", "red"), str(ev.get("error")))
+    return None
+
+
+class ControlPanel(Vertical):
+    """Docked on the right; ``c`` shows or hides it."""
+
+    DEFAULT_CSS = """
+    ControlPanel { dock: right; width: 56; border-left: solid $accent; display: none; }
+    ControlPanel.shown { display: block; }
+    ControlPanel > .title { height: 1; background: $boost; padding: 0 1; }
+    ControlPanel > DataTable { height: auto; max-height: 12; }
+    ControlPanel > #command-log { height: 1fr; padding: 0 1; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Static("knobs  (enter: edit)", classes="title")
+        yield DataTable(id="knob-table", cursor_type="row", zebra_stripes=True)
+        yield Static("command log", classes="title")
+        yield Static("", id="command-log")
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_column("knob", key="knob")
+        table.add_column("value", key="value")
+        table.add_column("type", key="type")
+        self._names: list[tuple[str, bool]] = []
+
+    def draw(self, store: RunStore) -> None:
+        table = self.query_one(DataTable)
+        # Without a listing (read-only viewers cannot ask for one) the heartbeat's values
+        # still show, untyped.
+        specs = store.knobs or [{"name": n} for n in store.knob_values]
+        names = [(k["name"], "type" in k) for k in specs]
+        if names != self._names:
+            table.clear()
+            for k in specs:
+                table.add_row(k["name"], "", bounds(k) if "type" in k else "", key=k["name"])
+            self._names = names
+        for k in specs:
+            v = store.knob_values.get(k["name"], k.get("value"))
+            table.update_cell(k["name"], "value", fmt_value(v))
+        lines = [ln for ln in map(log_line, store.recent_events(4 * LOG_LINES)) if ln]
+        self.query_one("#command-log", Static).update(Text("\n").join(lines[-LOG_LINES:]))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.app.action_edit_knob()  # type: ignore[attr-defined]  # NeurotopApp's
+
+    def wants_listing(self, store: RunStore) -> bool:
+        """True when the listing is missing or a knob appeared since (``mon.knob`` later)."""
+        return not store.knobs or not set(store.knob_values) <= {k["name"] for k in store.knobs}
+
+    def selected(self, store: RunStore) -> dict[str, Any] | None:
+        table = self.query_one(DataTable)
+        if not store.knobs or table.row_count == 0:
+            return None
+        name = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return next((k for k in store.knobs if k["name"] == name), None)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Yes or no, for anything that changes the run."""
+
+    BINDINGS = [Binding("y,enter", "answer(True)", "yes"),
+                Binding("n,escape", "answer(False)", "no")]
+    DEFAULT_CSS = """
+    ConfirmScreen { align: center middle; }
+    ConfirmScreen > Static { width: 64; padding: 1 2; border: round $warning; background: $panel; }
+    """
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"{self.question}\n\n[b]y[/b] / enter: yes    [b]n[/b] / esc: no")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+class KnobEditScreen(ModalScreen[dict[str, Any] | None]):
+    """Edit one knob: refuses what the agent would refuse, then asks for confirmation.
+    Dismisses with the ``set`` command's args, or None when cancelled."""
+
+    BINDINGS = [Binding("escape", "cancel", "cancel")]
+    DEFAULT_CSS = """
+    KnobEditScreen { align: center middle; }
+    KnobEditScreen > Vertical { width: 70; height: auto; padding: 1 2; border: round $accent;
+                                background: $panel; }
+    KnobEditScreen Input { margin: 1 0 0 0; }
+    KnobEditScreen #error { color: $error; height: auto; }
+    """
+
+    def __init__(self, spec: dict[str, Any], current: Any) -> None:
+        super().__init__()
+        self.spec, self.current = spec, current
+
+    def compose(self) -> ComposeResult:
+        s = self.spec
+        sel = {"group": " — add [i] for one param group",
+               "glob": " — add [GLOB] to pick modules"}.get(s.get("selector") or "", "")
+        with Vertical():
+            yield Static(f"[b]{s['name']}[/b]  {bounds(s)}  now: {fmt_value(self.current)}\n"
+                         f"{s.get('doc', '')}\nvalue: a number, true/false, or xFACTOR to"
+                         f" multiply{sel}")
+            yield Input(value=s["name"], id="knob", placeholder="knob")
+            value = "" if isinstance(self.current, (dict, list)) else fmt_value(self.current)
+            yield Input(value=value, id="value", placeholder="value")
+            yield Static("", id="error")
+
+    def on_mount(self) -> None:
+        self.query_one("#value", Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        args, error = self.check(self.query_one("#knob", Input).value,
+                                 self.query_one("#value", Input).value)
+        if error:
+            self.query_one("#error", Static).update(error)
+            return
+        op = "x" if args.get("op") == "mul" else ""
+        question = (f"Set [b]{args['knob']}[/b] from {fmt_value(self.current)} to"
+                    f" [b]{op}{args['value']}[/b]?")
+        def answered(yes: bool | None) -> None:
+            if yes:  # declined: stay here, nothing is sent
+                self.dismiss(args)
+
+        self.app.push_screen(ConfirmScreen(question), answered)
+
+    def check(self, knob: str, text: str) -> tuple[dict[str, Any], str | None]:
+        """The command args, or the reason they would be refused."""
+        try:
+            base, sel = split_knob(knob.strip())
+            value, op = parse_value(text)
+        except ValueError as e:
+            return {}, str(e)
+        if base != self.spec["name"]:
+            return {}, f"this editor sets {self.spec['name']}, not {base}"
+        if sel is None and self.spec.get("selector") and not self.spec.get("targets"):
+            return {}, f"{base} needs a selector: {base}[GLOB], e.g. {base}[layers.*.act]"
+        error = check_value(self.spec, value, op)
+        if error is None and op == "mul" and isinstance(self.current, (int, float)):
+            error = check_value(self.spec, self.current * value)
+        args = {"knob": knob.strip(), "value": value}
+        if op == "mul":
+            args["op"] = op
+        return args, error
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ControlActions:
+    """The app's control keys, mixed into ``NeurotopApp`` (which has ``client``, ``store``,
+    ``read_only``, ``screen_name``, ``action_screen`` and ``redraw``). Every command's
+    outcome is notified and logged."""
+
+    client: LiveClient
+    store: RunStore
+    read_only: bool
+    screen_name: str
+    _knobs_asked = 0.0
+
+    def draw_controls(self) -> None:
+        panel = self.query_one(ControlPanel)
+        if not panel.has_class("shown"):
+            return
+        panel.draw(self.store)
+        if not self.read_only and panel.wants_listing(self.store) \
+                and time.monotonic() - self._knobs_asked > 2.0:
+            self._knobs_asked = time.monotonic()
+            self.client.command("knobs")  # the listing comes back as telemetry, into the store
+
+    def action_toggle_controls(self) -> None:
+        if self.screen_name == "control":  # the panel is the whole screen: hiding it goes back
+            self.action_screen("overview")
+            return
+        panel = self.query_one(ControlPanel)
+        panel.toggle_class("shown")
+        if panel.has_class("shown"):
+            panel.query_one(DataTable).focus()
+        self.redraw(force=True)
+
+    def action_step_one(self) -> None:
+        self.send("step", {"n": 1})
+
+    def action_edit_knob(self) -> None:
+        if self.read_only:
+            self.notify("read-only: this view cannot change knobs", severity="warning")
+            return
+        panel = self.query_one(ControlPanel)
+        spec = panel.selected(self.store) if panel.has_class("shown") else None
+        if spec is None:
+            self.notify("open the control panel (c) and pick a knob", severity="warning")
+            return
+        current = self.store.knob_values.get(spec["name"], spec.get("value"))
+        self.push_screen(KnobEditScreen(spec, current),
+                         lambda args: self.send("set", args) if args else None)
+
+    def action_stop_run(self) -> None:
+        if not self.read_only:
+            self.push_screen(ConfirmScreen("Stop the run? The training loop sees"
+                                           " mon.should_stop at its next optimizer step."),
+                             lambda yes: self.send("stop") if yes else None)
+        else:
+            self.send("stop")
+
+    def action_snapshot(self) -> None:
+        self.send("snapshot")
+
+    def send(self, cmd: str, args: dict[str, Any] | None = None) -> None:
+        if self.read_only:
+            self.notify(f"read-only: this view cannot {cmd}", severity="warning")
+            return
+        self.client.command(cmd, args).add_done_callback(
+            lambda f: self.call_from_thread(self._notify_ack, cmd, f))
+
+    def _notify_ack(self, cmd: str, fut: Future) -> None:
+        try:
+            ack = fut.result()
+        except CommandError as e:
+            self.notify(f"{cmd} refused: {e}", severity="error")
+        else:
+            new = "" if ack.get("new") is None else f": {fmt_value(ack['new'])}"
+            self.notify(f"{cmd} took effect at step {ack.get('step')}{new}")
+        self.redraw(force=True)

@@ -1,0 +1,406 @@
+"""The dashboard's screens (panes of one ``ContentSwitcher``): Overview, Layers, Layer
+detail, Gradients. Each pane draws from the ``RunStore`` when the app's single timer asks,
+and only while it is the visible one; none parses messages.
+
+View options (log scale, smoothing, window, the chosen statistic, sort, filter, the
+detail layer) live in one ``View`` the app owns, so every pane reads the same choices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Grid, Horizontal, Vertical
+from textual.strip import Strip
+from textual.widget import Widget
+from textual.widgets import Input, Static
+
+from neurotop.tui.data.health import UPDATE_RATIO_GUIDE, has_band, levels
+from neurotop.tui.data.store import RunStore
+from neurotop.tui.data.view import View
+from neurotop.tui.screens.plotting import (
+    SHADES,
+    Lines,
+    Series,
+    braille_plot,
+    heat_strip,
+    hist_labels,
+    smooth,
+    window,
+)
+from neurotop.tui.screens.widgets import LayerTable, fmt, level_styles
+
+
+class Panel(Widget):
+    """A drawn part of a screen: text rendered to strips once per draw and served line by
+    line (much cheaper than a ``Static`` re-laying out styled text every frame). A new
+    size means the next tick redraws: every plot fits its text to its size."""
+
+    DEFAULT_CSS = "Panel { height: 1fr; }"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._strips: list[Strip] = []
+        self._base = Style()
+        self._shown: object = None
+        self.text = ""  # what it shows, as plain text (for tests and screen readers)
+
+    def show(self, text: Text | Lines | str) -> None:
+        text = Text(text) if isinstance(text, str) else text
+        key = text.lines if isinstance(text, Lines) else text
+        if key == self._shown and self._strips:
+            return  # one more point often changes no dot: nothing to repaint
+        self._shown = key
+        self.text = text.plain
+        if isinstance(text, Lines):
+            self._strips = [Strip([Segment(t, Style.parse(st)) for t, st in line])
+                            for line in text.lines]
+        else:
+            self._strips = [Strip(line) for line in Segment.split_lines(
+                text.render(self.app.console))]
+        self._base = self.rich_style  # looked up once per draw, not per line
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        strip = self._strips[y] if y < len(self._strips) else Strip.blank(0)
+        return strip.crop_extend(0, self.size.width, self._base)
+
+    def on_resize(self) -> None:
+        self._shown = None
+        self.app.invalidate()
+
+
+class Plot(Panel):
+    """One scalar over steps, with the view's log scale, smoothing and window."""
+
+    DEFAULT_CSS = "Plot { height: 1fr; min-height: 5; }"
+
+    def draw_series(self, x: np.ndarray, y: np.ndarray, title: str, view: View,
+                    guide: float | None = None) -> None:
+        x, y = window(x, view.last, y)
+        w, h = self.size.width or 40, self.size.height or 8
+        accent = self.app.current_theme.primary
+        series = [Series(x, y, "" if not view.smooth else "dim")]
+        if view.smooth and len(y) > 8:
+            series.append(Series(x, smooth(y, max(len(y) // 50, 4)), f"bold {accent}"))
+        last = fmt(float(y[-1])) if len(y) else "-"
+        self.show(braille_plot(series, w, h, f"{title}  {last}", view.log_y, guide))
+
+
+def scalar_named(store: RunStore, *names: str) -> str:
+    """The first scalar of ``names`` (or starting with one of them) the run reports."""
+    have = store.schema["scalars"] if store.schema else []
+    for n in names:
+        if n in have:
+            return n
+    for n in names:
+        for h in have:
+            if h.startswith(n):
+                return h
+    return ""
+
+
+class AlertFeed(Panel):
+    """Alerts and everything that stopped or refused the run, newest first."""
+
+    DEFAULT_CSS = "AlertFeed { width: 1fr; height: 1fr; border-top: solid $accent; }"
+    KINDS = frozenset({"alert", "paused", "refused"})
+
+    def draw(self, store: RunStore) -> None:
+        evs = [e for e in store.recent_events(500) if e.get("event") in self.KINDS
+               or (e.get("event") == "ack" and e.get("sender") == "auto-pause")]
+        styles = level_styles(self)
+        out = Text("alerts", style="bold")  # wrapped: an alert's message says what and where
+        if not evs:
+            out.append("\n  none", style=styles[0])
+        for e in reversed(evs[-max((self.size.height or 6) - 1, 1):]):
+            kind = e.get("event")
+            out.append(f"\n@{e.get('step', '?')} ", style="dim")
+            if kind == "alert":  # "▲ dying_layer: layer 'fc1': 93% of units dead ..."
+                bad = e.get("level") == "critical"
+                out.append(f"▲ {e.get('alert', '?')}: {e.get('message') or e.get('layer', '')}",
+                           style=styles[2] if bad else styles[1])
+                continue
+            what = e.get("reason") or e.get("error") or e.get("cmd") or ""
+            out.append(f"{kind}: {what}", style=styles[2] if kind == "refused" else styles[1])
+        lines = out.wrap(self.app.console, max(self.size.width or 40, 10))
+        self.show(Text("\n").join(lines[: max(self.size.height or 6, 2)]))
+
+
+class HeatStrip(Panel):
+    """Layers x time of the chosen statistic: one line per layer, or per group of layers
+    (their worst value) when there are more layers than lines, so one dying layer among
+    hundreds still shows."""
+
+    DEFAULT_CSS = "HeatStrip { width: 2fr; height: 1fr; border-top: solid $accent; }"
+    NAME_W = 14
+
+    def draw(self, store: RunStore, view: View) -> None:
+        x, rows = store.stat_history(view.stat)
+        x, rows = window(x, view.last, rows)
+        head = Text.assemble(("heat: ", "bold"), (view.stat or "-", "bold"),
+                             f"  ({SHADES[1]} low … {SHADES[-1]} high, × non-finite)")
+        head.no_wrap, head.overflow = True, "crop"
+        if not rows.size or store.schema is None:
+            self.show(head)
+            return
+        layers = store.schema["layers"]
+        lines = max((self.size.height or 8) - 2, 1)
+        width = max((self.size.width or 60) - self.NAME_W - 1, 4)
+        data = rows.T
+        if data.shape[1] > width:  # time into columns first: each its stretch's worst
+            with np.errstate(invalid="ignore"):
+                data = np.fmax.reduceat(data, (np.arange(width) * data.shape[1]) // width,
+                                        axis=1)
+        names = layers
+        if len(layers) > lines:  # groups of layers, each showing its worst member
+            starts = (np.arange(lines) * len(layers)) // lines
+            with np.errstate(invalid="ignore"):
+                data = np.fmax.reduceat(data, starts, axis=0)
+            ends = [*starts[1:], len(layers)]
+            names = [layers[a] if b - a == 1 else f"{layers[a]}+{b - a - 1}"
+                     for a, b in zip(starts, ends, strict=True)]
+        lvl = levels(view.stat, data) if has_band(view.stat) else None
+        strip = heat_strip(data, width, lvl, ("", *level_styles(self)[1:]))
+        out = [head]
+        for name, line in zip(names, strip, strict=True):
+            label = name[-(self.NAME_W - 1):].ljust(self.NAME_W)
+            out.append(Text.assemble((label, "dim"), line, no_wrap=True, overflow="crop"))
+        self.show(Text("\n").join(out))
+
+
+class OverviewPane(Vertical):
+    """Loss, learning rate, global grad norm and throughput; alerts; the heat strip."""
+
+    DEFAULT_CSS = """
+    OverviewPane > Grid { grid-size: 2 2; height: 3fr; }
+    OverviewPane > Horizontal { height: 2fr; }
+    """
+    PLOTS = (("loss", ("loss",)), ("lr", ("lr",)), ("grad norm", ("grad_norm",)),
+             ("throughput", ("steps_per_s", "samples_per_s")))
+
+    def compose(self) -> ComposeResult:
+        with Grid():
+            for i in range(len(self.PLOTS)):
+                yield Plot(id=f"ov-plot-{i}")
+        with Horizontal():
+            yield HeatStrip(id="heat")
+            yield AlertFeed(id="alerts")
+
+    def draw(self, store: RunStore, view: View) -> None:
+        for i, (title, names) in enumerate(self.PLOTS):
+            name = scalar_named(store, *names)
+            x, y = store.scalar(name, envelope=not view.smooth) if name else (
+                np.empty(0), np.empty(0))
+            self.query_one(f"#ov-plot-{i}", Plot).draw_series(x, y, name or title, view)
+        self.query_one(HeatStrip).draw(store, view)
+        self.query_one(AlertFeed).draw(store)
+
+
+class LayersPane(Vertical):
+    """The layers table with its filter line (``/``)."""
+
+    DEFAULT_CSS = """
+    LayersPane > #filter { display: none; height: 3; }
+    LayersPane > #filter.shown { display: block; }
+    LayersPane > LayerTable { height: 1fr; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="filter layers by name glob (enter: apply, esc: clear)",
+                    id="filter")
+        yield LayerTable(id="layers")
+
+    def draw(self, store: RunStore, view: View) -> None:
+        self.query_one(LayerTable).draw(store, view)
+
+
+class DetailPane(Vertical):
+    """Every statistic of one layer over time; its histograms now (activations and
+    gradients) and the activations' over time."""
+
+    DEFAULT_CSS = """
+    DetailPane > #detail-title { height: 1; background: $boost; padding: 0 1; }
+    DetailPane > #detail-plots { grid-size: 3; height: 3fr; }
+    DetailPane > Horizontal { height: 2fr; }
+    DetailPane > Horizontal > Panel { width: 1fr; height: 1fr; border-top: solid $accent; }
+    """
+    MAX_PLOTS = 12
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="detail-title")
+        with Grid(id="detail-plots"):
+            for i in range(self.MAX_PLOTS):
+                yield Plot(id=f"dt-plot-{i}")
+        with Horizontal():
+            yield Panel(id="hist-now")
+            yield Panel(id="hist-grad")
+            yield Panel(id="hist-time")
+
+    def draw(self, store: RunStore, view: View) -> None:
+        schema = store.schema
+        if schema is None:
+            return
+        layers, stats = schema["layers"], schema["stats"]
+        if view.layer not in layers:
+            view.layer = layers[0] if layers else ""
+        if not view.layer:
+            return
+        i = layers.index(view.layer)
+        kinds = store.schema_extra["layer_types"]
+        kind = f"  ({kinds[i]})" if i < len(kinds) else ""
+        self.query_one("#detail-title", Static).update(Text.assemble(
+            ("layer ", "bold"), (view.layer, "bold"), kind,
+            f"  {i + 1}/{len(layers)}  ·  {view.describe()}  ·  , . previous / next layer"))
+        x, rows = store.layer_stats(i)
+        grid = self.query_one("#detail-plots", Grid)
+        grid.styles.grid_size_columns = 3 if len(stats) > 4 else 2
+        for j in range(self.MAX_PLOTS):
+            plot = self.query_one(f"#dt-plot-{j}", Plot)
+            plot.display = j < len(stats)
+            if j < len(stats):
+                plot.draw_series(x, rows[:, j] if rows.size else np.empty(0), stats[j], view)
+        self._draw_histograms(store, view)
+
+    def _draw_histograms(self, store: RunStore, view: View) -> None:
+        now, over = self.query_one("#hist-now", Panel), self.query_one("#hist-time", Panel)
+        grad = self.query_one("#hist-grad", Panel)
+        latest = store.latest_histogram(view.layer)
+        if latest is None:
+            note = Text("histogram: none for this layer (see the run's hist_layers)", "dim")
+            now.show(note)
+            grad.show("")
+            over.show("")
+            return
+        labels = hist_labels(latest["edges"])
+        for panel, key, name in ((now, "act", "activations"), (grad, "grad", "gradients dL/dh")):
+            panel.show(hist_bars(latest[key], labels, panel.size.width or 40,
+                                 panel.size.height or 8, f"{name}, step {latest['step']}"))
+        steps, hists = store.histograms(view.layer, 0)
+        over.show(hist_heatmap(steps, hists, labels, over.size.width or 40,
+                               over.size.height or 8))
+
+
+def _coarsen(counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``[..., bins]`` into at most ``n`` groups of neighbouring bins."""
+    bins = counts.shape[-1]
+    k = min(n, bins)
+    starts = (np.arange(k) * bins) // k
+    return np.add.reduceat(counts, starts, axis=-1), starts
+
+
+def hist_bars(counts: np.ndarray, labels: list[str], width: int, height: int,
+              title: str) -> Text:
+    """The histogram now: one row per group of bins (large values on top, as in the
+    heatmap beside it), a bar as long as its count."""
+    groups, starts = _coarsen(counts[None, :], max(height - 1, 1))
+    g = groups[0]
+    top = float(g.max()) or 1.0
+    bar_w = max(width - 12, 4)
+    out = Text(title, style="bold", no_wrap=True, overflow="crop")
+    for c, b in zip(g[::-1], starts[::-1], strict=True):  # large values on top
+        out.append(f"\n{labels[int(b)]:>10} ", style="dim")
+        out.append("█" * int(round(c / top * bar_w)))
+    return out
+
+
+def hist_heatmap(steps: np.ndarray, hists: np.ndarray, labels: list[str], width: int,
+                 height: int) -> Text:
+    """Bins (rows, large values on top) x reports (columns): where the mass moves."""
+    groups, starts = _coarsen(hists, max(height - 2, 1))
+    share = groups / np.maximum(groups.sum(axis=1, keepdims=True), 1)
+    lines = heat_strip(share.T[::-1], max(width - 11, 4))
+    out = Text(f"histogram over time ({len(steps)} reports, {int(steps[0])}…{int(steps[-1])})",
+               style="bold", no_wrap=True, overflow="crop")
+    for b, line in zip(starts[::-1], lines, strict=True):
+        out.append(f"\n{labels[int(b)]:>10} ", style="dim")
+        out.append_text(line)
+    return out
+
+
+class GradientsPane(Vertical):
+    """Per-parameter gradient norms and update/weight ratios, against the 1e-3 guide."""
+
+    DEFAULT_CSS = """
+    GradientsPane > #grad-bars { height: 1fr; }
+    GradientsPane > #grad-plot { height: 1fr; min-height: 6; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Panel(id="grad-bars")
+        yield Plot(id="grad-plot")
+
+    def draw(self, store: RunStore, view: View) -> None:
+        bars = self.query_one("#grad-bars", Panel)
+        names, pstats = store.schema_extra["params"], store.schema_extra["param_stats"]
+        latest = store.latest_params()
+        if latest is None or not names:
+            bars.show(Text("no per-parameter statistics in this run (the agent's"
+                             " param_stats option)", style="dim"))
+            return
+        bars.show(ratio_chart(names, pstats, latest[1], bars.size.width or 80,
+                                bars.size.height or 10, level_styles(bars)))
+        if "update_ratio" in pstats:
+            x, r = store.param_history("update_ratio", store.param_rows())
+            r = r.T  # [reports x params]
+            worst, med = (np.full(len(r), np.nan) for _ in range(2))
+            has = np.isfinite(r).any(axis=1) if r.size else np.zeros(len(r), bool)
+            with np.errstate(invalid="ignore", divide="ignore"):  # rows without parameters
+                worst[has] = np.nanmax(np.abs(np.log10(np.abs(r[has]) / UPDATE_RATIO_GUIDE)),
+                                       axis=1)
+                med[has] = np.nanmedian(r[has], axis=1)
+            title = "median update/weight ratio (guide 1e-3)"
+            if len(worst) and np.isfinite(worst[-1]):
+                title += f"; worst parameter {worst[-1]:.1f} decades off"
+            plot = self.query_one("#grad-plot", Plot)
+            plot.draw_series(x[: len(med)], med, title, View(log_y=True, smooth=view.smooth,
+                                                             last=view.last),
+                             guide=UPDATE_RATIO_GUIDE)
+
+
+def ratio_chart(names: list[str], pstats: list[str], block: np.ndarray, width: int,
+                height: int, styles: tuple[str, str, str]) -> Text:
+    """One line per parameter: name, grad norm, and its update/weight ratio as a dot on a
+    log axis from 1e-6 to 1 with the 1e-3 guide marked ``┊``."""
+    col = {s: i for i, s in enumerate(pstats)}
+    name_w = min(max((len(n) for n in names), default=8), 28)
+    axis_w = max(width - name_w - 24, 10)
+    lo, hi = -6.0, 0.0
+    guide_at = int(round((np.log10(UPDATE_RATIO_GUIDE) - lo) / (hi - lo) * (axis_w - 1)))
+    out = Text.assemble(("parameter".ljust(name_w), "bold"), ("   grad norm", "bold"),
+                        ("    upd/w  ", "bold"), ("1e-6".ljust(guide_at), "dim"),
+                        ("1e-3", "dim"), ("1".rjust(max(axis_w - guide_at - 4, 1)), "dim"),
+                        no_wrap=True, overflow="crop")
+    ratio = block[:, col["update_ratio"]] if "update_ratio" in col else None
+    lvls = levels("update_ratio", ratio) if ratio is not None else None
+    shown = max(height - 1, 1)
+    order = np.argsort(-np.abs(np.log10(np.abs(ratio) / UPDATE_RATIO_GUIDE + 1e-30))) \
+        if ratio is not None and len(names) > shown else np.arange(len(names))
+    for p in order[:shown]:
+        gn = fmt(float(block[p, col["grad_norm"]])) if "grad_norm" in col else "-"
+        line = Text.assemble("\n", (names[p][-name_w:].ljust(name_w), ""), f"{gn:>12}",
+                             no_wrap=True, overflow="crop")
+        if ratio is None:
+            out.append_text(line)
+            continue
+        r = float(ratio[p])
+        st = styles[int(lvls[p])]
+        line.append(f"{fmt(r):>10} ", style=st)
+        cells = ["─"] * axis_w
+        cells[guide_at] = "┊"
+        if np.isfinite(r) and r > 0:
+            at = int(round((np.clip(np.log10(r), lo, hi) - lo) / (hi - lo) * (axis_w - 1)))
+            cells[at] = "●"
+            line.append("".join(cells[:at]), style="dim")
+            line.append("●", style=f"bold {st}")
+            line.append("".join(cells[at + 1:]), style="dim")
+        else:
+            line.append("".join(cells), style="dim")
+        out.append_text(line)
+    if len(names) > shown:
+        out.append(f"\n… {len(names) - shown} more (sorted: furthest from 1e-3 first)",
+                   style="dim")
+    return out

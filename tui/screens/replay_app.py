@@ -1,0 +1,184 @@
+"""``neurotop replay``: the live app's screens over a recording, plus a timeline bar.
+
+``ReplayApp`` is ``NeurotopApp`` with a ``ReplaySource`` in place of the live client:
+the same store, widgets and redraw timer. It adds the timeline (play/pause, speed,
+seek, scrub, jump between commands and alerts) and has no control: ``space`` plays and
+pauses the playback, not the run.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual import events
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Input, Static
+
+from neurotop.tui.data.replay_source import ReplaySource, Timeline
+from neurotop.tui.screens.app import HelpScreen, NeurotopApp
+
+
+def speed_label(speed: float) -> str:
+    return "max" if speed == float("inf") else f"{speed:g}x"
+
+
+class TimelineBar(Static):
+    """Where the cursor is in the recording, with a mark at every command and alert.
+    Click or drag on the bar to seek."""
+
+    DEFAULT_CSS = "TimelineBar { height: 2; background: $boost; padding: 0 1; }"
+
+    class Seek(Message):
+        def __init__(self, fraction: float) -> None:
+            super().__init__()
+            self.fraction = fraction
+
+    def draw(self, tl: Timeline) -> None:
+        width = max(10, (self.size.width or 80) - 2)
+        state = "▶ PLAY" if tl.playing else "⏸ PAUSE"
+        info = Text.assemble(
+            (f" {state} ", "bold black on cyan"), "  ", (speed_label(tl.speed), "bold"),
+            f"  step {tl.step:,} / {tl.last_step:,}")
+        if tl.time:
+            info.append("  " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(tl.time)))
+        commands = sum(1 for _, alert in tl.markers if not alert)
+        alerts = len(tl.markers) - commands
+        info.append(f"  ◆ {commands} commands", style="yellow")
+        if alerts:
+            info.append(f"  ▲ {alerts} alerts", style="red")
+        if tl.dropped:
+            info.append(f"  rec-dropped: {tl.dropped}", style="yellow")
+        if tl.problems:
+            info.append(f"  damaged: {tl.problems} (see stderr on exit)", style="red")
+        cells = ["─"] * width
+        cur = round(tl.fraction * (width - 1))
+        for i in range(cur):
+            cells[i] = "━"
+        styles = ["cyan" if i < cur else "dim" for i in range(width)]
+        for f, alert in tl.markers:
+            i = min(width - 1, max(0, round(f * (width - 1))))
+            cells[i], styles[i] = ("▲", "bold red") if alert else ("◆", "bold yellow")
+        cells[cur], styles[cur] = "●", "bold white"
+        bar = Text()
+        for c, s in zip(cells, styles, strict=True):
+            bar.append(c, style=s)
+        self.update(Text("\n").join([info, bar]))
+
+    def _seek_at(self, x: int) -> None:
+        width = max(10, (self.size.width or 80) - 2)
+        self.post_message(self.Seek(min(max((x - 1) / (width - 1), 0.0), 1.0)))
+
+    def on_mouse_down(self, event: events.MouseDown) -> None:
+        self.capture_mouse()
+        self._seek_at(event.x)
+
+    def on_mouse_move(self, event: events.MouseMove) -> None:
+        if event.button and self.app.mouse_captured is self:
+            self._seek_at(event.x)
+
+    def on_mouse_up(self, event: events.MouseUp) -> None:
+        self.release_mouse()
+
+
+class GotoStep(ModalScreen[int | None]):
+    """Ask for a step to seek to."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "cancel")]
+    DEFAULT_CSS = """
+    GotoStep { align: center middle; }
+    GotoStep > Input { width: 40; border: round $accent; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="go to step (Enter)", type="integer", id="step")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        try:
+            self.dismiss(int(event.value))
+        except ValueError:
+            self.notify(f"not a step: {event.value!r}", severity="error")
+
+
+class ReplayApp(NeurotopApp):
+    """The live screens over a ``ReplaySource``, with the timeline bar."""
+
+    BINDINGS = [
+        Binding("space", "play_pause", "play/pause"),  # the playback, never the run
+        Binding("left", "scrub(-0.01)", "back", priority=True),
+        Binding("right", "scrub(0.01)", "forward", priority=True),
+        Binding("shift+left", "scrub(-0.1)", show=False, priority=True),
+        Binding("shift+right", "scrub(0.1)", show=False, priority=True),
+        Binding("home", "to_start", show=False, priority=True),
+        Binding("end", "to_end", show=False, priority=True),
+        Binding("minus", "slower", "slower"),
+        Binding("plus,equals_sign", "faster", "faster"),
+        Binding("left_square_bracket", "marker(-1)", "prev event"),
+        Binding("right_square_bracket", "marker(1)", "next event"),
+        Binding("g", "goto", "go to step"),
+    ]
+
+    def __init__(self, source: ReplaySource) -> None:
+        super().__init__(source, read_only=True)  # type: ignore[arg-type]
+        self.source = source
+        self._timeline_drawn: Timeline | None = None
+
+    def compose(self) -> ComposeResult:
+        for w in super().compose():
+            if isinstance(w, Footer):
+                yield TimelineBar(id="timeline")
+            yield w
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        for problem in self.source.problems[:3]:
+            self.notify(problem, title="damaged session file", severity="warning", timeout=10)
+
+    def redraw(self, force: bool = False) -> None:
+        super().redraw(force)
+        tl = self.source.timeline()
+        if tl != self._timeline_drawn or force:
+            self._timeline_drawn = tl
+            self.query_one(TimelineBar).draw(tl)
+
+    # -- actions --------------------------------------------------------------------------
+
+    def action_play_pause(self) -> None:
+        self.source.play_pause()
+
+    def action_scrub(self, df: float) -> None:
+        self.source.scrub(df)
+
+    def action_to_start(self) -> None:
+        self.source.to_start()
+
+    def action_to_end(self) -> None:
+        self.source.to_end()
+
+    def action_slower(self) -> None:
+        self.source.slower()
+
+    def action_faster(self) -> None:
+        self.source.faster()
+
+    def action_marker(self, direction: int) -> None:
+        self.source.jump_marker(direction)
+
+    def action_goto(self) -> None:
+        self.push_screen(GotoStep(), lambda step: step is None or self.source.seek_step(step))
+
+    def on_timeline_bar_seek(self, message: TimelineBar.Seek) -> None:
+        self.source.seek_fraction(message.fraction)
+
+    def action_help(self) -> None:
+        rows = [("space", "play / pause the playback"),
+                ("← →", "scrub 1% (shift: 10%); click or drag the bar"),
+                ("home end", "start / end of the recording"),
+                ("- +", "playback speed (1x … max)"),
+                ("[ ]", "previous / next command or alert"),
+                ("g", "go to a step"),
+                *((keys, text) for keys, _, text in self.VIEW_HELP), ("q", "quit")]
+        self.push_screen(HelpScreen(rows))

@@ -1,0 +1,338 @@
+"""Widgets of the live screen. Each one draws from a ``RunStore`` when asked; none parses
+messages or talks to sockets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual import events
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+from textual.widget import Widget
+from textual.widgets import SelectionList, Static
+from textual.widgets.selection_list import Selection
+
+from neurotop.tui.data.health import has_band, levels
+from neurotop.tui.data.store import RunStore
+from neurotop.tui.data.view import View, matches
+from neurotop.tui.screens.plotting import sparkline
+
+
+def fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+        return f"{v:.2e}"
+    return f"{v:.4f}"
+
+
+def level_styles(widget: Widget) -> tuple[str, str, str]:
+    """Healthy / warning / critical colours of the current theme (light or dark)."""
+    theme = widget.app.current_theme
+    return (theme.success or "green", theme.warning or "yellow", theme.error or "red")
+
+
+class StatusBar(Static):
+    """Run, step, steps/s, LIVE / PAUSED with the step, connection health, losses, alerts."""
+
+    DEFAULT_CSS = "StatusBar { height: 1; background: $boost; padding: 0 1; }"
+
+    def draw(self, store: RunStore, pending: str = "") -> None:
+        s = store.status
+        conn = store.connection()
+        if s.state == "paused":
+            mode = Text(f" PAUSED @ {s.paused_at if s.paused_at is not None else s.step} ",
+                        style="bold black on yellow")
+        elif conn == "ended":
+            mode = Text(" ENDED ", style="bold white on red")
+        elif conn == "live":
+            mode = Text(" LIVE ", style="bold black on green")
+        elif conn == "replay":
+            mode = Text(" REPLAY ", style="bold black on cyan")
+        else:
+            mode = Text(f" {conn.upper()} ", style="bold white on dark_orange")
+        t = Text.assemble(
+            (f"{s.run_name or s.run_id or 'neurotop'}", "bold"), f"  rank {s.rank}  ",
+            f"step {s.step}", "  ", f"{s.steps_per_s:6.1f} steps/s", "  ", mode,
+        )
+        if s.link:
+            t.append(f"  {s.link}", style="bold red")
+        if s.state == "paused" and s.pause_reason:
+            auto = s.pause_reason.startswith("auto-pause")
+            t.append(f"  {s.pause_reason}", style="bold red" if auto else "yellow")
+        if pending:
+            t.append(f"  {pending}", style="italic")
+        if s.alerts:
+            crit = s.alerts.get("critical", 0)
+            t.append(f"  ▲ {sum(s.alerts.values())} alerts", style="bold red" if crit else "yellow")
+        lost = s.missed + s.remote_dropped
+        t.append(f"  conn: {conn}")
+        if lost:
+            t.append(f"  dropped: {lost}", style="yellow")
+        if s.rejected:
+            t.append(f"  refused cmds: {s.rejected}", style="red")
+        if s.rec_dropped:
+            t.append(f"  rec-dropped: {s.rec_dropped}", style="yellow")
+        if s.bad_messages:
+            t.append(f"  bad msgs: {s.bad_messages}", style="red")
+        if s.history:
+            t.append(f"  {s.history}", style="italic")
+        if not s.control:
+            t.append("  read-only", style="dim")
+        self.update(t)
+
+
+#: Named column sets of the layers table, cycled with ``p`` (``None``: every statistic).
+COLUMN_PRESETS: dict[str, tuple[str, ...] | None] = {
+    "overview": ("mean", "std", "max_abs", "zero_frac", "dead_frac", "nonfinite", "grad_rms"),
+    "activations": ("mean", "std", "rms", "max_abs", "massive_ratio", "kurtosis"),
+    "sparsity": ("zero_frac", "near_zero_frac", "dead_frac", "dead_frac_window"),
+    "gradients": ("grad_rms", "nonfinite", "max_abs", "rms"),
+    "all": None,
+}
+
+
+class LayerTable(ScrollView, can_focus=True):
+    """One row per layer (filtered, sorted as the ``View`` says): the latest statistics,
+    coloured by health where a band is known, and a sparkline of the chosen one.
+
+    Only the rows on screen are formatted, so 200 layers cost what 40 do. Keys: up/down,
+    page up/down, home/end move the cursor, enter opens the layer's detail; clicking a
+    column header sorts by it, clicking a row selects it."""
+
+    DEFAULT_CSS = """
+    LayerTable { height: 1fr; }
+    LayerTable > .layer-table--header { text-style: bold; background: $boost; }
+    LayerTable > .layer-table--cursor { background: $accent 40%; }
+    """
+    COMPONENT_CLASSES = {"layer-table--header", "layer-table--cursor"}
+    BINDINGS = [Binding("up", "move(-1)", show=False), Binding("down", "move(1)", show=False),
+                Binding("pageup", "page(-1)", show=False),
+                Binding("pagedown", "page(1)", show=False),
+                Binding("home", "move(-100000)", show=False),
+                Binding("end", "move(100000)", show=False),
+                Binding("enter", "choose", show=False)]
+    SPARK_WIDTH = 24  # at least
+    NUM_W = 10
+
+    class Chosen(Message):
+        """Enter (or a click on the selected row) on a layer."""
+
+        def __init__(self, layer: str) -> None:
+            super().__init__()
+            self.layer = layer
+
+    class SortBy(Message):
+        def __init__(self, column: str) -> None:
+            super().__init__()
+            self.column = column
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spark_stat = ""
+        self.cursor_row = 0
+        self._rows: tuple[str, ...] = ()  # layer names in the shown order
+        self._index: list[int] = []  # their indices in the schema
+        self._stats: list[str] = []
+        self._block = np.empty((0, 0), np.float32)
+        self._hist = np.empty((0, 0), np.float32)
+        self._levels: dict[int, np.ndarray] = {}
+        self._header = ""
+        self._name_w = 12
+        self._spark_w = self.SPARK_WIDTH
+        self._style_cache: tuple[Style, Style, Style] | None = None
+        self._level_styles: list[Style] = []
+        self.preset = "overview"
+        self.columns_chosen: tuple[str, ...] | None = COLUMN_PRESETS[self.preset]
+        self._cols: list[int] = []  # indices of the shown statistics in the schema
+
+    def shown(self, stats: list[str]) -> list[str]:
+        """The columns to draw: the chosen ones this run has, in the schema's order."""
+        chosen = self.columns_chosen
+        cols = [s for s in stats if chosen is None or s in chosen]
+        return cols or list(stats)
+
+    def use_preset(self, name: str) -> None:
+        self.preset, self.columns_chosen = name, COLUMN_PRESETS[name]
+
+    def next_preset(self) -> str:
+        names = list(COLUMN_PRESETS)
+        i = names.index(self.preset) if self.preset in names else -1
+        self.use_preset(names[(i + 1) % len(names)])
+        return self.preset
+
+    def choose(self, columns: list[str]) -> None:
+        self.preset, self.columns_chosen = "custom", tuple(columns)
+
+    @property
+    def row_count(self) -> int:
+        return len(self._rows)
+
+    @property
+    def shown_layers(self) -> tuple[str, ...]:
+        return self._rows
+
+    def selected_layer(self) -> str:
+        return self._rows[self.cursor_row] if 0 <= self.cursor_row < len(self._rows) else ""
+
+    def on_resize(self) -> None:
+        self.app.invalidate()  # the trend's width follows the table's
+
+    def draw(self, store: RunStore, view: View) -> None:
+        schema = store.schema
+        block = store.latest_block()
+        if schema is None or block is None:
+            return
+        layers, stats = schema["layers"], schema["stats"]
+        self.spark_stat = view.stat if view.stat in stats else stats[-1]
+        current = self.selected_layer()
+        self._index = self._order(layers, stats, block, view)
+        self._rows = tuple(layers[i] for i in self._index)
+        if current in self._rows:
+            self.cursor_row = self._rows.index(current)
+        self.cursor_row = min(self.cursor_row, max(len(self._rows) - 1, 0))
+        self._stats, self._block = stats, block
+        self._cols = [stats.index(c) for c in self.shown(stats)]
+        self._name_w = min(max((len(n) for n in layers), default=5) + 1, 40)
+        # The trend takes the room the columns leave (a wide terminal shows a longer one).
+        used = self._name_w + self.NUM_W * len(self._cols) + 2
+        self._spark_w = max(self.SPARK_WIDTH, min((self.size.width or 0) - used - 1, 160))
+        self._hist = store.layer_history(self.spark_stat, self._spark_w)
+        big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
+        self._levels = {j: levels(st, block[:, j], big) for j, st in enumerate(stats)
+                        if has_band(st)}
+        heads = [f"{'layer':<{self._name_w}}"]
+        for st in (stats[j] for j in self._cols):
+            arrow = ("▼" if view.descending else "▲") if st == view.sort else ""
+            heads.append(f"{(st + arrow)[: self.NUM_W - 1]:>{self.NUM_W}}")
+        self._header = "".join(heads) + f"  trend: {self.spark_stat}"
+        width = len(self._header) + self._spark_w
+        self.virtual_size = Size(width, len(self._rows) + 1)
+        self._style_cache = None
+        self.refresh()
+
+    @staticmethod
+    def _order(layers: list[str], stats: list[str], block: np.ndarray, view: View) -> list[int]:
+        shown = [i for i, n in enumerate(layers) if matches(n, view.filter)]
+        if view.sort in stats:
+            v = block[shown, stats.index(view.sort)].astype(np.float64)
+            v = np.where(np.isnan(v), -np.inf if view.descending else np.inf, v)
+            idx = np.argsort(-v if view.descending else v, kind="stable")
+            shown = [shown[k] for k in idx]
+        elif view.sort == "layer" and view.descending:
+            shown = shown[::-1]
+        return shown
+
+    def _row_segments(self, r: int, base: Style) -> list[Segment]:
+        """One row as segments (no ``Text`` layout per cell: rows are drawn every frame)."""
+        i = self._index[r]
+        level_style = [base + st for st in self._level_styles]
+        segs = [Segment(f"{self._rows[r][-(self._name_w - 1):]:<{self._name_w}}", base)]
+        for j in self._cols:
+            cell = f"{fmt(float(self._block[i, j]))[: self.NUM_W - 1]:>{self.NUM_W}}"
+            lv = self._levels.get(j)
+            segs.append(Segment(cell, level_style[int(lv[i])] if lv is not None else base))
+        spark = sparkline(self._hist[i], self._spark_w) if len(self._hist) else ""
+        segs.append(Segment("  " + spark, base))
+        return segs
+
+    def _styles(self) -> tuple[Style, Style, Style]:
+        """Base, header and cursor styles, looked up once per draw (the lookup walks the
+        DOM; doing it per line cost more than drawing the rows)."""
+        if self._style_cache is None:
+            base = self.rich_style
+            self._style_cache = (
+                base, base + self.get_component_rich_style("layer-table--header"),
+                base + self.get_component_rich_style("layer-table--cursor"))
+            self._level_styles = [Style.parse(c) for c in level_styles(self)]
+        return self._style_cache
+
+    def render_line(self, y: int) -> Strip:
+        sx, sy = self.scroll_offset
+        width = self.size.width
+        base, header, cursor = self._styles()
+        if y == 0:
+            strip = Strip([Segment(self._header, header)])
+        else:
+            r = y - 1 + sy
+            if r >= len(self._rows):
+                return Strip.blank(width, base)
+            strip = Strip(self._row_segments(r, cursor if r == self.cursor_row else base))
+        return strip.crop_extend(sx, sx + width, base)
+
+    def _scroll_to_cursor(self) -> None:
+        visible = max(self.size.height - 1, 1)
+        sy = self.scroll_offset.y
+        if self.cursor_row < sy:
+            self.scroll_to(y=self.cursor_row, animate=False)
+        elif self.cursor_row >= sy + visible:
+            self.scroll_to(y=self.cursor_row - visible + 1, animate=False)
+
+    def action_move(self, delta: int) -> None:
+        self.cursor_row = min(max(self.cursor_row + delta, 0), max(len(self._rows) - 1, 0))
+        self._scroll_to_cursor()
+        self.refresh()
+
+    def move_cursor(self, row: int) -> None:
+        self.action_move(row - self.cursor_row)
+
+    def action_page(self, direction: int) -> None:
+        self.action_move(direction * max(self.size.height - 2, 1))
+
+    def action_choose(self) -> None:
+        if self._rows:
+            self.post_message(self.Chosen(self.selected_layer()))
+
+    def on_click(self, event: events.Click) -> None:
+        y = event.y
+        if y == 0:
+            x = event.x + self.scroll_offset.x - self._name_w
+            k = x // self.NUM_W
+            col = "layer" if x < 0 else (self._stats[self._cols[k]]
+                                         if k < len(self._cols) else "")
+            if col:
+                self.post_message(self.SortBy(col))
+            return
+        r = y - 1 + self.scroll_offset.y
+        if 0 <= r < len(self._rows):
+            if r == self.cursor_row:
+                self.action_choose()
+            self.cursor_row = r
+            self.refresh()
+
+    def column_names(self) -> list[str]:
+        """Headers as drawn, without the sort mark (for tests and the help)."""
+        return ["layer", *(self._stats[j] for j in self._cols), f"trend: {self.spark_stat}"]
+
+
+class ColumnPicker(ModalScreen[list[str]]):
+    """Tick the statistics the layers table shows; ``esc`` or ``enter`` on Done applies."""
+
+    BINDINGS = [Binding("escape", "done", "apply")]
+    DEFAULT_CSS = """
+    ColumnPicker { align: center middle; }
+    ColumnPicker > SelectionList { width: 48; height: auto; max-height: 80%;
+                                   border: round $accent; background: $panel; }
+    """
+
+    def __init__(self, stats: list[str], shown: list[str]) -> None:
+        super().__init__()
+        self._stats, self._shown = stats, set(shown)
+
+    def compose(self) -> ComposeResult:
+        picker = SelectionList[str](*(Selection(s, s, s in self._shown) for s in self._stats))
+        picker.border_title = "columns (space: toggle, esc: apply)"
+        yield picker
+
+    def action_done(self) -> None:
+        chosen = list(self.query_one(SelectionList).selected)
+        self.dismiss([s for s in self._stats if s in chosen])
