@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from neurotop.protocol import connfile, wire
 
-from neurotop.protocol import connfile, wire  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for_run(proc: subprocess.Popen, run_id: str) -> connfile.ConnectionInfo:
@@ -79,7 +78,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("NEUROTOP_RUNTIME_DIR", tempfile.mkdtemp(prefix="neurotop-bench-"))
     run_id = connfile.new_run_id()
-    env = dict(os.environ, NEUROTOP_RUN_ID=run_id, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, NEUROTOP_RUN_ID=run_id)
     proc = subprocess.Popen([sys.executable, str(ROOT / "demos" / "mlp.py"), "--report-every",
                              "1", *args.demo_args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -145,9 +144,7 @@ def run_child(model: str, mode: str, device: str, args: argparse.Namespace
     cmd = [sys.executable, __file__, "--child", "--model", model, "--mode", mode,
            "--device", device, "--warmup", str(args.warmup), "--chunks", str(args.chunks),
            "--threads", str(args.threads), "--mlp-batch", str(args.mlp_batch)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"benchmark child failed ({model} {mode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import statistics
 import subprocess
@@ -32,10 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from neurotop.protocol import wire  # noqa: E402
-from neurotop.protocol.sessionfile import SessionWriter  # noqa: E402
+from neurotop.protocol import wire
+from neurotop.protocol.sessionfile import SessionWriter
 
 HZ = 20.0
 
@@ -134,9 +131,8 @@ def main() -> None:
         print(f"built {args.steps} steps x {args.layers} layers x {args.stats} stats:"
               f" {path.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s",
               flush=True)
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         out = subprocess.run([sys.executable, __file__, "--measure", str(path),
-                              "--seeks", str(args.seeks)], env=env, capture_output=True,
+                              "--seeks", str(args.seeks)], capture_output=True,
                              text=True, check=False)
         if out.returncode:
             sys.exit(f"measuring failed:\n{out.stderr[-3000:]}")

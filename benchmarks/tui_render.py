@@ -31,10 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from neurotop.protocol import wire
 
-from neurotop.protocol import wire  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 STATS = ["mean", "std", "rms", "max_abs", "massive_ratio", "kurtosis", "zero_frac",
          "near_zero_frac", "dead_frac", "dead_frac_window", "nonfinite", "grad_rms"]
