@@ -27,10 +27,11 @@ from neurotop.protocol.histograms import hist_edges
 from neurotop.service.autopause import AutoPause
 from neurotop.service.controller import Controller
 from neurotop.service.detectors import AlertRules, Detectors, alert_rules
-from neurotop.service.finalize import DEVICE_SCALARS, HOST_SCALARS, PendingReport, Report, lr_names
+from neurotop.service.finalize import BUILTIN_SCALARS, HOST_SCALARS, PendingReport, Report, lr_names
 from neurotop.service.loop import AgentService
-from neurotop.service.recorder import start_recording
-from neurotop.training.checkpoint import Snapshotter
+from neurotop.service.recorder import open_recording
+from neurotop.service.wakeup import Wakeup
+from neurotop.training.checkpoint import Checkpointer
 from neurotop.training.collector import LayerCollector
 from neurotop.training.knobs import Knobs, UserKnob
 from neurotop.training.layers import select_layers
@@ -40,7 +41,12 @@ from neurotop.training.stats import first_tensor
 
 
 class Monitor:
-    """Live statistics and control for one model and optimizer. Use ``watch`` to make one."""
+    """Live statistics and control for one model and optimizer. Use ``watch`` to make one.
+
+    Builds its parts in dependency order, each from finished parts, and owns the threads:
+    it starts the recorder and the agent thread, and ``close`` joins them and the
+    checkpoint writers.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  name: str | None = None, config: Config | None = None,
@@ -52,8 +58,6 @@ class Monitor:
                  record: bool | str | os.PathLike | None = True, **options: Any) -> None:
         check_bind(bind_host, curve)  # before any hook is registered
         rules = alert_rules(alerts)
-        auto = AutoPause(lambda: self.knobs.auto_pause.value, auto_pause_alerts,
-                         lambda: self.controller.resumes)
         self.config = (config or Config()).replace(**options)
         curve_keys = CurveKeys.generate() if curve else None
         self.model, self.optimizer = model, optimizer
@@ -78,10 +82,30 @@ class Monitor:
         self._last_report = (time.monotonic(), 0)  # (t, step) of the previous report
         self._rate = (time.monotonic(), 0, 0.0)  # (t, step, steps/s) for the heartbeat
         self.knobs = Knobs(model, optimizer, scheduler=scheduler, auto_pause=auto_pause)
-        self.controller = Controller(
-            knobs=self.knobs, raise_on_stop=raise_on_stop,
-            snapshot=Snapshotter(model, optimizer, self.run_id, snapshot,
-                                 lambda: self.connection.run_dir or "runs"))
+        auto = AutoPause(self.knobs.auto_pause, auto_pause_alerts)
+        self.recorder = open_recording(record, self.run_id, self.name, self.start_time)
+        self.checkpointer = Checkpointer(
+            model, optimizer, self.run_id, snapshot,
+            default_dir=self.recorder.path.parent if self.recorder else "runs")
+        wakeup = Wakeup()  # the agent thread sleeps on it; what hands it work rings it
+        self.controller = Controller(knobs=self.knobs, snapshot=self.checkpointer,
+                                     raise_on_stop=raise_on_stop, notify=wakeup.ring)
+        self._start_window()
+        key = os.urandom(32)
+        self.service = AgentService(run_id=self.run_id, key=key, controller=self.controller,
+                                    wakeup=wakeup, schema=self._schema, status=self._status,
+                                    bind_host=bind_host, heartbeat_s=heartbeat_s,
+                                    curve=curve_keys,
+                                    auto_pause=auto, detectors=Detectors(rules),
+                                    recorder=self.recorder)
+        if self.recorder is not None:
+            self.recorder.start()
+        try:
+            self.service.start()
+        except BaseException:
+            if self.recorder is not None:
+                self.recorder.close()
+            raise
         # Under torch.compile the hooks are traced: the ``_active`` test is cheap to guard
         # on, and the measuring itself runs eagerly (a graph break on report steps only).
         self._measure = torch.compiler.disable(self.collector.on_output)
@@ -91,16 +115,6 @@ class Monitor:
         self._handles += [model.register_forward_pre_hook(self._batch_hook, with_kwargs=True),
                           optimizer.register_step_pre_hook(self._pre_step),
                           optimizer.register_step_post_hook(self._post_step)]
-        self._start_window()
-        key = os.urandom(32)
-        self.recorder = start_recording(record, self.run_id, self.name, self.start_time)
-        self.service = AgentService(run_id=self.run_id, key=key, controller=self.controller,
-                                    schema=self._schema, status=self._status,
-                                    bind_host=bind_host, heartbeat_s=heartbeat_s,
-                                    curve=curve_keys,
-                                    auto_pause=auto, detectors=Detectors(rules),
-                                    recorder=self.recorder)
-        self.service.start()
         self.connection = connfile.ConnectionInfo(
             run_id=self.run_id, name=self.name, pid=os.getpid(), start_time=self.start_time,
             telemetry=self.service.telemetry_endpoint, control=self.service.control_endpoint,
@@ -116,7 +130,7 @@ class Monitor:
         if loss is not None:
             scalars["loss"] = loss
         for k, v in scalars.items():
-            if k not in DEVICE_SCALARS and k not in self._user_scalars:
+            if k not in BUILTIN_SCALARS and k not in self._user_scalars:
                 self._user_scalars.append(k)
                 self._schema_id += 1
             self._observed[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
@@ -142,7 +156,9 @@ class Monitor:
         self.knobs.scheduler = scheduler
 
     def close(self) -> None:
-        """Remove hooks, flush the last reports, delete the connection file. Idempotent."""
+        """Remove hooks, finish a snapshot being written, flush the last reports, delete
+        the connection file. Idempotent. The order matters: the snapshot's ack goes out
+        through the agent thread, whose last messages go into the recording."""
         if self._closed:
             return
         self._closed = True
@@ -150,6 +166,7 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self.controller.close()
+        self.checkpointer.close()
         self.knobs.close()
         self.service.stop()
         if self.recorder is not None:
@@ -246,7 +263,7 @@ class Monitor:
         return {k: v for k, v in out.items() if v is not None}
 
     def _scalar_names(self) -> list[str]:
-        return [*DEVICE_SCALARS, *self._user_scalars,
+        return [*BUILTIN_SCALARS, *self._user_scalars,
                 *lr_names(len(self.optimizer.param_groups)), *HOST_SCALARS]
 
     # -- read by the agent thread -------------------------------------------------------

@@ -5,11 +5,12 @@ documented in ``docs/session-format.md``. In short: a 16-byte file header (magic
 version), then records, each a 32-byte header (record magic, CRC32, type, kind, body
 length, step, time) and a body. A ``MESSAGE`` record's body holds one published
 telemetry message as its wire frames, untouched, so replay decodes it with
-``neurotop.protocol.wire`` like a live message. ``INDEX`` records, written every ``index_every``
-records, list the records before them and point to the previous index, so a reader
-finds every record from the last index backwards without reading the file. A reader
-verifies every record's CRC, reports and ignores a truncated tail, and skips a damaged
-record by searching for the next record magic.
+``neurotop.protocol.wire`` like a live message (``decode_message``; ``message_frames``
+for many at once: the UI decodes records only through this module). ``INDEX`` records,
+written every ``index_every`` records, list the records before them and point to the
+previous index, so a reader finds every record from the last index backwards without
+reading the file. A reader verifies every record's CRC, reports and ignores a truncated
+tail, and skips a damaged record by searching for the next record magic.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
+
+from neurotop.protocol import wire
 
 FORMAT_VERSION = 1
 FILE_MAGIC = b"\x8eNTOP\r\n\x1a"
@@ -61,6 +64,19 @@ def file_header(version: int = FORMAT_VERSION) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head))
 
 
+def records_start(buf: bytes) -> int:
+    """Where the first record starts in ``buf``, the beginning of a session file, after
+    checking its magic and format version (not its CRC: use ``SessionReader`` for files
+    that may be damaged). ``SessionFormatError`` says why it cannot be read."""
+    if len(buf) < FILE_HEADER.size or not buf.startswith(FILE_MAGIC):
+        raise SessionFormatError("not a neurotop session file")
+    version = FILE_HEADER.unpack_from(buf)[1]
+    if version > FORMAT_VERSION:
+        raise SessionFormatError(f"session format version {version}, newer than this neurotop"
+                                 f" reads (version {FORMAT_VERSION}); upgrade neurotop")
+    return FILE_HEADER.size
+
+
 def encode_frames(frames: list[bytes]) -> list[bytes]:
     """A MESSAGE body: frame count, frame lengths, then the frames (as separate parts)."""
     return [struct.pack(f"<I{len(frames)}I", len(frames), *map(len, frames)), *frames]
@@ -83,6 +99,13 @@ def split_frames(body: memoryview | bytes) -> list[memoryview]:
         frames.append(body[start:start + n_bytes])
         start += n_bytes
     return frames
+
+
+def decode_message(body: memoryview | bytes) -> wire.Message:
+    """The telemetry message a MESSAGE body holds, decoded by the live decoder. Its frames
+    are copied, so the message outlives the buffer. Raises ``SessionFormatError`` or
+    ``wire.WireError`` (both ``ValueError``)."""
+    return wire.decode([bytes(f) for f in split_frames(body)])
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -482,6 +505,25 @@ class Chunk:
         e = _entries(recs)
         return cls(buf, base, e["offset"].astype(np.int64) - base, e["length"].astype(np.int64),
                    e["type"], e["kind"], e["step"], e["t"], np.arange(len(e)))
+
+
+def message_frames(c: Chunk, which: np.ndarray, count: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The frames of many MESSAGE records of chunk ``c`` at once (NumPy, no loop per record),
+    for the bulk readers: of the records ``which`` (indices into ``c``), those whose body
+    holds exactly ``count`` frames, and for them where each frame starts in ``c.buf`` and
+    its length, as ``(kept, starts, lengths)``; ``starts`` and ``lengths`` are
+    ``[len(kept), count]``."""
+    which = np.asarray(which, np.int64)
+    table_bytes = 4 * (1 + count)  # the frame count, then the frame lengths
+    which = which[(c.type[which] == MESSAGE) & (c.length[which] >= table_bytes)]
+    body = c.off[which] + HEADER_SIZE
+    table = u32_at(np.frombuffer(c.buf, np.uint8), body, 1 + count).astype(np.int64)
+    lengths = table[:, 1:]
+    whole = (table[:, 0] == count) & (c.length[which] == table_bytes + lengths.sum(axis=1))
+    which, body, lengths = which[whole], body[whole], lengths[whole]
+    before = np.cumsum(lengths, axis=1) - lengths  # the bytes of the frames before each
+    return which, body[:, None] + table_bytes + before, lengths
 
 
 def u32_at(u8: np.ndarray, at: np.ndarray, count: int = 1) -> np.ndarray:

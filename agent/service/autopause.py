@@ -11,7 +11,8 @@ auto-pause per incident: it re-arms when the operator resumes. Torch-free.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from neurotop.service.detectors import Alert, check_names
 
@@ -19,21 +20,28 @@ from neurotop.service.detectors import Alert, check_names
 ALWAYS = frozenset({"nonfinite"})
 
 
-class AutoPause:
-    """Turns alerts into at most one pause reason per incident."""
+class Switch(Protocol):
+    """The ``auto_pause`` knob as the policy reads it (``training.knobs.UserKnob``)."""
 
-    def __init__(self, enabled: Callable[[], bool], alerts: Iterable[str] = (),
-                 resumes: Callable[[], int] = lambda: 0) -> None:
+    @property
+    def value(self) -> Any: ...
+
+
+class AutoPause:
+    """Turns alerts into at most one pause reason per incident, while ``switch`` is on."""
+
+    def __init__(self, switch: Switch, alerts: Iterable[str] = ()) -> None:
         alerts = tuple(alerts)
         check_names("auto_pause_alerts", alerts)
-        self.enabled, self.alerts, self._resumes = enabled, ALWAYS | set(alerts), resumes
+        self.switch, self.alerts = switch, ALWAYS | set(alerts)
         self._fired_at: int | None = None  # the resume count when it last fired
 
-    def alert(self, alert: Alert) -> str | None:
-        """A detector raised ``alert``; the reason to pause if the policy names it."""
-        if alert.name not in self.alerts or not self.enabled():
+    def alert(self, alert: Alert, resumes: int) -> str | None:
+        """A detector raised ``alert``; the reason to pause if the policy names it.
+        ``resumes``: how often the run was resumed so far (``Controller.resumes``)."""
+        if alert.name not in self.alerts or not self.switch.value:
             return None
-        if self._fired_at == self._resumes():
+        if self._fired_at == resumes:
             return None  # already paused for this incident; wait for a resume
-        self._fired_at = self._resumes()
+        self._fired_at = resumes
         return f"auto-pause: {alert.message} at step {alert.step}"

@@ -13,6 +13,7 @@ same step.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from neurotop.protocol.commands import check_args
+
+log = logging.getLogger("neurotop.agent")
 
 
 class StopTraining(Exception):
@@ -38,8 +41,9 @@ class KnobTable(Protocol):
 
 
 #: ``snapshot(step, done)``: called at the boundary; ``done`` gets ``{"new": where}`` or
-#: ``{"error": why}``, possibly later and from another thread.
-Snapshotter = Callable[[int, Callable[[dict[str, Any]], None]], None]
+#: ``{"error": why}``, possibly later and from another thread
+#: (``training.checkpoint.Checkpointer`` implements it).
+TakeSnapshot = Callable[[int, Callable[[dict[str, Any]], None]], None]
 
 
 # --- the queue and the state it changes ---------------------------------------------------
@@ -59,13 +63,14 @@ class Pending:
 class Controller:
     """State the operator can change, and the queue that carries the changes."""
 
-    def __init__(self, knobs: KnobTable | None = None, snapshot: Snapshotter | None = None,
-                 raise_on_stop: bool = False) -> None:
+    def __init__(self, knobs: KnobTable | None = None, snapshot: TakeSnapshot | None = None,
+                 raise_on_stop: bool = False, notify: Callable[[], None] = lambda: None
+                 ) -> None:
         self.queue: queue.Queue[Pending] = queue.Queue()
         #: Events that are not acks (e.g. "paused after step N"); the agent publishes them.
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        #: Called after an event is queued: wakes the agent thread (set by the agent).
-        self.notify: Callable[[], None] = lambda: None
+        #: Called after an event is queued: wakes the agent thread (``Wakeup.ring``).
+        self.notify = notify
         self.knobs, self.snapshot, self.raise_on_stop = knobs, snapshot, raise_on_stop
         self.paused = False
         self.paused_at: int | None = None
@@ -87,9 +92,10 @@ class Controller:
             return "this run has no knobs"
         try:
             self.knobs.validate(args["knob"], args["value"], args.get("op", "set"))
-        except ValueError as e:
+        except ValueError as e:  # the knob's own reason: a value it refuses
             return str(e)
-        except Exception as e:  # untrusted input must never take the agent thread down
+        except Exception as e:  # a bug, but untrusted input must never take the agent down
+            log.exception("validating set %r failed", args["knob"])
             return f"cannot set {args['knob']}: {e!r}"
         return None
 
@@ -144,7 +150,8 @@ class Controller:
                 return
             try:
                 ack = self._apply(p, step)
-            except Exception as e:  # a command must never crash the training loop
+            except Exception as e:  # a bug (refusals are acks): log it, but never stop training
+                log.exception("applying %s at step %d failed", p.cmd, step)
                 ack = self._ack(p, ok=False, step=None, error=f"{p.cmd} failed: {e!r}")
             if ack is not None:
                 p.reply(ack)
@@ -185,7 +192,9 @@ class Controller:
                 p.reply(self._ack(p, ok=ok, step=step if ok else None, **result))
             try:
                 self.snapshot(step, done)
-            except Exception as e:  # a failing snapshot must not take the run down
+            except Exception as e:  # copying the state failed (out of memory, a state_dict
+                # hook): the run goes on without this snapshot, the operator learns why
+                log.exception("snapshot at step %d failed", step)
                 return self._ack(p, ok=False, step=None, error=f"snapshot failed: {e!r}")
             return None
         return self._ack(p, ok=False, step=None, error=f"{p.cmd!r} is not available in this run")

@@ -24,8 +24,11 @@ SUMMARY_COLS = ("mean", "var", "m4", "zero_frac", "near_zero_frac", "median_abs"
 
 Layout = list[tuple[str, tuple[int, ...]]]
 
-#: Scalars computed on the device; user scalars from ``observe`` follow, then host ones.
-DEVICE_SCALARS = ("loss", "grad_norm", "first_nonfinite")
+#: The built-in scalars, first in every report's scalars vector: ``loss`` (as observed,
+#: usually a device tensor) and ``grad_norm`` are reduced on the device; ``first_nonfinite``
+#: is computed on the host, from the layer rows (``messages``). The user's scalars from
+#: ``observe`` follow, then the learning rates, then ``HOST_SCALARS`` (measured on the host).
+BUILTIN_SCALARS = ("loss", "grad_norm", "first_nonfinite")
 HOST_SCALARS = ("steps_per_s", "samples_per_s", "mem_device", "mem_device_peak", "mem_host")
 
 

@@ -27,7 +27,9 @@ _IDLE = object()
 
 
 class Recorder(threading.Thread):
-    """Owns one ``SessionWriter``; fed by the agent thread through a bounded queue."""
+    """Owns one ``SessionWriter``; fed by the agent thread through a bounded queue.
+    Its owner (the ``Monitor``) starts it, and closes (joins) it once the agent thread,
+    which feeds it, has stopped."""
 
     def __init__(self, path: Path, meta: dict[str, Any], *, flush_s: float = 0.25,
                  fsync_s: float = 5.0, max_queued: int = 4096,
@@ -130,9 +132,10 @@ class Recorder(threading.Thread):
             log.warning("neurotop: could not finish the session file %s: %s", self.path, e)
 
 
-def start_recording(record: bool | str | os.PathLike | None, run_id: str, name: str,
-                    start_time: float) -> Recorder | None:
-    """Start recording to ``<root>/<run_id>/session.ntop``.
+def open_recording(record: bool | str | os.PathLike | None, run_id: str, name: str,
+                   start_time: float) -> Recorder | None:
+    """A recorder for ``<root>/<run_id>/session.ntop``, its file created, its thread not yet
+    started: its owner (the ``Monitor``) starts it and ``close``s (joins) it.
 
     ``record``: ``True`` (the default root, see ``neurotop.protocol.runs``), a directory to use as
     the root, or ``False``/``None`` (do not record). A directory the caller named must be
@@ -158,5 +161,4 @@ def start_recording(record: bool | str | os.PathLike | None, run_id: str, name: 
         runs.register(run_id, rec.path, name=name, start_time=start_time)
     except OSError as e:
         log.warning("neurotop: recording, but `neurotop ls` will not list it: %s", e)
-    rec.start()
     return rec

@@ -3,15 +3,16 @@
 At the boundary the training thread copies both ``state_dict()``s to host memory
 (device work, and the only way to get a consistent state without holding the
 loop); a short-lived writer thread then ``torch.save``s that copy, so the disk
-write never runs in the training thread. The file holds plain state dicts, the
-user's own data, loadable with ``torch.load(path, weights_only=True)``. A user
-callback (``watch(snapshot=fn)``) replaces all this: it is called in the
-training thread at the boundary as ``fn(step)`` and its return value (e.g. a
-path) goes into the ack.
+write never runs in the training thread, and the end of the run (``Monitor.close``)
+waits for it. The file holds plain state dicts, the user's own data, loadable with
+``torch.load(path, weights_only=True)``. A user callback (``watch(snapshot=fn)``)
+replaces all this: it is called in the training thread at the boundary as ``fn(step)``
+and its return value (e.g. a path) goes into the ack.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -21,23 +22,30 @@ from typing import Any
 import torch
 from torch import nn
 
+log = logging.getLogger("neurotop.agent")
 
-class Snapshotter:
-    """Implements ``neurotop.service.controller.Snapshotter`` for one model and optimizer."""
+
+class Checkpointer:
+    """Implements ``neurotop.service.controller.TakeSnapshot`` for one model and optimizer.
+
+    Owns its writer threads: ``close`` waits for them, so a snapshot still being written
+    when the run ends is finished, not lost.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, run_id: str,
                  target: str | os.PathLike | Callable[[int], Any] | None,
-                 default_dir: Callable[[], str | os.PathLike]) -> None:
+                 default_dir: str | os.PathLike) -> None:
         self.model, self.optimizer, self.run_id = model, optimizer, run_id
         self.callback = target if callable(target) else None
-        self.directory = (lambda: target) if isinstance(target, (str, os.PathLike)) \
-            else default_dir
+        self.directory = Path(target if isinstance(target, (str, os.PathLike)) else default_dir)
+        self._writers: list[threading.Thread] = []
 
     def __call__(self, step: int, done: Callable[[dict[str, Any]], None]) -> None:
         if self.callback is not None:
             try:
                 result = self.callback(step)
-            except Exception as e:  # the user's code: report it, keep training
+            except Exception as e:  # the user's code may raise anything: log, report, train on
+                log.exception("the snapshot callback failed at step %d", step)
                 done({"error": f"snapshot callback failed: {e!r}"})
                 return
             done({"new": None if result is None else str(result)})
@@ -45,18 +53,30 @@ class Snapshotter:
         state = {"step": step, "run_id": self.run_id,
                  "model": _host_copy(self.model.state_dict()),
                  "optimizer": _host_copy(self.optimizer.state_dict())}
-        path = Path(self.directory()) / f"{self.run_id}-step{step:08d}.pt"
-        threading.Thread(target=_write, args=(state, path, done), name="neurotop-snapshot",
-                         daemon=True).start()
+        path = self.directory / f"{self.run_id}-step{step:08d}.pt"
+        writer = threading.Thread(target=_write, args=(state, path, done),
+                                  name="neurotop-snapshot", daemon=True)
+        self._writers = [w for w in self._writers if w.is_alive()]
+        self._writers.append(writer)
+        writer.start()
+
+    def close(self) -> None:
+        """Wait until every snapshot being written is on disk (and acknowledged)."""
+        for w in self._writers:
+            w.join()
+        self._writers = []
 
 
 def _write(state: dict[str, Any], path: Path, done: Callable[[dict[str, Any]], None]) -> None:
+    """The writer thread: save, then acknowledge (always: control is never lost silently)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except Exception as e:
+    except Exception as e:  # broad: torch.save raises many types, and the ack must go out
+        if not isinstance(e, OSError):  # the disk's errors say it all; the rest may be bugs
+            log.exception("could not write the snapshot %s", path)
         tmp.unlink(missing_ok=True)
         done({"error": f"could not write {path}: {e}"})
         return
