@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from neurotop.protocol import wire
-from neurotop.protocol.sessionfile import FILE_HEADER, FILE_MAGIC, FORMAT_VERSION, Chunk, scan
+from neurotop.protocol.sessionfile import Chunk, SessionFormatError, records_start, scan
 from neurotop.tui.data.sessionload import StoreLoader
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class Backfill:
             self._lost += 1
         if not self._started:
             self._started = True
-            self.store.set_status(history="history: asking the run…")
+            self.store.set_status(backfill="history: asking the run…")
             self._request()
         return True
 
@@ -63,13 +63,13 @@ class Backfill:
                             ).add_done_callback(self._on_piece)
 
     def _on_piece(self, fut: Future) -> None:
-        try:
-            reply = fut.result()
-            data, size = reply["history"], reply["size"]
-            if not isinstance(data, bytes) or not isinstance(size, int):
-                raise ValueError("a history reply without bytes and size")
-        except Exception as e:  # refused, timed out or malformed: go on live without it
-            self._finish(f"no history: {e}")
+        if fut.exception() is not None:  # the client's CommandError: refused or timed out
+            self._finish(f"no history: {fut.exception()}")
+            return
+        reply = fut.result()
+        data, size = reply.get("history"), reply.get("size")
+        if not isinstance(data, bytes) or not isinstance(size, int):
+            self._finish("no history: a history reply without bytes and size")
             return
         if self._target is None:
             self._target = size
@@ -78,11 +78,11 @@ class Backfill:
         self._offset += len(data)
         if base == 0:
             try:
-                buf = self._check_file_header(buf)
-            except ValueError as e:
+                base = records_start(buf)
+            except SessionFormatError as e:
                 self._finish(f"no history: {e}")
                 return
-            base = FILE_HEADER.size
+            buf = buf[base:]
         done = not data or self._offset >= self._target
         recs, used = scan(buf, base, final=False, problems=self.problems)
         self._pending = buf[used:]
@@ -100,7 +100,7 @@ class Backfill:
             self.loader.flush()
             self._finish("")
         else:
-            self.store.set_status(history=f"history {100 * self._offset // self._target}%")
+            self.store.set_status(backfill=f"history {100 * self._offset // self._target}%")
             self._request()
 
     def _gap(self) -> bool:
@@ -112,15 +112,6 @@ class Backfill:
                 return False
             return isinstance(seq, int) and seq > self.loader.max_seq + 1
         return False
-
-    def _check_file_header(self, buf: bytes) -> bytes:
-        if len(buf) < FILE_HEADER.size or not buf.startswith(FILE_MAGIC):
-            raise ValueError("the run sent something that is not a session file")
-        version = FILE_HEADER.unpack_from(buf)[1]
-        if version > FORMAT_VERSION:
-            raise ValueError(f"the run records session format {version}, newer than this"
-                             f" neurotop reads ({FORMAT_VERSION}); upgrade neurotop")
-        return buf[FILE_HEADER.size:]
 
     def _finish(self, note: str) -> None:
         self.active = False
@@ -139,4 +130,4 @@ class Backfill:
             self.store.set_status(missed=self.store.status.missed + self._lost)
         if self.problems:
             note = f"history: {len(self.problems)} damaged pieces skipped"
-        self.store.set_status(history=note)
+        self.store.set_status(backfill=note)

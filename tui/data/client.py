@@ -48,7 +48,7 @@ class Endpoints:
 def sender_id() -> str:
     try:
         return f"{getpass.getuser()}@{socket.gethostname()}"
-    except Exception:
+    except (KeyError, OSError):  # no user name: no $USER and no passwd entry (a container)
         return socket.gethostname()
 
 
@@ -105,8 +105,13 @@ class LiveClient:
         return fut
 
     def _on_schema_reply(self, fut: Future) -> None:
-        if fut.exception() is None:
-            self.store.ingest_schema(fut.result()["schema"])
+        if fut.exception() is not None:
+            return  # refused or timed out: the schema is re-sent every few seconds anyway
+        schema = fut.result().get("schema")
+        if isinstance(schema, dict):
+            self.store.ingest_schema(schema)
+        else:
+            self.store.note_error("a schema reply without a schema")
 
     # -- the socket thread ------------------------------------------------------------------
 

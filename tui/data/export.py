@@ -46,12 +46,12 @@ def export_csv(source: ReplaySource, out: Path) -> list[Path]:
         f.writelines(",".join(row) + "\n" for row in zip(*cols, strict=True))
 
     layers = [_quote(n) for n in schema["layers"]]
-    history = np.stack([store.layer_history(st, len(steps)) for st in schema["stats"]], -1) \
+    series = np.stack([store.recent_series(st, len(steps)) for st in schema["stats"]], -1) \
         if schema["stats"] and len(steps) else np.empty((len(layers), 0, 0), np.float32)
     with open(paths[1], "w", newline="") as f:
         f.write(",".join(["step", "layer", *map(_quote, schema["stats"])]) + "\n")
         for a in range(0, len(steps), STEPS_PER_PIECE):
-            piece = history[:, a:a + STEPS_PER_PIECE].astype(str)  # [layers x steps x stats]
+            piece = series[:, a:a + STEPS_PER_PIECE].astype(str)  # [layers x steps x stats]
             for i, step in enumerate(steps[a:a + STEPS_PER_PIECE].tolist()):
                 f.writelines(f"{step},{name},{','.join(piece[j, i])}\n"
                              for j, name in enumerate(layers))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from neurotop.protocol import wire
-from neurotop.protocol.sessionfile import KIND_CODES, MESSAGE, SessionReader, split_frames
+from neurotop.protocol.sessionfile import KIND_CODES, MESSAGE, SessionReader, decode_message
 from neurotop.tui.data.client import CommandError
 from neurotop.tui.data.sessionload import StoreLoader
 from neurotop.tui.data.store import RunStore
@@ -45,7 +45,7 @@ def is_alert(event: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class Timeline:
-    """What the timeline bar shows: a snapshot, compared to decide whether to redraw."""
+    """What the timeline bar shows, at one moment; compared to decide whether to redraw."""
 
     playing: bool
     speed: float
@@ -101,7 +101,7 @@ class ReplaySource:
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="neurotop-replay", daemon=True)
         self._state_lock = threading.Lock()
-        self._timeline = self._snapshot()
+        self._timeline = self._timeline_state()
 
     # -- the LiveClient face --------------------------------------------------------------
 
@@ -259,7 +259,7 @@ class ReplaySource:
             self._hb_applied, self._hb_msg = hb, None
             for rec in self.reader.records(np.array([hb]) if hb >= 0 else np.empty(0, int)):
                 try:
-                    self._hb_msg = wire.decode(list(map(bytes, split_frames(rec.body))))
+                    self._hb_msg = decode_message(rec.body)
                 except (wire.WireError, ValueError) as e:
                     self.store.note_error(f"undecodable recorded heartbeat: {e}")
         if self._hb_msg is not None:  # every time: acks after it may have been undone
@@ -302,7 +302,7 @@ class ReplaySource:
         self._anchor = (time.monotonic(), clock)
 
     def _scrub(self, df: float) -> None:
-        tl = self._snapshot()
+        tl = self._timeline_state()
         span = max(1, tl.last_step - tl.first_step)
         self._goto(self._pos_of_step(tl.step + round(df * span)))
         self._reanchor()
@@ -329,7 +329,7 @@ class ReplaySource:
             return self._last if step >= self._stats_steps[-1] else int(self._stats_pos[i])
         return int(self._stats_pos[i + 1]) - 1  # also whatever came before the next step
 
-    # -- the timeline snapshot ---------------------------------------------------------
+    # -- the timeline's state -------------------------------------------------------------
 
     def _step_at(self, p: int) -> int:
         i = int(np.searchsorted(self._stats_pos, p, side="right")) - 1
@@ -338,7 +338,7 @@ class ReplaySource:
     def _first_step(self) -> int:
         return int(self._stats_steps[0]) if len(self._stats_steps) else 0
 
-    def _snapshot(self) -> Timeline:
+    def _timeline_state(self) -> Timeline:
         first = self._first_step()
         last = int(self._stats_steps[-1]) if len(self._stats_steps) else 0
         span = max(1, last - first)
@@ -351,6 +351,6 @@ class ReplaySource:
             markers=self._markers, dropped=self.reader.dropped, problems=len(self.reader.problems))
 
     def _publish(self) -> None:
-        tl = self._snapshot()
+        tl = self._timeline_state()
         with self._state_lock:
             self._timeline = tl

@@ -17,13 +17,13 @@ import numpy as np
 
 from neurotop.protocol import wire
 from neurotop.protocol.sessionfile import (
-    HEADER_SIZE,
     KIND_CODES,
     MESSAGE,
     Chunk,
     SessionFormatError,
+    decode_message,
+    message_frames,
     split_frames,
-    u32_at,
 )
 from neurotop.tui.data.store import RunStore
 
@@ -62,13 +62,9 @@ class StoreLoader:
     def add_chunk(self, c: Chunk) -> None:
         """Apply a chunk of intact records, stats in bulk."""
         n = len(c.off)
-        u8 = np.frombuffer(c.buf, np.uint8)
-        body = c.off + HEADER_SIZE
         msg = c.type == MESSAGE
-        stats = np.flatnonzero(msg & (c.kind == STATS) & (c.length >= 16))
-        table = u32_at(u8, body[stats], 4).astype(np.int64)  # frame count, three lengths
-        framed = (table[:, 0] == 3) & (c.length[stats] == 16 + table[:, 1:].sum(axis=1))
-        stats, table = stats[framed], table[framed]
+        # Stats messages of a header, a block and a scalars frame: where each frame lies.
+        stats, starts, lengths = message_frames(c, np.flatnonzero(msg & (c.kind == STATS)), 3)
         bulk = np.zeros(n, bool)
         bulk[stats] = True
         others = np.flatnonzero(msg & ~bulk & (c.kind != HEARTBEAT))
@@ -77,7 +73,7 @@ class StoreLoader:
             run = np.flatnonzero(bulk[start:b]) + start
             if len(run):
                 i = np.searchsorted(stats, run)
-                self._add_run(c, run, body[run] + 16 + table[i, 1], table[i, 1:])
+                self._add_run(c, run, starts[i], lengths[i])
             if b < n:
                 self.add(int(c.pos[b]), int(c.kind[b]), c.body(b))
             start = b + 1
@@ -93,7 +89,7 @@ class StoreLoader:
                 self.max_seq = max(self.max_seq, seq)
             return
         try:  # copies: the file's buffer is reused, a message may keep its arrays
-            msg = wire.decode([bytes(f) for f in split_frames(body)])
+            msg = decode_message(body)
         except (SessionFormatError, wire.WireError) as e:
             self.store.note_error(f"undecodable recorded message: {e}")
             return
@@ -135,10 +131,10 @@ class StoreLoader:
 
     # -- stats runs ---------------------------------------------------------------------
 
-    def _add_run(self, c: Chunk, run: np.ndarray, block_at: np.ndarray,
+    def _add_run(self, c: Chunk, run: np.ndarray, starts: np.ndarray,
                  lengths: np.ndarray) -> None:
-        """Gather stats records ``run`` of chunk ``c``; ``block_at``: where each block frame
-        starts in ``c.buf``; ``lengths``: each record's three frame lengths."""
+        """Gather stats records ``run`` of chunk ``c``; ``starts`` and ``lengths``: where each
+        record's three frames (header, block, scalars) start in ``c.buf``, and their lengths."""
         mv = memoryview(c.buf)
         k = 0
         while k < len(run):
@@ -150,11 +146,11 @@ class StoreLoader:
             nb, ns = self._layout[2]
             same = (lengths[k:, 1] == nb) & (lengths[k:, 2] == ns)
             end = k + (len(same) if same.all() else int(np.argmin(same)))
-            at = block_at[k:end].tolist()
-            self._pairs += [mv[a:a + nb + ns] for a in at]
+            self._pairs += [mv[a:a + nb + ns] for a in starts[k:end, 1].tolist()]
             self._steps.append(c.step[run[k:end]].astype(np.int64))
             self._pos.append(c.pos[run[k:end]])
-            header = c.body(int(run[end - 1]))[16:16 + int(lengths[end - 1, 0])]
+            h = int(starts[end - 1, 0])
+            header = mv[h:h + int(lengths[end - 1, 0])]
             try:
                 seq = wire.decode_header(header).get("seq")
             except wire.WireError:

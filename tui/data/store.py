@@ -1,26 +1,63 @@
 """The UI's data: plain NumPy series filled by the receiver, read by the widgets' timer.
 
-One writer (the client's receiver thread), many readers (the redraw timer). Readers
-take ``snapshot()``-style copies under the lock, so widgets never see a half-applied
-message and never parse anything.
+One writer (the client's receiver thread), many readers (the redraw timer). The timer
+takes one ``Frame`` per redraw, copied under one hold of the lock, so widgets never see a
+half-applied message (nor one field from before a message and the next from after it)
+and never parse anything.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import numpy as np
 
 from neurotop.protocol import wire
 from neurotop.tui.data.compaction import Summary
+from neurotop.tui.data.frame import Frame, Schema, Wants
 
 #: Full-resolution rows a live store keeps; older rows are compacted (``compaction``).
 LIVE_WINDOW = 2048
 #: Histogram reports kept for the heatmap over time.
 HIST_KEEP = 256
+
+_log = logging.getLogger(__name__)
+#: What a frame holds when no screen wants series: the header, knobs, latest reports.
+HEADER_ONLY = Wants()
+T = TypeVar("T")
+_REQUIRED = object()
+
+
+def _field(h: dict[str, Any], key: str, kind: Callable[[Any], T],
+           default: Any = _REQUIRED) -> T:
+    """Header field ``key`` as ``kind``. A missing or mistyped field is the sender's error,
+    raised as ``ValueError`` so that ``ingest`` counts it and lets the store's own bugs
+    (a ``KeyError`` of its own, say) surface."""
+    if default is _REQUIRED and key not in h:
+        raise ValueError(f"no {key!r} field")
+    try:
+        return kind(h.get(key, default))
+    except TypeError as e:
+        raise ValueError(f"field {key!r}: {e}") from e
+
+
+def _names(h: dict[str, Any], key: str, default: Any = _REQUIRED) -> list[str]:
+    names = _field(h, key, list, default)
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"field {key!r}: names that are not all strings")
+    return names
+
+
+def _edges(v: Any) -> np.ndarray:
+    edges = np.asarray(v, np.float64)
+    if edges.ndim != 1:
+        raise ValueError(f"histogram edges of shape {edges.shape}, not a vector")
+    return edges
 
 
 class Growable:
@@ -91,7 +128,7 @@ class RunState:
     link: str = ""  # trouble with the way to the run (an ssh tunnel): "" while all is well
     rec_dropped: int = 0  # messages the run's recorder dropped (from heartbeats)
     replay: bool = False  # showing a recorded session, not a live run
-    history: str = ""  # progress of a late attach's backfill, shown while it lasts
+    backfill: str = ""  # a late attach's backfill: its progress, then what went wrong
     events: list[dict[str, Any]] = field(default_factory=list)
     #: Alerts raised by the run's detectors so far, by level ("warn", "critical").
     alerts: dict[str, int] = field(default_factory=dict)
@@ -105,11 +142,12 @@ class RunStore:
     def __init__(self, window: int | None = LIVE_WINDOW) -> None:
         """``window``: full-resolution rows to keep before compacting the oldest (live, so
         memory stays bounded); ``None`` keeps every row (replay, which seeks to any row)."""
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: ``frame`` holds it across the readers
         self.window = window
         self.summary = Summary(window or 2)
         self._hists: list[tuple[int, np.ndarray, np.ndarray]] = []  # the heatmap's
         self.schema: dict[str, Any] | None = None
+        self._schema_view: Schema | None = None  # ``frame``'s, built again after a change
         self.status = RunState()
         self.version = 0  # bumped on every change; the redraw timer compares it
         self._steps = Growable((), np.int64, 0)
@@ -130,7 +168,8 @@ class RunStore:
             self._count_gaps(msg.header, count_gaps)
             try:
                 getattr(self, f"_on_{msg.kind}", self._on_unknown)(msg)
-            except (KeyError, TypeError, ValueError, IndexError) as e:
+            except ValueError as e:  # the sender's content: a field or a shape that is wrong
+                _log.exception("bad %s message", msg.kind)
                 self.status.bad_messages += 1
                 self.status.last_error = f"bad {msg.kind} message: {e}"
             self.version += 1
@@ -149,7 +188,8 @@ class RunStore:
 
     def _on_schema(self, msg: wire.Message) -> None:
         h = msg.header
-        layers, stats, scalars = list(h["layers"]), list(h["stats"]), list(h["scalars"])
+        layers, stats, scalars = _names(h, "layers"), _names(h, "stats"), _names(h, "scalars")
+        self._schema_view = None
         old = self.schema
         if old is None or old["layers"] != layers or old["stats"] != stats:
             self._steps = Growable((), np.int64, 0)
@@ -174,7 +214,9 @@ class RunStore:
         block, scalars = msg.arrays
         if block.shape != self._stats.view().shape[1:]:
             raise ValueError(f"block {block.shape} does not match the schema")
-        step = int(msg.header["step"])
+        if scalars.ndim != 1:
+            raise ValueError(f"scalars of shape {scalars.shape}, not a vector")
+        step = _field(msg.header, "step", int)
         self._steps.append(step)
         self._stats.append(block)
         names = self.schema["scalars"]
@@ -186,17 +228,17 @@ class RunStore:
     def _on_heartbeat(self, msg: wire.Message) -> None:
         h, s = msg.header, self.status
         s.run_id = str(h.get("run", s.run_id))
-        s.rank = int(h.get("rank", s.rank))
-        s.step = int(h["step"])
-        s.state = str(h["state"])
+        s.rank = _field(h, "rank", int, s.rank)
+        s.step = _field(h, "step", int)
+        s.state = _field(h, "state", str)
         s.paused_at = h.get("paused_at")
-        s.steps_per_s = float(h.get("steps_per_s", 0.0))
-        s.remote_dropped = int(h.get("dropped", 0))
-        s.rejected = int(h.get("rejected", 0))
+        s.steps_per_s = _field(h, "steps_per_s", float, 0.0)
+        s.remote_dropped = _field(h, "dropped", int, 0)
+        s.rejected = _field(h, "rejected", int, 0)
         s.pause_reason = str(h.get("pause_reason") or "")
         if isinstance(h.get("knobs"), dict):
             self.knob_values = h["knobs"]
-        s.rec_dropped = int(h.get("rec_dropped", 0))
+        s.rec_dropped = _field(h, "rec_dropped", int, 0)
 
     def _on_event(self, msg: wire.Message) -> None:
         h, s = msg.header, self.status
@@ -212,7 +254,8 @@ class RunStore:
             level = str(h.get("level") or "warn")
             s.alerts[level] = s.alerts.get(level, 0) + 1
         if ev == "ack" and h.get("ok") and h.get("cmd") == "knobs":
-            self.knobs = [k for k in h["knobs"] if isinstance(k, dict) and "name" in k]
+            self.knobs = [k for k in _field(h, "knobs", list)
+                          if isinstance(k, dict) and "name" in k]
         self.status.events.append(dict(h))
         del self.status.events[:-500]
 
@@ -222,23 +265,24 @@ class RunStore:
         self._param_steps = Growable((), np.int64, 0)
         self._params: Growable | None = None
         self._hist: dict[str, Any] | None = None  # the latest histograms
+        self._schema_view = None
         self.schema_extra: dict[str, Any] = {
             "params": [], "param_stats": [], "hist_layers": [], "hist_edges": np.empty(0),
             "layer_types": [], "blocks": [], "config": {}}
 
     def _schema_extras(self, h: dict[str, Any]) -> None:
         """Parameter names, histogram bins and layer details; older agents send none."""
-        params, pstats = list(h.get("params", [])), list(h.get("param_stats", []))
+        params, pstats = _names(h, "params", []), _names(h, "param_stats", [])
         old = self.schema_extra
         if self._params is None or old["params"] != params or old["param_stats"] != pstats:
             self._param_steps = Growable((), np.int64, 0)
             self._params = Growable((len(params), len(pstats)))
         self.schema_extra = {
             "params": params, "param_stats": pstats,
-            "hist_layers": list(h.get("hist_layers", [])),
-            "hist_edges": np.asarray(h.get("hist_edges", []), np.float64),
-            "layer_types": list(h.get("layer_types", [])), "blocks": list(h.get("blocks", [])),
-            "config": dict(h.get("config", {}))}
+            "hist_layers": _names(h, "hist_layers", []),
+            "hist_edges": _field(h, "hist_edges", _edges, []),
+            "layer_types": _field(h, "layer_types", list, []),
+            "blocks": _field(h, "blocks", list, []), "config": _field(h, "config", dict, {})}
 
     def _on_params(self, msg: wire.Message) -> None:
         if self._params is None:
@@ -246,7 +290,7 @@ class RunStore:
         (block,) = msg.arrays
         if block.shape != self._params.view().shape[1:]:
             raise ValueError(f"params block {block.shape} does not match the schema")
-        self._param_steps.append(int(msg.header["step"]))
+        self._param_steps.append(_field(msg.header, "step", int))
         self._params.append(block)
 
     def _on_hist(self, msg: wire.Message) -> None:
@@ -256,7 +300,8 @@ class RunStore:
         n, bins = len(self.schema_extra["hist_layers"]), len(self.schema_extra["hist_edges"]) + 1
         if act.shape != (n, bins) or grad.shape != (n, bins):
             raise ValueError(f"histograms {act.shape} do not match the schema ({n}, {bins})")
-        self._hist = {"step": int(msg.header["step"]), "act": act.copy(), "grad": grad.copy()}
+        self._hist = {"step": _field(msg.header, "step", int), "act": act.copy(),
+                      "grad": grad.copy()}
         self._hists.append((self._hist["step"], self._hist["act"], self._hist["grad"]))
         del self._hists[:-HIST_KEEP]  # the heatmap over time; bounded
 
@@ -311,7 +356,7 @@ class RunStore:
     def reset(self) -> None:
         """Forget all series and events (replay rebuilding from an earlier point)."""
         with self.lock:
-            self.schema = None
+            self.schema = None  # (_reset_extras forgets the frames' schema)
             self._steps, self._stats, self._scalars = Growable((), np.int64, 0), None, {}
             self._hists, self.summary = [], Summary(self.window or 2)
             self._reset_extras()
@@ -335,20 +380,58 @@ class RunStore:
 
     # -- readers --------------------------------------------------------------------------
 
+    def frame(self, wants: Wants = HEADER_ONLY) -> Frame:
+        """What one redraw shows, copied under one hold of the lock: the header, the knobs
+        and the latest reports, and the series ``wants`` names."""
+        empty = (np.empty(0, np.int64), np.empty((0, 0), np.float32))
+        with self.lock:
+            sc = self._schema_now()
+            s = self.status
+            names = [sc.scalar_named(*group) for group in wants.scalars] if sc else []
+            layer = sc.layer_or_first(wants.layer) if sc and wants.layer is not None else ""
+            trend = np.empty((0, 0), np.float32)
+            if sc and wants.trend is not None:
+                trend = self.recent_series(sc.stat_or_default(wants.trend[0]), wants.trend[1])
+            return Frame(
+                version=self.version, connection=self.connection(), schema=sc,
+                status=replace(s, events=s.events[-wants.events:] if wants.events else [],
+                               alerts=dict(s.alerts)),
+                knobs=tuple(self.knobs), knob_values=dict(self.knob_values),
+                latest=self.latest_block(), latest_params=self.latest_params(),
+                scalars={n: self.scalar(n, wants.envelope) for n in names if n},
+                heat=self.stat_series(sc.stat_or_default(wants.heat))
+                if sc and wants.heat is not None else empty,
+                trend=trend,
+                layer=self.layer_stats(sc.layers.index(layer)) if layer else empty,
+                histogram=self.latest_histogram(layer) if layer else None,
+                hist_series=self.histograms(layer, 0) if layer else empty,
+                param_series=self.param_series(wants.param_stat, self._param_steps.n)
+                if wants.param_stat is not None else empty)
+
+    def _schema_now(self) -> Schema | None:
+        """The schema and its extras as one frozen ``Schema``, built once per change."""
+        if self._schema_view is None and self.schema is not None:
+            sc, ex = self.schema, self.schema_extra
+            edges = ex["hist_edges"].copy()
+            edges.flags.writeable = False
+            self._schema_view = Schema(
+                layers=tuple(sc["layers"]), stats=tuple(sc["stats"]),
+                scalars=tuple(sc["scalars"]), params=tuple(ex["params"]),
+                param_stats=tuple(ex["param_stats"]), hist_layers=tuple(ex["hist_layers"]),
+                hist_edges=edges, layer_types=tuple(ex["layer_types"]))
+        return self._schema_view
+
     def connection(self) -> str:
         """``live``, ``stale`` (no message for a while), ``waiting`` or ``ended``."""
-        s = self.status
-        if s.replay:
-            return "replay"
-        if s.state == "ended":
-            return "ended"
-        if not s.last_message:
-            return "waiting"
-        return "live" if time.time() - s.last_message < self.STALE_AFTER_S else "stale"
-
-    def recent_events(self, n: int) -> list[dict[str, Any]]:
         with self.lock:
-            return list(self.status.events[-n:])
+            s = self.status
+            if s.replay:
+                return "replay"
+            if s.state == "ended":
+                return "ended"
+            if not s.last_message:
+                return "waiting"
+            return "live" if time.time() - s.last_message < self.STALE_AFTER_S else "stale"
 
     def steps(self) -> np.ndarray:
         """Every row's step: one per compacted bucket (its last step), then the recent rows."""
@@ -396,8 +479,8 @@ class RunStore:
                 return None
             return int(self._param_steps.view()[-1]), self._params.view()[-1].copy()
 
-    def param_history(self, stat: str, last: int) -> tuple[np.ndarray, np.ndarray]:
-        """Steps and ``[params x last]`` history of one parameter statistic."""
+    def param_series(self, stat: str, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and ``[params x last]``: one parameter statistic's last reports."""
         with self.lock:
             pstats = self.schema_extra["param_stats"] if self._params is not None else []
             if stat not in pstats:
@@ -415,10 +498,11 @@ class RunStore:
             return {"step": self._hist["step"], "edges": self.schema_extra["hist_edges"].copy(),
                     "act": self._hist["act"][h].copy(), "grad": self._hist["grad"][h].copy()}
 
-    def layer_history(self, stat: str, last: int) -> np.ndarray:
-        """``[layers x last]`` history of one statistic (fewer columns early in a run)."""
+    def recent_series(self, stat: str, last: int) -> np.ndarray:
+        """``[layers x last]``: one statistic's last rows (fewer columns early in a run;
+        compacted buckets as their means)."""
         with self.lock:
-            if self._stats is None or self.schema is None:
+            if self._stats is None or self.schema is None or stat not in self.schema["stats"]:
                 return np.empty((0, 0), np.float32)
             j = self.schema["stats"].index(stat)
             recent = self._stats.view()[-last:, :, j]
@@ -427,7 +511,7 @@ class RunStore:
                 recent = np.concatenate([past[-(last - len(recent)):], recent])
             return recent.T.copy()
 
-    def stat_history(self, stat: str) -> tuple[np.ndarray, np.ndarray]:
+    def stat_series(self, stat: str) -> tuple[np.ndarray, np.ndarray]:
         """Steps and ``[rows x layers]`` of one statistic over the whole run (compacted
         buckets as their max: the worst of each stretch, for the heat strip)."""
         with self.lock:
@@ -448,11 +532,6 @@ class RunStore:
             return (self._with_past(self.summary.steps[: self.summary.n], self._steps.view()),
                     self._with_past(None if past is None else past[:, layer],
                                     self._stats.view()[:, layer]))
-
-    def param_rows(self) -> int:
-        """How many reports of per-parameter statistics the store holds."""
-        with self.lock:
-            return self._param_steps.n
 
     def histograms(self, layer: str, which: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Steps and ``[reports x bins]`` of one layer's histograms (``which``: 0 the

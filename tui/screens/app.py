@@ -1,14 +1,15 @@
 """The neurotop Textual app: pull, don't push.
 
 The client's thread fills the store; one timer redraws what changed, at 5 Hz, and only
-the visible screen (``dashboard``). Key bindings follow htop/btop/k9s: number keys
+the visible screen (``dashboard``): it takes one ``Frame`` from the store per redraw and
+hands it to the widgets in one batch. Key bindings follow htop/btop/k9s: number keys
 switch screens, ``space`` pause/resume, ``/`` filter, ``?`` help, ``q`` quit.
 """
 
 from __future__ import annotations
 
 import gc
-from concurrent.futures import Future
+from dataclasses import replace
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -16,9 +17,10 @@ from textual.screen import ModalScreen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Static
 
 from neurotop.tui.data.client import CommandError, LiveClient
+from neurotop.tui.data.frame import Frame, Wants
 from neurotop.tui.data.store import RunStore
 from neurotop.tui.data.view import WINDOW_STEPS, View
-from neurotop.tui.screens.control_panel import ControlActions, ControlPanel
+from neurotop.tui.screens.control_panel import CommandDone, ControlActions, ControlPanel
 from neurotop.tui.screens.dashboard import DetailPane, GradientsPane, LayersPane, OverviewPane
 from neurotop.tui.screens.widgets import ColumnPicker, LayerTable, StatusBar
 
@@ -43,6 +45,10 @@ class HelpScreen(ModalScreen[None]):
         lines = ["[b]neurotop — keys[/b]  (esc, q or ? closes)"]
         lines += [f"  [b]{k:<10}[/b] {d}" for k, d in self._rows]
         yield Static("\n".join(lines))
+
+
+class PauseDone(CommandDone):
+    """The ack (or refusal) of ``space``'s pause or resume."""
 
 
 class NeurotopApp(ControlActions, App[None]):
@@ -117,6 +123,7 @@ class NeurotopApp(ControlActions, App[None]):
         self.pending = ""
         self.view = View()
         self.screen_name = "overview"
+        self.frame: Frame = self.store.frame()  # the last one drawn: what the user sees
         self._drawn: tuple = ()
 
     def compose(self) -> ComposeResult:
@@ -143,19 +150,22 @@ class NeurotopApp(ControlActions, App[None]):
                self.size)
         if (key == self._drawn and not force) or not self.query(StatusBar):
             return  # nothing new, or the app is closing and its widgets are gone
-        self._drawn = key
-        schema = self.store.schema
-        if schema and self.view.stat not in schema["stats"] and schema["stats"]:
-            stats = schema["stats"]
-            self.view.stat = next((s for s in ("dead_frac", "zero_frac") if s in stats),
-                                  stats[-1])
+        kind = {"overview": OverviewPane, "layers": LayersPane, "detail": DetailPane,
+                "gradients": GradientsPane}.get(self.screen_name)
+        pane = self.query_one(kind) if kind is not None else None
+        wants = pane.wants(self.view) if pane is not None else Wants()
+        if self.query_one(ControlPanel).has_class("shown"):
+            wants = replace(wants, events=max(wants.events, ControlPanel.EVENTS))
+        self.frame = frame = self.store.frame(wants)
+        self._drawn = (frame.version, frame.connection + self.pending, self.screen_name,
+                       self.size)
+        if frame.schema is not None:  # the store chose the series' statistic alike
+            self.view.stat = frame.schema.stat_or_default(self.view.stat)
         with self.batch_update():
-            self.query_one(StatusBar).draw(self.store, self.pending)
-            pane = {"overview": OverviewPane, "layers": LayersPane, "detail": DetailPane,
-                    "gradients": GradientsPane}.get(self.screen_name)
+            self.query_one(StatusBar).draw(frame, self.pending)
             if pane is not None:
-                self.query_one(pane).draw(self.store, self.view)
-            self.draw_controls()
+                pane.draw(frame, self.view)
+            self.draw_controls(frame)
 
     def invalidate(self) -> None:
         """Redraw at the next tick even if the store did not change (a widget resized)."""
@@ -167,16 +177,16 @@ class NeurotopApp(ControlActions, App[None]):
     # -- actions --------------------------------------------------------------------------
 
     def action_toggle_pause(self) -> None:
-        cmd = "resume" if self.store.status.state == "paused" else "pause"
+        cmd = "resume" if self.store.frame().status.state == "paused" else "pause"
         self.pending = f"{cmd} requested…"
         self.client.command(cmd).add_done_callback(
-            lambda f: self.call_from_thread(self._on_ack, cmd, f))
+            lambda f: self.post_message(PauseDone(cmd, f)))
         self.redraw()
 
-    def _on_ack(self, cmd: str, fut: Future) -> None:
-        self.pending = ""
+    def on_pause_done(self, message: PauseDone) -> None:
+        cmd, self.pending = message.cmd, ""
         try:
-            ack = fut.result()
+            ack = message.future.result()
         except CommandError as e:
             self.notify(f"{cmd} failed: {e}", severity="error")
         else:
@@ -185,7 +195,7 @@ class NeurotopApp(ControlActions, App[None]):
         self.redraw(force=True)
 
     def action_cycle_spark(self) -> None:
-        stats = self.store.schema["stats"] if self.store.schema else []
+        stats = self.frame.schema.stats if self.frame.schema else ()
         if stats:
             i = stats.index(self.view.stat) if self.view.stat in stats else -1
             self.view.stat = stats[(i + 1) % len(stats)]
@@ -194,10 +204,10 @@ class NeurotopApp(ControlActions, App[None]):
             self.redraw(force=True)
 
     def action_pick_columns(self) -> None:
-        if self.store.schema is None:
+        if self.frame.schema is None:
             return
         table = self.query_one(LayerTable)
-        stats = self.store.schema["stats"]
+        stats = list(self.frame.schema.stats)
 
         def apply(chosen: list[str] | None) -> None:
             if chosen:
@@ -243,7 +253,7 @@ class NeurotopApp(ControlActions, App[None]):
         self.redraw(force=True)
 
     def action_sort(self) -> None:
-        stats = self.store.schema["stats"] if self.store.schema else []
+        stats = self.frame.schema.stats if self.frame.schema else ()
         cols = ["", *stats]
         i = cols.index(self.view.sort) if self.view.sort in cols else 0
         self.view.sort = cols[(i + 1) % len(cols)]
@@ -305,7 +315,7 @@ class NeurotopApp(ControlActions, App[None]):
             self.action_screen("layers")
 
     def action_next_layer(self, step: int) -> None:
-        layers = self.store.schema["layers"] if self.store.schema else []
+        layers = self.frame.schema.layers if self.frame.schema else ()
         if layers:
             i = layers.index(self.view.layer) if self.view.layer in layers else 0
             self.view.layer = layers[(i + step) % len(layers)]

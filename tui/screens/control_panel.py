@@ -1,10 +1,10 @@
 """The control panel: knobs with their current values, editing with validation and
 confirmation, and the command log with every ack (from any viewer, or auto-pause).
 
-Like every widget it draws from the ``RunStore`` when the app's timer asks; it never
-parses messages. Values are checked here with the same rules the agent applies
-(``neurotop.protocol.commands.check_value``), so a typo is refused before it is sent; the agent
-checks again and its ack (or refusal) lands in the log.
+Like every widget it draws from the app's ``Frame`` when the app's timer asks; it never
+reads the store or parses messages. Values are checked here with the same rules the agent
+applies (``neurotop.protocol.commands.check_value``), so a typo is refused before it is
+sent; the agent checks again and its ack (or refusal) lands in the log.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Static
 
 from neurotop.protocol.commands import check_value, parse_value, split_knob
 from neurotop.tui.data.client import CommandError, LiveClient
+from neurotop.tui.data.frame import Frame
 from neurotop.tui.data.store import RunStore
 from neurotop.tui.screens.widgets import fmt
 
@@ -98,6 +100,7 @@ class ControlPanel(Vertical):
     ControlPanel > DataTable { height: auto; max-height: 12; }
     ControlPanel > #command-log { height: 1fr; padding: 0 1; }
     """
+    EVENTS = 4 * LOG_LINES  # the last events it looks through (most are not commands)
 
     def compose(self) -> ComposeResult:
         yield Static("knobs  (enter: edit)", classes="title")
@@ -111,12 +114,14 @@ class ControlPanel(Vertical):
         table.add_column("value", key="value")
         table.add_column("type", key="type")
         self._names: list[tuple[str, bool]] = []
+        self._knobs: tuple[dict[str, Any], ...] = ()  # the listing drawn
 
-    def draw(self, store: RunStore) -> None:
+    def draw(self, frame: Frame) -> None:
         table = self.query_one(DataTable)
+        self._knobs = frame.knobs
         # Without a listing (read-only viewers cannot ask for one) the heartbeat's values
         # still show, untyped.
-        specs = store.knobs or [{"name": n} for n in store.knob_values]
+        specs = frame.knobs or tuple({"name": n} for n in frame.knob_values)
         names = [(k["name"], "type" in k) for k in specs]
         if names != self._names:
             table.clear()
@@ -124,25 +129,27 @@ class ControlPanel(Vertical):
                 table.add_row(k["name"], "", bounds(k) if "type" in k else "", key=k["name"])
             self._names = names
         for k in specs:
-            v = store.knob_values.get(k["name"], k.get("value"))
+            v = frame.knob_values.get(k["name"], k.get("value"))
             table.update_cell(k["name"], "value", fmt_value(v))
-        lines = [ln for ln in map(log_line, store.recent_events(4 * LOG_LINES)) if ln]
+        lines = [ln for ln in map(log_line, frame.status.events[-self.EVENTS:]) if ln]
         self.query_one("#command-log", Static).update(Text("\n").join(lines[-LOG_LINES:]))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
         self.app.action_edit_knob()  # type: ignore[attr-defined]  # NeurotopApp's
 
-    def wants_listing(self, store: RunStore) -> bool:
+    @staticmethod
+    def wants_listing(frame: Frame) -> bool:
         """True when the listing is missing or a knob appeared since (``mon.knob`` later)."""
-        return not store.knobs or not set(store.knob_values) <= {k["name"] for k in store.knobs}
+        return not frame.knobs or not set(frame.knob_values) <= {k["name"] for k in frame.knobs}
 
-    def selected(self, store: RunStore) -> dict[str, Any] | None:
+    def selected(self) -> dict[str, Any] | None:
+        """The spec of the knob under the cursor, from the listing drawn."""
         table = self.query_one(DataTable)
-        if not store.knobs or table.row_count == 0:
+        if not self._knobs or table.row_count == 0:
             return None
         name = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        return next((k for k in store.knobs if k["name"] == name), None)
+        return next((k for k in self._knobs if k["name"] == name), None)
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -237,6 +244,15 @@ class KnobEditScreen(ModalScreen[dict[str, Any] | None]):
         self.dismiss(None)
 
 
+class CommandDone(Message):
+    """A command's Future resolved. Futures resolve on the client's thread; this message
+    carries the outcome to the app's, where widgets may be touched."""
+
+    def __init__(self, cmd: str, future: Future) -> None:
+        super().__init__()
+        self.cmd, self.future = cmd, future
+
+
 class ControlActions:
     """The app's control keys, mixed into ``NeurotopApp`` (which has ``client``, ``store``,
     ``read_only``, ``screen_name``, ``action_screen`` and ``redraw``). Every command's
@@ -248,12 +264,12 @@ class ControlActions:
     screen_name: str
     _knobs_asked = 0.0
 
-    def draw_controls(self) -> None:
+    def draw_controls(self, frame: Frame) -> None:
         panel = self.query_one(ControlPanel)
         if not panel.has_class("shown"):
             return
-        panel.draw(self.store)
-        if not self.read_only and panel.wants_listing(self.store) \
+        panel.draw(frame)
+        if not self.read_only and panel.wants_listing(frame) \
                 and time.monotonic() - self._knobs_asked > 2.0:
             self._knobs_asked = time.monotonic()
             self.client.command("knobs")  # the listing comes back as telemetry, into the store
@@ -276,11 +292,11 @@ class ControlActions:
             self.notify("read-only: this view cannot change knobs", severity="warning")
             return
         panel = self.query_one(ControlPanel)
-        spec = panel.selected(self.store) if panel.has_class("shown") else None
+        spec = panel.selected() if panel.has_class("shown") else None
         if spec is None:
             self.notify("open the control panel (c) and pick a knob", severity="warning")
             return
-        current = self.store.knob_values.get(spec["name"], spec.get("value"))
+        current = self.store.frame().knob_values.get(spec["name"], spec.get("value"))
         self.push_screen(KnobEditScreen(spec, current),
                          lambda args: self.send("set", args) if args else None)
 
@@ -300,11 +316,12 @@ class ControlActions:
             self.notify(f"read-only: this view cannot {cmd}", severity="warning")
             return
         self.client.command(cmd, args).add_done_callback(
-            lambda f: self.call_from_thread(self._notify_ack, cmd, f))
+            lambda f: self.post_message(CommandDone(cmd, f)))
 
-    def _notify_ack(self, cmd: str, fut: Future) -> None:
+    def on_command_done(self, message: CommandDone) -> None:
+        cmd = message.cmd
         try:
-            ack = fut.result()
+            ack = message.future.result()
         except CommandError as e:
             self.notify(f"{cmd} refused: {e}", severity="error")
         else:

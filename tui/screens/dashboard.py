@@ -1,12 +1,15 @@
 """The dashboard's screens (panes of one ``ContentSwitcher``): Overview, Layers, Layer
-detail, Gradients. Each pane draws from the ``RunStore`` when the app's single timer asks,
-and only while it is the visible one; none parses messages.
+detail, Gradients. Each pane says what series it draws (``wants``), and draws from the
+``Frame`` the app's single timer builds, only while it is the visible one; none reads the
+store or parses messages.
 
 View options (log scale, smoothing, window, the chosen statistic, sort, filter, the
 detail layer) live in one ``View`` the app owns, so every pane reads the same choices.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from rich.segment import Segment
@@ -18,8 +21,8 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Input, Static
 
+from neurotop.tui.data.frame import Frame, Wants
 from neurotop.tui.data.health import UPDATE_RATIO_GUIDE, has_band, levels
-from neurotop.tui.data.store import RunStore
 from neurotop.tui.data.view import View
 from neurotop.tui.screens.plotting import (
     SHADES,
@@ -90,27 +93,15 @@ class Plot(Panel):
         self.show(braille_plot(series, w, h, f"{title}  {last}", view.log_y, guide))
 
 
-def scalar_named(store: RunStore, *names: str) -> str:
-    """The first scalar of ``names`` (or starting with one of them) the run reports."""
-    have = store.schema["scalars"] if store.schema else []
-    for n in names:
-        if n in have:
-            return n
-    for n in names:
-        for h in have:
-            if h.startswith(n):
-                return h
-    return ""
-
-
 class AlertFeed(Panel):
     """Alerts and everything that stopped or refused the run, newest first."""
 
     DEFAULT_CSS = "AlertFeed { width: 1fr; height: 1fr; border-top: solid $accent; }"
     KINDS = frozenset({"alert", "paused", "refused"})
+    EVENTS = 500  # the last events it looks through
 
-    def draw(self, store: RunStore) -> None:
-        evs = [e for e in store.recent_events(500) if e.get("event") in self.KINDS
+    def draw(self, frame: Frame) -> None:
+        evs = [e for e in frame.status.events[-self.EVENTS:] if e.get("event") in self.KINDS
                or (e.get("event") == "ack" and e.get("sender") == "auto-pause")]
         styles = level_styles(self)
         out = Text("alerts", style="bold")  # wrapped: an alert's message says what and where
@@ -138,16 +129,15 @@ class HeatStrip(Panel):
     DEFAULT_CSS = "HeatStrip { width: 2fr; height: 1fr; border-top: solid $accent; }"
     NAME_W = 14
 
-    def draw(self, store: RunStore, view: View) -> None:
-        x, rows = store.stat_history(view.stat)
-        x, rows = window(x, view.last, rows)
+    def draw(self, frame: Frame, view: View) -> None:
+        x, rows = window(frame.heat[0], view.last, frame.heat[1])
         head = Text.assemble(("heat: ", "bold"), (view.stat or "-", "bold"),
                              f"  ({SHADES[1]} low … {SHADES[-1]} high, × non-finite)")
         head.no_wrap, head.overflow = True, "crop"
-        if not rows.size or store.schema is None:
+        if not rows.size or frame.schema is None:
             self.show(head)
             return
-        layers = store.schema["layers"]
+        layers = frame.schema.layers
         lines = max((self.size.height or 8) - 2, 1)
         width = max((self.size.width or 60) - self.NAME_W - 1, 4)
         data = rows.T
@@ -190,14 +180,17 @@ class OverviewPane(Vertical):
             yield HeatStrip(id="heat")
             yield AlertFeed(id="alerts")
 
-    def draw(self, store: RunStore, view: View) -> None:
+    def wants(self, view: View) -> Wants:
+        return Wants(scalars=tuple(names for _, names in self.PLOTS), envelope=not view.smooth,
+                     heat=view.stat, events=AlertFeed.EVENTS)
+
+    def draw(self, frame: Frame, view: View) -> None:
         for i, (title, names) in enumerate(self.PLOTS):
-            name = scalar_named(store, *names)
-            x, y = store.scalar(name, envelope=not view.smooth) if name else (
-                np.empty(0), np.empty(0))
+            name = frame.schema.scalar_named(*names) if frame.schema else ""
+            x, y = frame.scalars.get(name) or (np.empty(0), np.empty(0))
             self.query_one(f"#ov-plot-{i}", Plot).draw_series(x, y, name or title, view)
-        self.query_one(HeatStrip).draw(store, view)
-        self.query_one(AlertFeed).draw(store)
+        self.query_one(HeatStrip).draw(frame, view)
+        self.query_one(AlertFeed).draw(frame)
 
 
 class LayersPane(Vertical):
@@ -214,8 +207,11 @@ class LayersPane(Vertical):
                     id="filter")
         yield LayerTable(id="layers")
 
-    def draw(self, store: RunStore, view: View) -> None:
-        self.query_one(LayerTable).draw(store, view)
+    def wants(self, view: View) -> Wants:
+        return self.query_one(LayerTable).wants(view)
+
+    def draw(self, frame: Frame, view: View) -> None:
+        self.query_one(LayerTable).draw(frame, view)
 
 
 class DetailPane(Vertical):
@@ -240,22 +236,24 @@ class DetailPane(Vertical):
             yield Panel(id="hist-grad")
             yield Panel(id="hist-time")
 
-    def draw(self, store: RunStore, view: View) -> None:
-        schema = store.schema
+    def wants(self, view: View) -> Wants:
+        return Wants(layer=view.layer)
+
+    def draw(self, frame: Frame, view: View) -> None:
+        schema = frame.schema
         if schema is None:
             return
-        layers, stats = schema["layers"], schema["stats"]
-        if view.layer not in layers:
-            view.layer = layers[0] if layers else ""
+        layers, stats = schema.layers, schema.stats
+        view.layer = schema.layer_or_first(view.layer)  # as the store chose for the frame
         if not view.layer:
             return
         i = layers.index(view.layer)
-        kinds = store.schema_extra["layer_types"]
+        kinds = schema.layer_types
         kind = f"  ({kinds[i]})" if i < len(kinds) else ""
         self.query_one("#detail-title", Static).update(Text.assemble(
             ("layer ", "bold"), (view.layer, "bold"), kind,
             f"  {i + 1}/{len(layers)}  ·  {view.describe()}  ·  , . previous / next layer"))
-        x, rows = store.layer_stats(i)
+        x, rows = frame.layer
         grid = self.query_one("#detail-plots", Grid)
         grid.styles.grid_size_columns = 3 if len(stats) > 4 else 2
         for j in range(self.MAX_PLOTS):
@@ -263,12 +261,12 @@ class DetailPane(Vertical):
             plot.display = j < len(stats)
             if j < len(stats):
                 plot.draw_series(x, rows[:, j] if rows.size else np.empty(0), stats[j], view)
-        self._draw_histograms(store, view)
+        self._draw_histograms(frame)
 
-    def _draw_histograms(self, store: RunStore, view: View) -> None:
+    def _draw_histograms(self, frame: Frame) -> None:
         now, over = self.query_one("#hist-now", Panel), self.query_one("#hist-time", Panel)
         grad = self.query_one("#hist-grad", Panel)
-        latest = store.latest_histogram(view.layer)
+        latest = frame.histogram
         if latest is None:
             note = Text("histogram: none for this layer (see the run's hist_layers)", "dim")
             now.show(note)
@@ -279,7 +277,7 @@ class DetailPane(Vertical):
         for panel, key, name in ((now, "act", "activations"), (grad, "grad", "gradients dL/dh")):
             panel.show(hist_bars(latest[key], labels, panel.size.width or 40,
                                  panel.size.height or 8, f"{name}, step {latest['step']}"))
-        steps, hists = store.histograms(view.layer, 0)
+        steps, hists = frame.hist_series
         over.show(hist_heatmap(steps, hists, labels, over.size.width or 40,
                                over.size.height or 8))
 
@@ -333,10 +331,14 @@ class GradientsPane(Vertical):
         yield Panel(id="grad-bars")
         yield Plot(id="grad-plot")
 
-    def draw(self, store: RunStore, view: View) -> None:
+    def wants(self, view: View) -> Wants:
+        return Wants(param_stat="update_ratio")
+
+    def draw(self, frame: Frame, view: View) -> None:
         bars = self.query_one("#grad-bars", Panel)
-        names, pstats = store.schema_extra["params"], store.schema_extra["param_stats"]
-        latest = store.latest_params()
+        sc = frame.schema
+        names, pstats = (sc.params, sc.param_stats) if sc else ((), ())
+        latest = frame.latest_params
         if latest is None or not names:
             bars.show(Text("no per-parameter statistics in this run (the agent's"
                              " param_stats option)", style="dim"))
@@ -344,7 +346,7 @@ class GradientsPane(Vertical):
         bars.show(ratio_chart(names, pstats, latest[1], bars.size.width or 80,
                                 bars.size.height or 10, level_styles(bars)))
         if "update_ratio" in pstats:
-            x, r = store.param_history("update_ratio", store.param_rows())
+            x, r = frame.param_series
             r = r.T  # [reports x params]
             worst, med = (np.full(len(r), np.nan) for _ in range(2))
             has = np.isfinite(r).any(axis=1) if r.size else np.zeros(len(r), bool)
@@ -361,7 +363,7 @@ class GradientsPane(Vertical):
                              guide=UPDATE_RATIO_GUIDE)
 
 
-def ratio_chart(names: list[str], pstats: list[str], block: np.ndarray, width: int,
+def ratio_chart(names: Sequence[str], pstats: Sequence[str], block: np.ndarray, width: int,
                 height: int, styles: tuple[str, str, str]) -> Text:
     """One line per parameter: name, grad norm, and its update/weight ratio as a dot on a
     log axis from 1e-6 to 1 with the 1e-3 guide marked ``┊``."""

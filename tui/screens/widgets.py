@@ -1,9 +1,10 @@
-"""Widgets of the live screen. Each one draws from a ``RunStore`` when asked; none parses
-messages or talks to sockets."""
+"""Widgets of the live screen. Each one draws from the app's ``Frame`` when asked; none
+reads the store, parses messages or talks to sockets."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from rich.segment import Segment
@@ -21,8 +22,8 @@ from textual.widget import Widget
 from textual.widgets import SelectionList, Static
 from textual.widgets.selection_list import Selection
 
+from neurotop.tui.data.frame import Frame, Wants
 from neurotop.tui.data.health import has_band, levels
-from neurotop.tui.data.store import RunStore
 from neurotop.tui.data.view import View, matches
 from neurotop.tui.screens.plotting import sparkline
 
@@ -46,9 +47,9 @@ class StatusBar(Static):
 
     DEFAULT_CSS = "StatusBar { height: 1; background: $boost; padding: 0 1; }"
 
-    def draw(self, store: RunStore, pending: str = "") -> None:
-        s = store.status
-        conn = store.connection()
+    def draw(self, frame: Frame, pending: str = "") -> None:
+        s = frame.status
+        conn = frame.connection
         if s.state == "paused":
             mode = Text(f" PAUSED @ {s.paused_at if s.paused_at is not None else s.step} ",
                         style="bold black on yellow")
@@ -84,8 +85,8 @@ class StatusBar(Static):
             t.append(f"  rec-dropped: {s.rec_dropped}", style="yellow")
         if s.bad_messages:
             t.append(f"  bad msgs: {s.bad_messages}", style="red")
-        if s.history:
-            t.append(f"  {s.history}", style="italic")
+        if s.backfill:
+            t.append(f"  {s.backfill}", style="italic")
         if not s.control:
             t.append("  read-only", style="dim")
         self.update(t)
@@ -122,6 +123,7 @@ class LayerTable(ScrollView, can_focus=True):
                 Binding("end", "move(100000)", show=False),
                 Binding("enter", "choose", show=False)]
     SPARK_WIDTH = 24  # at least
+    SPARK_MAX = 160
     NUM_W = 10
 
     class Chosen(Message):
@@ -142,7 +144,7 @@ class LayerTable(ScrollView, can_focus=True):
         self.cursor_row = 0
         self._rows: tuple[str, ...] = ()  # layer names in the shown order
         self._index: list[int] = []  # their indices in the schema
-        self._stats: list[str] = []
+        self._stats: tuple[str, ...] = ()
         self._block = np.empty((0, 0), np.float32)
         self._hist = np.empty((0, 0), np.float32)
         self._levels: dict[int, np.ndarray] = {}
@@ -155,7 +157,7 @@ class LayerTable(ScrollView, can_focus=True):
         self.columns_chosen: tuple[str, ...] | None = COLUMN_PRESETS[self.preset]
         self._cols: list[int] = []  # indices of the shown statistics in the schema
 
-    def shown(self, stats: list[str]) -> list[str]:
+    def shown(self, stats: Sequence[str]) -> list[str]:
         """The columns to draw: the chosen ones this run has, in the schema's order."""
         chosen = self.columns_chosen
         cols = [s for s in stats if chosen is None or s in chosen]
@@ -187,12 +189,16 @@ class LayerTable(ScrollView, can_focus=True):
     def on_resize(self) -> None:
         self.app.invalidate()  # the trend's width follows the table's
 
-    def draw(self, store: RunStore, view: View) -> None:
-        schema = store.schema
-        block = store.latest_block()
+    def wants(self, view: View) -> Wants:
+        """The trend as long as the table could draw it (it draws the last columns)."""
+        width = max(self.SPARK_WIDTH, min(self.size.width or 0, self.SPARK_MAX))
+        return Wants(trend=(view.stat, width))
+
+    def draw(self, frame: Frame, view: View) -> None:
+        schema, block = frame.schema, frame.latest
         if schema is None or block is None:
             return
-        layers, stats = schema["layers"], schema["stats"]
+        layers, stats = schema.layers, schema.stats
         self.spark_stat = view.stat if view.stat in stats else stats[-1]
         current = self.selected_layer()
         self._index = self._order(layers, stats, block, view)
@@ -205,8 +211,9 @@ class LayerTable(ScrollView, can_focus=True):
         self._name_w = min(max((len(n) for n in layers), default=5) + 1, 40)
         # The trend takes the room the columns leave (a wide terminal shows a longer one).
         used = self._name_w + self.NUM_W * len(self._cols) + 2
-        self._spark_w = max(self.SPARK_WIDTH, min((self.size.width or 0) - used - 1, 160))
-        self._hist = store.layer_history(self.spark_stat, self._spark_w)
+        self._spark_w = max(self.SPARK_WIDTH,
+                            min((self.size.width or 0) - used - 1, self.SPARK_MAX))
+        self._hist = frame.trend
         big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
         self._levels = {j: levels(st, block[:, j], big) for j, st in enumerate(stats)
                         if has_band(st)}
@@ -221,7 +228,8 @@ class LayerTable(ScrollView, can_focus=True):
         self.refresh()
 
     @staticmethod
-    def _order(layers: list[str], stats: list[str], block: np.ndarray, view: View) -> list[int]:
+    def _order(layers: Sequence[str], stats: Sequence[str], block: np.ndarray,
+               view: View) -> list[int]:
         shown = [i for i, n in enumerate(layers) if matches(n, view.filter)]
         if view.sort in stats:
             v = block[shown, stats.index(view.sort)].astype(np.float64)

@@ -1,0 +1,95 @@
+"""One redraw's worth of a run: the store copies it under one hold of its lock, the screens
+draw from it and never from the store (whose receiver thread would change what they read
+half-way through a redraw).
+
+``Wants`` says which series the visible screen draws, so a frame copies only those; the
+header, the knobs and the latest reports come with every frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from neurotop.tui.data.store import RunState
+
+#: (steps, values) of one series; values are ``[rows]`` or ``[rows x columns]``.
+Series = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True, eq=False)
+class Schema:
+    """What the run reports, from its schema message and the statistics engine's extras.
+    The choices a screen falls back on live here too, so the store (filling a frame) and
+    the widgets (drawing it) resolve a view's choice alike."""
+
+    layers: tuple[str, ...]
+    stats: tuple[str, ...]
+    scalars: tuple[str, ...]
+    params: tuple[str, ...]
+    param_stats: tuple[str, ...]
+    hist_layers: tuple[str, ...]
+    hist_edges: np.ndarray  # read-only
+    layer_types: tuple[str, ...]
+
+    def stat_or_default(self, stat: str) -> str:
+        """``stat`` if the run reports it, else the one worth seeing first: the dead, then
+        the zero fraction of units, else the last statistic."""
+        if stat in self.stats or not self.stats:
+            return stat
+        return next((s for s in ("dead_frac", "zero_frac") if s in self.stats), self.stats[-1])
+
+    def layer_or_first(self, layer: str) -> str:
+        return layer if layer in self.layers else (self.layers[0] if self.layers else "")
+
+    def scalar_named(self, *names: str) -> str:
+        """The first scalar of ``names`` (or starting with one of them) the run reports."""
+        for n in names:
+            if n in self.scalars:
+                return n
+        for n in names:
+            for h in self.scalars:
+                if h.startswith(n):
+                    return h
+        return ""
+
+
+@dataclass(frozen=True)
+class Wants:
+    """The series a screen draws beyond the header (``None``: not drawn). Statistics and
+    layers are the view's choices; the store resolves them with ``Schema``'s fallbacks."""
+
+    scalars: tuple[tuple[str, ...], ...] = ()  # plots: each the first of its names reported
+    envelope: bool = False  # compacted buckets of the scalars as min and max (raw plots)
+    heat: str | None = None  # a statistic of every layer over the run (the heat strip)
+    trend: tuple[str, int] | None = None  # a statistic's last columns (the table's trend)
+    layer: str | None = None  # a layer's statistics over the run and its histograms
+    param_stat: str | None = None  # a per-parameter statistic over every report
+    events: int = 0  # the last events (the alert feed, the command log)
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """The run at one moment, as one redraw shows it. Nothing in it is shared with the
+    store: the arrays are copies and ``status`` is a copy whose ``events`` are the last
+    ``Wants.events``. Series not wanted are empty."""
+
+    version: int  # the store's version it was copied at
+    connection: str  # live | stale | waiting | ended | replay
+    schema: Schema | None
+    status: RunState
+    knobs: tuple[dict[str, Any], ...]  # the last `knobs` listing (types, bounds, docs)
+    knob_values: Mapping[str, Any]  # current values, from the latest heartbeat
+    latest: np.ndarray | None  # ``[layers x stats]`` of the latest report
+    latest_params: tuple[int, np.ndarray] | None  # its step and ``[params x param_stats]``
+    scalars: Mapping[str, Series]  # by the name ``Schema.scalar_named`` resolved
+    heat: Series  # steps and ``[rows x layers]`` (buckets as their max)
+    trend: np.ndarray  # ``[layers x columns]`` (buckets as means)
+    layer: Series  # steps and ``[rows x stats]`` of the wanted layer (buckets as means)
+    histogram: dict[str, Any] | None  # its latest histograms: step, edges, act, grad
+    hist_series: Series  # steps and ``[reports x bins]`` of its activations' histograms
+    param_series: Series  # steps and ``[params x reports]``
