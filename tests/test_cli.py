@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import wait_until
+import pytest
 
-
-def neurotop(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from neurotop.tui.cli import main; main()",
-                           *args],
-                          capture_output=True, text=True, timeout=timeout)
+from tests.helpers.cli import neurotop
+from tests.helpers.waiting import wait_until
 
 
+@pytest.mark.slow
 def test_ls_lists_a_live_run_and_hides_its_key(start_run):
     run = start_run("--step-sleep", "0.02")
     out = neurotop("ls")
@@ -24,6 +20,7 @@ def test_ls_lists_a_live_run_and_hides_its_key(start_run):
     assert "key" not in listed[0]
 
 
+@pytest.mark.slow
 def test_ctl_pause_prints_the_ack_and_resume_continues(start_run):
     run = start_run("--step-sleep", "0.02")
     out = neurotop("ctl", run.info.run_id[-6:], "pause")

@@ -6,14 +6,18 @@ import json
 import struct
 import zlib
 
-from tests.sessions import write_run
-from tests.test_cli import neurotop
+import pytest
+
+from tests.helpers.cli import neurotop
+from tests.helpers.sessions import write_run
+from tests.helpers.training import watch_options
 
 
+@pytest.mark.slow
 def test_ls_lists_live_runs_and_recorded_sessions_and_export_finds_them(start_run, tmp_path):
     ended = start_run("--steps", "30", "--step-sleep", "0.05")
     assert ended.proc.wait(30) == 0
-    live = start_run("--step-sleep", "0.02", "--no-record")
+    live = start_run("--step-sleep", "0.02", *watch_options(record=False))
     out = neurotop("ls")
     assert out.returncode == 0, out.stderr
     lines = {ln.split()[0]: ln for ln in out.stdout.splitlines()[1:] if ln.strip()}

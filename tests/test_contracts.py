@@ -98,6 +98,7 @@ print("trained", mon.step, sorted(m for m in sys.modules if m in ("agent", "tui"
 '''
 
 
+@pytest.mark.slow
 def test_a_script_beside_its_own_agent_and_tui_modules_embeds_neurotop(tree: Path,
                                                                         tmp_path: Path):
     """RL code often has an ``agent.py``: neurotop must not import it, nor clash with it."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import signal
 
-from tests.conftest import SCRIPTS
-from tests.test_cli import neurotop
+import pytest
+
+from tests.helpers.cli import neurotop
+
+pytestmark = pytest.mark.slow  # starts training processes
 
 
 def ctl(run, *words: str, timeout: float = 30):
@@ -14,7 +17,7 @@ def ctl(run, *words: str, timeout: float = 30):
 
 
 def test_ctl_commands_print_acks_and_exit_codes(start_run):
-    run = start_run("--step-sleep", "0.01", script=SCRIPTS / "control_loop.py")
+    run = start_run("--step-sleep", "0.01", "--model", "dropout")
     out = ctl(run, "pause")
     assert out.returncode == 0, out.stderr
     held = json.loads(out.stdout)["step"]

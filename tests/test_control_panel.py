@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from textual.widgets import ContentSwitcher
 
 from neurotop.tui.data.client import LiveClient
 from neurotop.tui.data.targets import resolve
 from neurotop.tui.screens.app import NeurotopApp
 from neurotop.tui.screens.control_panel import ConfirmScreen, ControlPanel, KnobEditScreen
-from tests.conftest import SCRIPTS, status_text, until
-from tests.test_control import steps_logged
+from tests.helpers.pilot import status_text, until
+from tests.helpers.training import steps_logged
+
+pytestmark = pytest.mark.slow  # starts training processes
 
 
 def panel_text(app: NeurotopApp) -> str:
@@ -29,7 +32,7 @@ async def retype(pilot, text: str) -> None:
 
 async def test_panel_steps_edits_with_validation_and_logs_acks(start_run, tmp_path):
     log = tmp_path / "steps.jsonl"
-    run = start_run("--step-sleep", "0.01", "--log", str(log), script=SCRIPTS / "control_loop.py")
+    run = start_run("--step-sleep", "0.01", "--log", str(log), "--model", "dropout")
     client = LiveClient(resolve(run.info.run_id)).start()
     app = NeurotopApp(client)
     try:

@@ -16,9 +16,11 @@ from neurotop.protocol import connfile, wire
 from neurotop.protocol.binding import UnsafeBindError, check_bind, is_loopback
 from neurotop.service.controller import Controller
 from neurotop.service.loop import AgentService
+from neurotop.service.wakeup import Wakeup
 from neurotop.tui.data.client import Endpoints, LiveClient
 from neurotop.tui.data.targets import resolve
-from tests.conftest import SCRIPTS, wait_until
+from tests.helpers.training import TRAIN, watch_options
+from tests.helpers.waiting import wait_until
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
@@ -34,13 +36,15 @@ def test_binds_beyond_loopback_without_curve_are_refused(host):
         check_bind(host, curve=False)
     check_bind(host, curve=True)  # allowed with CURVE (nothing is bound here)
     with pytest.raises(UnsafeBindError, match="without CURVE"):
-        AgentService(run_id="r", key=b"k", controller=Controller(), schema=dict, status=dict,
-                     bind_host=host)
+        AgentService(run_id="r", key=b"k", controller=Controller(), wakeup=Wakeup(),
+                     schema=dict, status=dict, bind_host=host)
 
 
+@pytest.mark.slow
 def test_training_refuses_to_bind_beyond_loopback_without_curve(runtime_dir):
-    out = subprocess.run([sys.executable, str(SCRIPTS / "train_loop.py"), "--steps", "5",
-                          "--bind-host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(TRAIN), "--steps", "5",
+                          *watch_options(bind_host="0.0.0.0")],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "refusing to bind '0.0.0.0' without CURVE" in out.stderr
     assert not list(runtime_dir.glob("run-*.json")), "a refused run must not advertise itself"
@@ -55,8 +59,9 @@ def _messages(sock: zmq.Socket, seconds: float) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_curve_agent_serves_only_clients_with_its_public_key(start_run):
-    run = start_run("--curve", "--step-sleep", "0.02")
+    run = start_run("--step-sleep", "0.02", *watch_options(curve=True))
     saved = json.loads(connfile.conn_path(run.info.run_id).read_text())
     assert len(saved["curve_server_key"]) == 40  # Z85 public key
     assert set(saved) == set(connfile.ConnectionInfo.__dataclass_fields__), "no secret key"
@@ -95,6 +100,7 @@ def _ask(dealer: zmq.Socket, frames: list[bytes]) -> dict:
     return wire.decode_signed(dealer.recv_multipart(), None)[0]
 
 
+@pytest.mark.slow
 def test_unsigned_forged_replayed_and_stale_requests_are_refused_counted_audited(start_run):
     run = start_run("--step-sleep", "0.02")
     key = run.info.key_bytes

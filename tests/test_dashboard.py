@@ -1,5 +1,5 @@
 """The dashboard as a person uses it: Pilot walks every screen of a recorded run (a
-deterministic stream from ``tests/sessions.py``), sorts, filters and toggles; the store
+deterministic stream from ``tests/helpers/sessions.py``), sorts, filters and toggles; the store
 keeps a live run's memory bounded without losing its spikes."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from neurotop.tui.screens.control_panel import ControlPanel
 from neurotop.tui.screens.dashboard import AlertFeed, HeatStrip, Panel, Plot
 from neurotop.tui.screens.replay_app import ReplayApp
 from neurotop.tui.screens.widgets import LayerTable
-from tests.conftest import until
-from tests.sessions import DASH_STATS, write_dashboard_run
+from tests.helpers.pilot import until
+from tests.helpers.sessions import DASH_STATS, write_dashboard_run
 
 DYING = "net.4"  # write_dashboard_run's layer whose dead fraction climbs to 1
 
@@ -56,38 +56,33 @@ async def test_every_screen_sort_filter_toggles(dash_app):
         dead = table.column_names().index("dead_frac")  # the overview preset's columns
         while app.view.sort != "dead_frac":
             await pilot.press("S")
-        await pilot.pause(0.3)
-        assert table.shown_layers[0] == DYING  # descending: the dead layer first
+        # Descending: the dead layer first.
+        await until(pilot, lambda: table.shown_layers[0] == DYING, what="sorted by dead_frac")
         line = table.render_line(1)
         cell = next(s for s in line if s.text.strip() == "1.0000")
         assert cell.style.color.triplet.hex == app.current_theme.error.lower()
         await pilot.press("R")
-        await pilot.pause(0.3)
-        assert table.shown_layers[-1] == DYING
+        await until(pilot, lambda: table.shown_layers[-1] == DYING, what="the order reversed")
         assert float(row_text(table, 0).split()[dead]) < 0.1
         await pilot.click(LayerTable, offset=(3, 0))  # the "layer" header: model order
-        await pilot.pause(0.3)
-        assert app.view.sort == "layer"
+        await until(pilot, lambda: app.view.sort == "layer", what="sorted by layer")
 
         await pilot.press("slash", *"net.[12]", "enter")
-        await pilot.pause(0.3)
-        assert table.shown_layers == ("net.1", "net.2")
+        await until(pilot, lambda: table.shown_layers == ("net.1", "net.2"), what="the filter")
         await pilot.press("slash", "escape")
-        await pilot.pause(0.3)
-        assert table.row_count == 8
+        await until(pilot, lambda: table.row_count == 8, what="the filter cleared")
 
         # Enter on a layer opens its detail: every statistic, histogram now and over time.
         while table.selected_layer() != DYING:
             await pilot.press("down")
         await pilot.press("enter")
-        await pilot.pause(0.3)
-        assert app.screen_name == "detail" and app.view.layer == DYING
+        await until(pilot, lambda: app.screen_name == "detail" and app.view.layer == DYING,
+                    what="the dying layer's detail")
         plots = [app.query_one(f"#dt-plot-{j}", Plot) for j in range(len(DASH_STATS))]
         assert [p.text.split()[0] for p in plots] == DASH_STATS
         assert "none for this layer" in app.query_one("#hist-now", Panel).text
         await pilot.press("comma", "comma", "comma", "comma")  # back to net.0
-        await pilot.pause(0.3)
-        assert app.view.layer == "net.0"
+        await until(pilot, lambda: app.view.layer == "net.0", what="net.0's detail")
         assert "activations, step 400" in app.query_one("#hist-now", Panel).text
         assert "gradients dL/dh, step 400" in app.query_one("#hist-grad", Panel).text
         assert "40 reports" in app.query_one("#hist-time", Panel).text
@@ -96,31 +91,28 @@ async def test_every_screen_sort_filter_toggles(dash_app):
         mean = app.query_one("#dt-plot-0", Plot)
         linear = mean.text
         await pilot.press("l")
-        await pilot.pause(0.3)
-        assert app.view.log_y and mean.text != linear
+        await until(pilot, lambda: app.view.log_y and mean.text != linear, what="log scale")
         await pilot.press("m", "a")
-        await pilot.pause(0.3)
-        assert not app.view.smooth and app.view.last == 1000
+        await until(pilot, lambda: not app.view.smooth and app.view.last == 1000,
+                    what="raw, last 1,000 steps")
         assert "log · raw · last 1,000 steps" in str(app.query_one("#detail-title").render())
 
         # Gradients: the parameter furthest from the 1e-3 guide stands out.
         await pilot.press("4")
-        await pilot.pause(0.3)
+        await until(pilot, lambda: app.screen_name == "gradients", what="the gradients")
         bars = app.query_one("#grad-bars", Panel).text
         assert "net.0.weight" in bars and "0.0500" in bars
         assert "guide 1e-3" in app.query_one("#grad-plot", Plot).text
 
         # Control: the control panel as a screen; any other screen hides it again.
+        panel = app.query_one(ControlPanel)
         await pilot.press("5")
-        await pilot.pause(0.3)
-        assert app.query_one(ControlPanel).has_class("full")
+        await until(pilot, lambda: panel.has_class("full"), what="the control screen")
         await pilot.press("1")
-        await pilot.pause(0.3)
-        assert not app.query_one(ControlPanel).has_class("shown")
+        await until(pilot, lambda: not panel.has_class("shown"), what="the panel hidden")
 
         await pilot.press("question_mark")
-        await pilot.pause(0.3)
-        assert isinstance(app.screen, HelpScreen)
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="the help")
         help_text = str(app.screen.query_one("Static").render())
         for key in ("1 … 5", "/", "S, R", ", .", "space", "[ ]", "o ", "p "):
             assert key in help_text
@@ -158,7 +150,7 @@ def test_live_store_memory_is_bounded_and_keeps_spikes():
     assert x[-1] == 40_000 and len(x) < 2_000
     steps = store.steps()
     assert np.all(np.diff(steps) > 0) and steps[-1] == 40_000
-    assert store.layer_history("mean", 3).tolist() == [[39_998, 39_999, 40_000]] * 2
+    assert store.recent_series("mean", 3).tolist() == [[39_998, 39_999, 40_000]] * 2
     xs, rows = store.layer_stats(0)  # the "mean" statistic is the step: bucket means
     assert np.all(np.diff(rows[:, 0]) > 0) and np.all(rows[:, 0] <= xs)
     assert xs[0] == store.summary.res  # the oldest bucket covers steps 1 … res: the start

@@ -1,5 +1,5 @@
 """Snapshots of every screen at 120x40 and 80x24 (and the main ones at 200x60), over a
-deterministic recorded run (``tests/sessions.py``: seeded data, fixed times, in UTC)."""
+deterministic recorded run (``tests/helpers/sessions.py``: seeded data, fixed times, in UTC)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from neurotop.tui.data.replay_source import ReplaySource
 from neurotop.tui.screens.replay_app import ReplayApp
-from tests.conftest import until
-from tests.sessions import write_dashboard_run
+from tests.helpers.pilot import until
+from tests.helpers.sessions import write_dashboard_run
 
 SCREENS = {"overview": "1", "layers": "2", "detail": "3", "gradients": "4", "control": "5",
            "help": "question_mark"}
@@ -41,8 +41,7 @@ def snapshot(snap_compare, session, screen: str, size: tuple[int, int],
         if theme:
             app.theme = theme
         await until(pilot, lambda: app.store.status.step == 400, what="the recording")
-        await pilot.press(SCREENS[screen])
-        await pilot.pause(0.5)
+        await pilot.press(SCREENS[screen])  # drawn at once (snap_compare lets it settle)
 
     try:
         return snap_compare(app, terminal_size=size, run_before=loaded)

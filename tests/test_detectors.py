@@ -5,6 +5,7 @@ training run with a planted dying layer logs and records the alert with no viewe
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -183,26 +184,24 @@ def test_rules_are_validated_and_can_be_switched_off():
     with pytest.raises(AlertRulesError, match=r"unknown alert\(s\) \['dead'\]; known: nonfinite"):
         AlertRules(off=("dead",))
     with pytest.raises(AlertRulesError, match="auto_pause_alerts: unknown alert"):
-        AutoPause(lambda: True, ["dying"])
+        AutoPause(SimpleNamespace(value=True), ["dying"])
     quiet = Detectors(alert_rules({"off": ["dying_layer", "dead_jump"], "persist": 1}))
     assert run(quiet, [(set_(healthy(), "act0", "dead_frac_window", 1.0), scalars())]) == []
     assert set(ALERTS) >= {"nonfinite", "dying_layer", "loss_spike"}
 
 
 def test_auto_pause_follows_alerts_once_per_incident():
-    resumes = [0]
-    ap = AutoPause(lambda: True, ["dying_layer"], resumes=lambda: resumes[0])
+    ap = AutoPause(SimpleNamespace(value=True), ["dying_layer"])
     det = Detectors(AlertRules(persist=1))
     [nan_alert] = det.check(3, set_(healthy(), "fc1", "nonfinite", 2), scalars(), SCHEMA)
-    assert ap.alert(nan_alert) == "auto-pause: non-finite activations in layer 'fc1', the " \
-                                  "first in forward order (2 values) at step 3"
-    assert ap.alert(nan_alert) is None  # paused for it already: wait for a resume
-    resumes[0] += 1
+    assert ap.alert(nan_alert, 0) == "auto-pause: non-finite activations in layer 'fc1', the " \
+                                     "first in forward order (2 values) at step 3"
+    assert ap.alert(nan_alert, 0) is None  # paused for it already: wait for a resume
     fired = det.check(6, set_(healthy(), "act0", "dead_frac_window", 0.99), scalars(), SCHEMA)
     assert [a.name for a in fired] == ["dying_layer", "dead_jump"]
-    assert "99% of units dead" in ap.alert(fired[0])
-    assert ap.alert(fired[1]) is None  # a dead_jump is not named in this policy
-    assert AutoPause(lambda: False).alert(nan_alert) is None  # the knob is off
+    assert "99% of units dead" in ap.alert(fired[0], 1)  # resumed once since
+    assert ap.alert(fired[1], 1) is None  # a dead_jump is not named in this policy
+    assert AutoPause(SimpleNamespace(value=False)).alert(nan_alert, 0) is None  # knob off
 
 
 def test_a_real_run_logs_and_records_a_dying_layer_with_no_viewer(tmp_path, caplog):

@@ -11,7 +11,7 @@ from torch import nn
 
 from neurotop.config import PARAM_STATS
 from neurotop.training.param_stats import ParamStats, param_names
-from tests import numpy_reference as ref
+from tests.helpers import numpy_reference as ref
 
 SAMPLE = 256
 

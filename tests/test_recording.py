@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from neurotop.protocol import wire
 from neurotop.protocol.runs import SESSION_FILE
@@ -18,8 +17,12 @@ from neurotop.protocol.sessionfile import MESSAGE, SessionReader
 from neurotop.tui.data.client import LiveClient
 from neurotop.tui.data.replay_source import ReplaySource
 from neurotop.tui.data.targets import resolve
-from tests.conftest import wait_until
-from tests.test_agent_e2e import collect
+from tests.helpers.cli import neurotop
+from tests.helpers.telemetry import Subscriber
+from tests.helpers.training import watch_options
+from tests.helpers.waiting import wait_until
+
+pytestmark = pytest.mark.slow  # starts training processes
 
 
 def recorded_steps(path: Path) -> np.ndarray:
@@ -31,11 +34,13 @@ def recorded_steps(path: Path) -> np.ndarray:
 
 
 def test_record_then_replay_gives_identical_values(start_run):
-    run = start_run("--steps", "120", "--step-sleep", "0.015")
+    run = start_run("--steps", "120", "--step-sleep", "0.015", held=True)
     session = Path(run.info.run_dir) / SESSION_FILE
     assert session.is_file(), "the connection file names the run directory"
-    live = {m.header["step"]: m for m in collect(run.info.telemetry, 30, until_step=120)
-            if m.kind == wire.STATS}
+    with Subscriber(run.info.telemetry).ready() as sub:
+        run.go()  # subscribed first: every step is seen live
+        live = {m.header["step"]: m for m in sub.collect(60, until_step=120)
+                if m.kind == wire.STATS}
     assert run.proc.wait(30) == 0
     src = ReplaySource(session)
     src.load()
@@ -45,8 +50,8 @@ def test_record_then_replay_gives_identical_values(start_run):
     np.testing.assert_array_equal(steps, np.arange(1, 121))
     names = store.schema["scalars"]
     scalars = np.stack([store.scalar(n)[1] for n in names], 1)
-    blocks = np.stack([store.layer_history(s, 120) for s in store.schema["stats"]], -1)
-    assert len(live) > 60, f"only {len(live)} steps seen live"
+    blocks = np.stack([store.recent_series(s, 120) for s in store.schema["stats"]], -1)
+    assert sorted(live) == list(range(1, 121)), "a step was not seen live"
     for step, m in live.items():
         np.testing.assert_array_equal(blocks[:, step - 1], m.arrays[0])
         np.testing.assert_array_equal(scalars[step - 1], m.arrays[1])
@@ -69,8 +74,7 @@ def test_kill_9_mid_write_then_replay(start_run):
     np.testing.assert_array_equal(np.diff(steps), 1)  # every step up to the last flush
     assert np.isfinite(src.store.scalar("loss")[1]).all()
     src.close()
-    out = subprocess.run([sys.executable, "-c", "from neurotop.tui.cli import main; main()", "ls",
-                          "--json"], capture_output=True, text=True, timeout=30)
+    out = neurotop("ls", "--json")
     listed = {r["run_id"]: r for r in json.loads(out.stdout)}
     assert listed[run.info.run_id]["state"] == "ended*"
     assert listed[run.info.run_id]["steps"] >= 300
@@ -83,7 +87,7 @@ def test_late_attach_sees_steps_from_before_the_ui_started(start_run):
     client = LiveClient(resolve(run.info.run_id), backfill=True).start()
     try:
         store = client.store
-        wait_until(lambda: len(store.steps()) and not store.status.history, timeout=20,
+        wait_until(lambda: len(store.steps()) and not store.status.backfill, timeout=20,
                    what="the history")
         attached_at = int(store.steps()[-1])
         wait_until(lambda: store.status.step > attached_at + 30, timeout=20, what="live steps")
@@ -96,12 +100,12 @@ def test_late_attach_sees_steps_from_before_the_ui_started(start_run):
 
 
 def test_late_attach_to_an_unrecorded_run_says_so_and_goes_on_live(start_run):
-    run = start_run("--step-sleep", "0.01", "--no-record")
+    run = start_run("--step-sleep", "0.01", *watch_options(record=False))
     assert run.info.run_dir == ""
     client = LiveClient(resolve(run.info.run_id), backfill=True).start()
     try:
         store = client.store
-        wait_until(lambda: "not recording" in store.status.history, what="the refusal")
+        wait_until(lambda: "not recording" in store.status.backfill, what="the refusal")
         first = store.status.step
         wait_until(lambda: len(store.steps()) > 10 and store.status.step > first + 10,
                    what="live steps")

@@ -8,8 +8,8 @@ from neurotop.tui.data.client import CommandError
 from neurotop.tui.data.replay_source import ReplaySource
 from neurotop.tui.screens.replay_app import GotoStep, ReplayApp, TimelineBar
 from neurotop.tui.screens.widgets import LayerTable
-from tests.conftest import status_text, until
-from tests.sessions import write_run
+from tests.helpers.pilot import status_text, until
+from tests.helpers.sessions import write_run
 
 
 def timeline_text(app: ReplayApp) -> str:

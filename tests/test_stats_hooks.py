@@ -19,7 +19,7 @@ import neurotop
 from neurotop.config import Config
 from neurotop.protocol import wire
 from neurotop.training.stats import first_tensor
-from tests import numpy_reference as ref
+from tests.helpers import numpy_reference as ref
 
 
 class Telemetry:
@@ -226,6 +226,7 @@ def test_bf16_autocast_on_cpu():
         tel.close()
 
 
+@pytest.mark.slow  # compiling takes many seconds on a small CPU
 def test_hooks_registered_before_torch_compile():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))

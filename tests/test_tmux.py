@@ -11,11 +11,11 @@ import time
 import pytest
 
 from neurotop.protocol import connfile
-from tests.conftest import wait_until
+from tests.helpers.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # tmux, and the demo's training
     not shutil.which("tmux") and not os.environ.get("CI"),
-    reason="tmux is not installed (.ci/run installs it, so CI never skips this)")
+    reason="tmux is not installed (.ci/run installs it, so CI never skips this)")]
 
 
 class Tmux:

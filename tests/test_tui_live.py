@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from neurotop.tui.data.client import LiveClient
 from neurotop.tui.data.targets import resolve
 from neurotop.tui.screens.app import HelpScreen, NeurotopApp
 from neurotop.tui.screens.widgets import LayerTable
-from tests.conftest import ROOT, status_text, until
+from tests.helpers.package import ROOT
+from tests.helpers.pilot import status_text, until
+
+pytestmark = pytest.mark.slow  # starts training processes
 
 
 async def test_live_view_pause_resume_help_quit(start_run):

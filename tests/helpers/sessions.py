@@ -1,5 +1,6 @@
 """Session files for tests, written with the real writer and wire encoding, shaped like a
-run's: a schema first and re-sent, stats per step, heartbeats, command acks and alerts."""
+run's: a schema first and re-sent, stats per step, heartbeats, command acks and alerts; and
+what a real run recorded, read back."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from neurotop.protocol import wire
-from neurotop.protocol.sessionfile import SessionWriter
+from neurotop.protocol.sessionfile import MESSAGE, SessionReader, SessionWriter, split_frames
 
 
 class SessionBuilder:
@@ -147,3 +148,10 @@ def write_dashboard_run(path: Path, steps: int, *, layers: int = 8,
                   t=t)
     b.close()
     return b
+
+
+def recorded_headers(path: Path) -> list[dict]:
+    """The header of every message a run recorded, in the order it published them."""
+    with SessionReader(path) as r:
+        return [wire.decode(split_frames(rec.body)).header for rec in r.records()
+                if rec.type == MESSAGE]

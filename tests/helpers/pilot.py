@@ -1,0 +1,28 @@
+"""Driving a Textual app with Pilot: waiting on what it shows, reading its status bar."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from textual.app import App
+from textual.pilot import Pilot
+
+from neurotop.tui.screens.widgets import StatusBar
+
+
+async def until(pilot: Pilot, pred: Callable[[], object], timeout: float = 20.0,
+                what: str = "condition") -> None:
+    """Let the app run until ``pred()`` holds (it keeps rendering meanwhile, as it would for
+    a person; a sleep would freeze it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status_text(app: App) -> str:
+    """What the status bar shows now, as plain text."""
+    return str(app.query_one(StatusBar).render())
