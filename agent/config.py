@@ -47,6 +47,13 @@ class Config:
     #: Layers whose output gradient RMS (the backprop signal) is measured by a tensor
     #: hook: ``None`` = the blocks, or every measured layer when the model has no blocks.
     signal_layers: tuple[str, ...] | None = None
+    #: Also measure forwards that do not train: under ``torch.no_grad()`` or
+    #: ``torch.inference_mode()``, or with the watched model in eval mode
+    #: (``model.training`` False). Off by default, so evaluation and generation inside a
+    #: report window cost nothing and stay out of the training statistics (and of
+    #: ``samples_per_s``, which counts training forwards always). A loop that trains in
+    #: eval mode (fine-tuning with frozen BatchNorm via ``model.eval()``) needs True.
+    measure_eval: bool = False
     #: Which columns of ``LAYER_STATS`` to compute and send.
     stats: tuple[str, ...] = LAYER_STATS
     #: ``near_zero_frac`` counts |a| < eps.
@@ -74,6 +81,9 @@ class Config:
     #: layer glob; others: dim 1 for 4-D/5-D outputs and for 3-D outputs of conv, pooling
     #: and batch/instance-norm modules (channels first), the last dimension otherwise.
     unit_dim: dict[str, int] = field(default_factory=dict)
+    #: Which dimension of the model's first tensor input counts samples for
+    #: ``samples_per_s``: 0 for batch-first inputs, 1 for sequence-first ones (T, B, ...).
+    batch_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("layers", "layer_types", "exclude", "stats", "hist_layers"):
@@ -87,8 +97,11 @@ class Config:
             raise ConfigError(f"stats: unknown {unknown}; known: {', '.join(LAYER_STATS)}")
         self.stats = tuple(s for s in LAYER_STATS if s in self.stats)  # canonical order
         _int_at_least("report_every", self.report_every, 1)
+        if not isinstance(self.measure_eval, bool):
+            raise ConfigError(f"measure_eval must be true or false, got {self.measure_eval!r}")
         _int_at_least("dead_window", self.dead_window, 1)
         _int_at_least("hist_every", self.hist_every, 0)
+        _int_at_least("batch_dim", self.batch_dim, 0)
         for name in ("sample", "hist_sample"):
             _int_at_least(name, getattr(self, name), 16)
         if not (isinstance(self.eps, (int, float)) and self.eps >= 0):

@@ -14,6 +14,7 @@ import atexit
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,55 +26,100 @@ from neurotop.protocol import connfile
 from neurotop.protocol.binding import CurveKeys, check_bind
 from neurotop.protocol.histograms import hist_edges
 from neurotop.service.autopause import AutoPause
-from neurotop.service.controller import Controller
+from neurotop.service.controller import Controller, check_timeout
 from neurotop.service.detectors import AlertRules, Detectors, alert_rules
-from neurotop.service.finalize import BUILTIN_SCALARS, HOST_SCALARS, PendingReport, Report, lr_names
+from neurotop.service.finalize import (
+    AMP_SCALARS,
+    BUILTIN_SCALARS,
+    HOST_SCALARS,
+    PendingReport,
+    Report,
+)
 from neurotop.service.loop import AgentService
 from neurotop.service.recorder import open_recording
 from neurotop.service.wakeup import Wakeup
+from neurotop.training.amp import STUCK, ScalerWatch
 from neurotop.training.checkpoint import Checkpointer
 from neurotop.training.collector import LayerCollector
+from neurotop.training.hooks import Call, ForwardStart, InputHook, LayerHook
 from neurotop.training.knobs import Knobs, UserKnob
 from neurotop.training.layers import select_layers
+from neurotop.training.optimizers import (
+    Models,
+    Optimizers,
+    OptimizerSet,
+    Watched,
+    gather_models,
+    name_optimizers,
+)
 from neurotop.training.packing import pack, to_host
 from neurotop.training.param_stats import ParamStats, param_names
 from neurotop.training.stats import first_tensor
 
 
+class StepCount(int):
+    """``mon.step``: an int (steps completed) that ends a step when called (``mon.step()``)."""
+
+    def __new__(cls, n: int, end_step: Callable[[], None]) -> StepCount:
+        obj = super().__new__(cls, n)
+        obj._end_step = end_step
+        return obj
+
+    def __call__(self) -> None:
+        self._end_step()
+
+
 class Monitor:
-    """Live statistics and control for one model and optimizer. Use ``watch`` to make one.
+    """Live statistics and control for a model (or several) and its optimizers (none, one
+    or several; see ``neurotop.training.optimizers``). Use ``watch`` to make one.
 
     Builds its parts in dependency order, each from finished parts, and owns the threads:
     it starts the recorder and the agent thread, and ``close`` joins them and the
     checkpoint writers.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+    def __init__(self, model: Models, optimizer: Optimizers = None, *,
                  name: str | None = None, config: Config | None = None,
                  run_id: str | None = None, bind_host: str = "127.0.0.1",
                  heartbeat_s: float = 0.5, curve: bool = False, scheduler: Any = None,
                  auto_pause: bool = True, auto_pause_alerts: tuple[str, ...] = (),
+                 auto_pause_timeout: float | None = None,
                  alerts: AlertRules | dict[str, Any] | None = None, snapshot: Any = None,
-                 raise_on_stop: bool = False,
+                 raise_on_stop: bool = False, scaler: Any = None,
                  record: bool | str | os.PathLike | None = True, **options: Any) -> None:
         check_bind(bind_host, curve)  # before any hook is registered
         rules = alert_rules(alerts)
+        check_timeout(auto_pause_timeout)
         self.config = (config or Config()).replace(**options)
         curve_keys = CurveKeys.generate() if curve else None
-        self.model, self.optimizer = model, optimizer
+        model, self._models = gather_models(model)
+        self.model = model
+        self.optimizers = OptimizerSet()  # what the knobs and the snapshot see
+        self._watched: list[Watched] = []
+        self._boundary: Watched | None = None  # whose step is the boundary; None: step()
+        self._manual_steps = False  # the loop has called ``step()``
+        for opt_name, opt in name_optimizers(optimizer, model):
+            self._watch_optimizer(opt_name, opt)
+        if scheduler is not None and len(self._watched) > 1:
+            raise ValueError("scheduler= rescales one optimizer's schedule: with several"
+                             " optimizers, leave it out (set lr then changes the groups only)")
         self.report_every = self.config.report_every
         self.run_id = run_id or os.environ.get("NEUROTOP_RUN_ID") or connfile.new_run_id()
         self.name = name or Path(sys.argv[0] or "python").stem
-        self.step = 0
+        self._step = 0  # training steps completed (``step`` is the public view)
         self.start_time = time.time()
         self._closed = False
         self._active = True  # report on the first step
+        self._measure_eval = self.config.measure_eval
         self._specs = select_layers(model, self.config)
         self._layers = [s.name for s in self._specs]
         self.collector = LayerCollector(self._specs, self.config)
-        self.param_stats = ParamStats(param_names(model, optimizer), self.config.param_stats,
-                                      self.config.sample)
+        # Without an optimizer: the parameters that train, measured at ``step()``.
+        self._manual_stats = ParamStats(
+            [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+            self.config.param_stats, self.config.sample)
         self._observed: dict[str, Any] = {}
+        self._observed_window: dict[str, list[Any]] = {}  # every call in a report step
         self._user_scalars: list[str] = []
         self._schema_id = 0
         self._schema_cache: tuple[tuple[int, int], dict[str, Any]] | None = None
@@ -81,16 +127,21 @@ class Monitor:
         self._samples = 0  # samples seen by the model's forward in this report window
         self._last_report = (time.monotonic(), 0)  # (t, step) of the previous report
         self._rate = (time.monotonic(), 0, 0.0)  # (t, step, steps/s) for the heartbeat
-        self.knobs = Knobs(model, optimizer, scheduler=scheduler, auto_pause=auto_pause)
+        self.knobs = Knobs(model, self.optimizers, scheduler=scheduler, auto_pause=auto_pause)
         auto = AutoPause(self.knobs.auto_pause, auto_pause_alerts)
         self.recorder = open_recording(record, self.run_id, self.name, self.start_time)
         self.checkpointer = Checkpointer(
-            model, optimizer, self.run_id, snapshot,
+            model, self.optimizers, self.run_id, snapshot,
             default_dir=self.recorder.path.parent if self.recorder else "runs")
         wakeup = Wakeup()  # the agent thread sleeps on it; what hands it work rings it
         self.controller = Controller(knobs=self.knobs, snapshot=self.checkpointer,
-                                     raise_on_stop=raise_on_stop, notify=wakeup.ring)
+                                     raise_on_stop=raise_on_stop, notify=wakeup.ring,
+                                     auto_pause_timeout=auto_pause_timeout)
         self._start_window()
+        # ``scaler=``: gradient statistics divided by its loss scale; its skipped steps
+        # (before the agent thread starts: it reads ``amp`` for the schema)
+        self.amp = ScalerWatch(scaler, self._is_boundary, lambda: self._step,
+                               self._skipped_step) if scaler is not None else None
         key = os.urandom(32)
         self.service = AgentService(run_id=self.run_id, key=key, controller=self.controller,
                                     wakeup=wakeup, schema=self._schema, status=self._status,
@@ -105,16 +156,30 @@ class Monitor:
         except BaseException:
             if self.recorder is not None:
                 self.recorder.close()
+            if self.amp is not None:
+                self.amp.close()
             raise
         # Under torch.compile the hooks are traced: the ``_active`` test is cheap to guard
         # on, and the measuring itself runs eagerly (a graph break on report steps only).
         self._measure = torch.compiler.disable(self.collector.on_output)
         self._count = torch.compiler.disable(self._count_samples)
-        self._handles = [s.module.register_forward_hook(self._forward_hook(i))
+        self._forward_started = torch.compiler.disable(self.collector.forward_started)
+        self._structure = 0  # the collector's ``structure`` the schema was built from
+        # Module-level hook classes: a deep copy or a pickle of the model gets inert ones.
+        roots = {s.name: self._root_of(s.name) for s in self._specs}
+        self._handles = [s.module.register_forward_hook(LayerHook(self, i, roots[s.name]))
                          for i, s in enumerate(self._specs)]
-        self._handles += [model.register_forward_pre_hook(self._batch_hook, with_kwargs=True),
-                          optimizer.register_step_pre_hook(self._pre_step),
-                          optimizer.register_step_post_hook(self._post_step)]
+        self._handles.append(self._models[0].register_forward_pre_hook(
+            InputHook(self, self._models[0]), with_kwargs=True))
+        # A forward begins (calls per forward): ``_count_samples`` says so for the first
+        # model's training forwards, sparing a second graph break under torch.compile.
+        self._handles += [m.register_forward_pre_hook(ForwardStart(self, m))
+                          for m in self._models[0 if self._measure_eval else 1:]]
+        if not self._watched:  # gradients as accumulated, for ``step()``
+            self._handles += self._manual_stats.accumulate_hooks(
+                lambda: self._active and not self._watched, self._loss_scale)
+        for w in self._watched:
+            self._hook_optimizer(w)
         self.connection = connfile.ConnectionInfo(
             run_id=self.run_id, name=self.name, pid=os.getpid(), start_time=self.start_time,
             telemetry=self.service.telemetry_endpoint, control=self.service.control_endpoint,
@@ -126,14 +191,21 @@ class Monitor:
     # -- user API -----------------------------------------------------------------------
 
     def observe(self, loss: torch.Tensor | float | None = None, **scalars: Any) -> None:
-        """Hand over this step's loss (a tensor is fine: it is not read until the report)."""
+        """Hand over this step's loss (a tensor is fine: it is not read until the report).
+        Called several times in one optimizer step (once per micro-batch under gradient
+        accumulation), the report gets the mean of that step's values, reduced on the
+        device at the report; on other steps only the last value is kept."""
         if loss is not None:
             scalars["loss"] = loss
         for k, v in scalars.items():
             if k not in BUILTIN_SCALARS and k not in self._user_scalars:
                 self._user_scalars.append(k)
                 self._schema_id += 1
-            self._observed[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            if self._active:
+                self._observed_window.setdefault(k, []).append(v)
+            else:
+                self._observed[k] = v
 
     @property
     def paused(self) -> bool:
@@ -155,6 +227,52 @@ class Monitor:
         """Tell the ``lr`` knob about an LR scheduler created after ``watch``."""
         self.knobs.scheduler = scheduler
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | OptimizerSet | None:
+        """The optimizer; with several, the ``OptimizerSet`` of all of them; or None."""
+        if len(self._watched) > 1:
+            return self.optimizers
+        return self._watched[0].optimizer if self._watched else None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, *, name: str | None = None,
+                         boundary: bool = True) -> None:
+        """Watch an optimizer created after ``watch(model)`` (inside a trainer's ``run()``):
+        its parameter rows, its ``lr`` and ``weight_decay`` knobs, and (``boundary=True``)
+        its ``step()`` as the step boundary. Call it before its first step. Called after
+        steps that ran without one, it first closes the step in progress, so the loss
+        observed then is reported for that step, not the next. ``boundary=False`` keeps
+        ``mon.step()`` as the boundary (a trainer whose callbacks, where the loss is
+        observed, run after ``optimizer.step()``)."""
+        if any(w.optimizer is optimizer for w in self._watched):
+            return
+        if boundary and self._boundary is None and self._samples and not self._manual_steps:
+            self._at_boundary()  # the forwards so far were a step of their own
+        taken = [w.name for w in self._watched]
+        named = [(name, optimizer)] if name else name_optimizers([optimizer], self.model,
+                                                                 taken)
+        w = self._watch_optimizer(*named[0], boundary=boundary)
+        self._hook_optimizer(w)
+        self.knobs.optimizers_changed()
+        self._schema_id += 1  # parameter rows and lr names changed
+
+    @property
+    def step(self) -> StepCount:
+        """The number of training steps completed, an int. Called, ``mon.step()`` is the
+        step boundary of a loop without an optimizer (``watch(model)``; a hand-written
+        update), or with ``attach_optimizer(..., boundary=False)``: call it once per
+        training step, after the update and before the gradients are zeroed. It does what
+        ``optimizer.step()`` does otherwise: reports, applies commands, holds while paused.
+        Parameter statistics without an optimizer: the weights are taken at the boundary
+        before the report step, the gradients and the update at this one."""
+        return StepCount(self._step, self._manual_step)
+
+    def _manual_step(self) -> None:
+        if self._boundary is not None:
+            raise RuntimeError(f"the step boundary is {self._boundary.name}'s optimizer.step();"
+                               " mon.step() would count each step twice")
+        self._manual_steps = True
+        self._at_boundary()
+
     def close(self) -> None:
         """Remove hooks, finish a snapshot being written, flush the last reports, delete
         the connection file. Idempotent. The order matters: the snapshot's ack goes out
@@ -165,6 +283,8 @@ class Monitor:
         atexit.unregister(self.close)
         for h in self._handles:
             h.remove()
+        if self.amp is not None:
+            self.amp.close()
         self.controller.close()
         self.checkpointer.close()
         self.knobs.close()
@@ -181,46 +301,123 @@ class Monitor:
 
     # -- hooks (training thread) --------------------------------------------------------
 
-    def _forward_hook(self, i: int):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if self._active:
-                self._measure(i, out)
-        return hook
-
-    def _batch_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self._active:
-            self._count(args, kwargs)
-
     def _count_samples(self, args: Any, kwargs: Any) -> None:
-        """Samples = dim 0 of the model's first tensor input, in forwards that track grad."""
+        """Samples = dim ``Config.batch_dim`` (0 unless the model is sequence-first) of the
+        model's first tensor input, in forwards that track grad. A forward begins."""
+        self.collector.forward_started()
         t = first_tensor(args) if args else first_tensor(kwargs)
-        if t is not None and t.dim() and torch.is_grad_enabled():
-            self._samples += t.shape[0]
+        d = self.config.batch_dim
+        if t is not None and t.dim() > d and torch.is_grad_enabled():
+            self._samples += t.shape[d]
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._active:
-            self.param_stats.before_step()
-        self.knobs.pre_step()
+    def _pre_step(self, w: Watched) -> None:
+        """Before ``w``'s step: its parameter statistics, at its first step with gradients
+        in a report window (a critic stepped 5 times per generator step is measured once)."""
+        if self._active and not w.measured:
+            w.stats.before_step()
+            w.measured = w.stats.grad_norm is not None
+        self.knobs.pre_step(w.optimizer)
 
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.step += 1
+    def _post_step(self, w: Watched) -> None:
+        if self._active and w.measured and not w.done:
+            w.block, w.done = w.stats.after_step(self._device()), True
+        if w is self._boundary:
+            self._at_boundary()
+
+    def _at_boundary(self) -> None:
+        """The end of a training step: report, open the next window, apply commands."""
+        self._step += 1
         if self._active:
             self._report()
-        self._active = self.step % self.report_every == 0
+        self._active = self._step % self.report_every == 0
         if self._active:
             self._start_window()
-        self.controller.at_boundary(self.step)
+        self.controller.at_boundary(self._step)
 
     def _start_window(self) -> None:
         every = self.config.hist_every
         self.collector.hist_now = every > 0 and self._reports % every == 0
         self._samples = 0
+        for w in self._watched:
+            w.measured, w.done, w.block = False, False, None
+        if not self._watched:
+            self._manual_stats.take_weights()
+
+    def _watch_optimizer(self, name: str, optimizer: torch.optim.Optimizer,
+                         boundary: bool = True) -> Watched:
+        """Add an optimizer (hooked later by ``_hook_optimizer``); ``boundary``: its step
+        ends the training step (the last one added with True is the boundary)."""
+        taken = {n for w in self._watched for n in w.stats.names}
+        named = [(f"{n}@{name}" if n in taken else n, p) for n, p in param_names(
+            self.model, optimizer)]
+        w = Watched(name, optimizer, ParamStats(named, self.config.param_stats,
+                                                self.config.sample))
+        self._watched.append(w)
+        self.optimizers.named.append((name, optimizer))
+        if boundary:
+            self._boundary = w
+        return w
+
+    def _hook_optimizer(self, w: Watched) -> None:
+        w.handles = [w.optimizer.register_step_pre_hook(Call(lambda o, a, k: self._pre_step(w))),
+                     w.optimizer.register_step_post_hook(
+                         Call(lambda o, a, k: self._post_step(w)))]
+        w.handles += w.stats.accumulate_hooks(lambda: self._active and not w.measured,
+                                              self._loss_scale)
+        self._handles += w.handles
+
+    def _is_boundary(self, optimizer: torch.optim.Optimizer) -> bool:
+        return self._boundary is not None and self._boundary.optimizer is optimizer
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The GradScaler's loss scale (its device tensor), which gradients are divided by."""
+        return self.amp.scale() if self.amp is not None else None
+
+    def _skipped_step(self) -> None:
+        """The scaler skipped the boundary optimizer's step (Inf/NaN gradients): no step
+        happened, so a report window starts over instead of mixing that iteration's
+        statistics into the next step's report. From ``amp.STUCK`` skips in a row on, every
+        ``report_every``-th skipped step is reported (at the same step, with its gradients'
+        norm), so that the alerts see a run that no longer steps. Commands apply here too,
+        so such a run can still be paused or stopped."""
+        n, every = self.amp.streak, self.report_every
+        if self._active and n >= STUCK and (n - STUCK) % every == 0:
+            for w in self._watched:
+                if not w.measured:  # the skipped step's gradients: their norm says why
+                    w.stats.before_step()
+                    w.measured = w.stats.grad_norm is not None
+            self._report()
+        elif self._active:
+            self.collector.discard()
+            self._observed_window.clear()
+            for w in self._watched:
+                w.stats.discard()
+        elif n + 1 >= STUCK and (n + 1 - STUCK) % every == 0:
+            self._active = True  # the next skipped step is reported: measure it
+        if self._active:
+            self._start_window()
+        self.controller.at_boundary(self.step)
+
+    def _root_of(self, layer: str) -> nn.Module:
+        """The user's model a layer belongs to (whose train/eval mode counts)."""
+        if len(self._models) == 1:
+            return self._models[0]
+        return self.model[layer.split(".")[0]]
+
+    def _device(self) -> torch.device:
+        if self.collector.device is not None:
+            return self.collector.device
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
 
     def _report(self) -> None:
         """Pack the window into one device buffer, start its copy, hand it over."""
-        dev = self.collector.device or _device_of(self.param_stats.params)
-        parts, meta = self.collector.pack(dev)
-        pblock = self.param_stats.after_step(dev)
+        dev = self._device()
+        parts, meta = self.collector.pack(dev, self._loss_scale())
+        if self.collector.structure != self._structure:  # activations or calls changed
+            self._structure = self.collector.structure
+            self._schema_id += 1
+        pblock = self._param_block(dev)
         if pblock is not None:
             parts["params"] = pblock
         names = self._scalar_names()
@@ -239,22 +436,33 @@ class Monitor:
             ready = torch.cuda.Event()
             ready.record()
         pending = PendingReport(self._schema_id, self.config, layout, meta, names, slots, host)
-        self.service.submit_report(Report(self.step, time.time(), buf, pending.messages,
+        self.service.submit_report(Report(self._step, time.time(), buf, pending.messages,
                                           ready))
         self._reports += 1
 
     def _scalar_values(self, dev: torch.device) -> dict[str, Any]:
         """This report's scalars by name: device tensors, CPU tensors or floats."""
-        now, step = time.monotonic(), self.step
+        now, step = time.monotonic(), self._step
         t0, s0 = self._last_report
         self._last_report = (now, step)
         rate = (step - s0) / (now - t0) if s0 and now > t0 else float("nan")
+        window, self._observed_window = self._observed_window, {}
+        for k, vs in window.items():
+            self._observed[k] = _mean(vs)
         out: dict[str, Any] = dict(self._observed)
-        out["grad_norm"] = self.param_stats.grad_norm
-        for name, g in zip(lr_names(len(self.optimizer.param_groups)),
-                           self.optimizer.param_groups, strict=True):
+        norms = self._grad_norms()
+        vals = [v.to(dev) for v in norms.values()]
+        out["grad_norm"] = (None if not vals else vals[0] if len(vals) == 1
+                            else torch.linalg.vector_norm(torch.stack(vals)))
+        if len(self._watched) > 1:
+            out.update((f"grad_norm.{k}", v) for k, v in norms.items())
+        for name, g in zip(self.optimizers.lr_names(), self.optimizers.param_groups,
+                           strict=True):
             lr = g.get("lr", float("nan"))
             out[name] = lr if isinstance(lr, torch.Tensor) else float(lr)
+        if self.amp is not None:
+            out["loss_scale"] = self.amp.scale()
+            out["skipped_steps"] = float(self.amp.skipped)
         out["steps_per_s"] = rate
         out["samples_per_s"] = rate * self._samples if self._samples else float("nan")
         if dev.type == "cuda":
@@ -263,15 +471,39 @@ class Monitor:
         return {k: v for k, v in out.items() if v is not None}
 
     def _scalar_names(self) -> list[str]:
-        return [*BUILTIN_SCALARS, *self._user_scalars,
-                *lr_names(len(self.optimizer.param_groups)), *HOST_SCALARS]
+        per_opt = [f"grad_norm.{w.name}" for w in self._watched] if len(self._watched) > 1 else []
+        amp = AMP_SCALARS if self.amp is not None else ()
+        return [*BUILTIN_SCALARS, *self._user_scalars, *self.optimizers.lr_names(), *per_opt,
+                *amp, *HOST_SCALARS]
+
+    def _param_block(self, dev: torch.device) -> torch.Tensor | None:
+        """This window's ``[params x PARAM_STATS]``: each optimizer's rows from its first
+        step in the window (NaN for one that did not step), or, without an optimizer, the
+        model's parameters at this boundary."""
+        if not self._watched:
+            self._manual_stats.before_step(weights=False)
+            return self._manual_stats.after_step(dev)
+        blocks = [w.block if w.measured else None for w in self._watched]
+        if all(b is None for b in blocks):
+            return None
+        return torch.cat([torch.full((len(w.stats.names), len(PARAM_STATS)), float("nan"),
+                                     device=dev) if b is None else b.to(dev)
+                          for w, b in zip(self._watched, blocks, strict=True)])
+
+    def _grad_norms(self) -> dict[str, torch.Tensor]:
+        """The gradient norm of each optimizer that stepped in the window, by name (without
+        an optimizer: the model's, at this boundary)."""
+        if not self._watched:
+            gn = self._manual_stats.grad_norm
+            return {"": gn} if gn is not None else {}
+        return {w.name: w.stats.grad_norm for w in self._watched if w.measured}
 
     # -- read by the agent thread -------------------------------------------------------
 
     def _schema(self) -> dict[str, Any]:
         """The schema (shared: do not mutate). Built again only when it changes: the agent
         thread reads it on every report."""
-        key = (self._schema_id, len(self.optimizer.param_groups))
+        key = (self._schema_id, len(self.optimizers.param_groups))
         if self._schema_cache is None or self._schema_cache[0] != key:
             self._schema_cache = (key, self._build_schema())
         return self._schema_cache[1]
@@ -281,17 +513,24 @@ class Monitor:
         return {"schema_id": self._schema_id, "run_name": self.name, "layers": self._layers,
                 "layer_types": [s.type_name for s in self._specs],
                 "blocks": [s.name for s in self._specs if s.kind == "block"],
+                "activations": list(self.collector.activations),
+                "calls": list(self.collector.calls),
                 "stats": list(c.stats), "scalars": self._scalar_names(),
-                "params": self.param_stats.names if c.param_stats else [],
+                "params": self._param_names() if c.param_stats else [],
                 "param_stats": list(PARAM_STATS) if c.param_stats else [],
                 "hist_layers": [s.name for s in self._specs if s.hist],
                 "hist_edges": hist_edges(c.hist_exponents).tolist(),
                 "hist_every": c.hist_every, "report_every": self.report_every,
                 "config": c.to_dict(), "start_time": self.start_time, "pid": os.getpid()}
 
+    def _param_names(self) -> list[str]:
+        if not self._watched:
+            return self._manual_stats.names
+        return [n for w in self._watched for n in w.stats.names]
+
     def _status(self) -> dict[str, Any]:
         t0, s0, rate = self._rate
-        now, step = time.monotonic(), self.step
+        now, step = time.monotonic(), self._step
         if now - t0 >= 1.0:
             rate = (step - s0) / (now - t0)
             self._rate = (now, step, rate)
@@ -300,14 +539,27 @@ class Monitor:
                 "steps_per_s": rate}
 
 
-def _device_of(params: list[torch.Tensor]) -> torch.device:
-    return params[0].device if params else torch.device("cpu")
+def _mean(values: list[Any]) -> Any:
+    """The mean of one step's observed values: a float, or a device tensor (not read)."""
+    if len(values) == 1:
+        return values[0]
+    tensor = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    if tensor is None:
+        return sum(values) / len(values)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=tensor.device).reshape(())
+                        for v in values]).mean()
 
 
-def watch(model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Monitor:
+def watch(model: Models, optimizer: Optimizers = None, **kwargs: Any) -> Monitor:
     """Start monitoring: ``mon = neurotop.watch(model, opt)``; ``mon.observe(loss=loss)`` each
-    step; ``mon.close()`` (or use it as a context manager). Options: ``name``, ``run_id``,
+    step; ``mon.close()`` (or use it as a context manager). ``model``: a module, or a dict
+    (or list) of them; ``optimizer``: one, a list or dict of them (the last one's step is
+    the boundary), or None (call ``mon.step()``; or ``mon.attach_optimizer(opt)`` later).
+    Options: ``name``, ``run_id``,
     ``bind_host``, ``config=Config(...)`` and any ``Config`` field by name
     (``report_every=5``); ``alerts=AlertRules(...)`` (or a dict of its fields) sets the
-    detectors' thresholds, ``auto_pause_alerts=("dying_layer",)`` pauses on more alerts."""
+    detectors' thresholds, ``auto_pause_alerts=("dying_layer",)`` pauses on more alerts,
+    ``auto_pause_timeout=S`` snapshots and stops a run nobody resumes S s after an
+    auto-pause; ``scaler=`` a ``torch.amp.GradScaler``: unscaled gradient statistics,
+    ``loss_scale``, ``skipped_steps``."""
     return Monitor(model, optimizer, **kwargs)

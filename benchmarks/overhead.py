@@ -16,6 +16,13 @@ steps, so that every chunk holds exactly one report step of the default mode; a 
 time is its chunk's time / 10, and the figure per mode is the median over all chunks of
 all its processes. The last line is ``overhead_default=R1 overhead_all=R2``: the largest
 ratio over the models (and devices) measured.
+
+Memory with evaluation inside report windows (``--eval-every N``, default 10; 0 skips it):
+one more process per model with and without neurotop (default settings) trains 20 steps
+and, every N steps, right after a step that opens a report window, runs a validation loop
+of ``--eval-batches`` batches (default 200) under ``torch.no_grad()`` in eval mode. Each
+prints its peak memory (resident set size on the CPU, the allocator's peak on CUDA); the
+last line adds ``eval_mem_ratio=X``, the largest ratio with / without (budget <= 1.05).
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("off", "default", "all")
 CHUNK = 10
 
 
-def build(model_name: str, device: str, mlp_batch: int = 1024):
+def build(model_name: str, device: str, mlp_batch: int = 1024, eval_batch: int = 64):
+    """The model, its training loss, and one validation batch (``eval_batch`` rows)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -83,6 +92,7 @@ def build(model_name: str, device: str, mlp_batch: int = 1024):
 
         def loss_fn(m):
             return F.cross_entropy(m(x).flatten(0, 1), x.flatten())
+        val = torch.randint(0, 1024, (max(1, eval_batch // 128), 128), device=device)
     else:
         layers: list[nn.Module] = [nn.Linear(512, 1024), nn.ReLU()]
         for _ in range(5):
@@ -93,7 +103,19 @@ def build(model_name: str, device: str, mlp_batch: int = 1024):
 
         def loss_fn(m):
             return F.cross_entropy(m(x), y)
-    return model, loss_fn
+        val = torch.randn(eval_batch, 512, device=device)
+    return model, loss_fn, val
+
+
+def peak_memory(device: str) -> float:
+    """Peak bytes of this process: the CUDA allocator's, or the resident set's (Linux)."""
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return float(torch.cuda.max_memory_allocated())
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def child(args: argparse.Namespace) -> None:
@@ -101,7 +123,7 @@ def child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, loss_fn = build(args.model, args.device, args.mlp_batch)
+    model, loss_fn, val = build(args.model, args.device, args.mlp_batch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     mon = None
     if args.mode != "off":
@@ -123,6 +145,21 @@ def child(args: argparse.Namespace) -> None:
             mon.observe(loss=loss)
         opt.step()
 
+    if args.eval_child:
+        for i in range(1, 21):
+            step()
+            if i % args.eval_every == 0:  # the window of step i + 1 is open (report_every 10)
+                model.eval()
+                with torch.no_grad():
+                    for _ in range(args.eval_batches):
+                        model(val)
+                model.train()
+        sync()
+        if mon is not None:
+            mon.close()
+        print(json.dumps({"peak": peak_memory(args.device)}))
+        return
+
     for _ in range(args.warmup):
         step()
     sync()
@@ -139,11 +176,13 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"wall": wall, "cpu": cpu}))
 
 
-def run_child(model: str, mode: str, device: str, args: argparse.Namespace
-              ) -> dict[str, list[float]]:
+def run_child(model: str, mode: str, device: str, args: argparse.Namespace,
+              eval_child: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--mode", mode,
            "--device", device, "--warmup", str(args.warmup), "--chunks", str(args.chunks),
-           "--threads", str(args.threads), "--mlp-batch", str(args.mlp_batch)]
+           "--threads", str(args.threads), "--mlp-batch", str(args.mlp_batch),
+           "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
+           *(["--eval-child"] if eval_child else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"benchmark child failed ({model} {mode}):\n{out.stderr[-3000:]}")
@@ -168,6 +207,17 @@ def measure(model: str, device: str, args: argparse.Namespace) -> dict[str, floa
     return {m: med[m] / med["off"] for m in ("default", "all")}
 
 
+def measure_eval_memory(model: str, device: str, args: argparse.Namespace) -> float:
+    """Peak memory with / without neurotop on a loop that evaluates inside report windows."""
+    peak = {m: run_child(model, m, device, args, eval_child=True)["peak"]
+            for m in ("off", "default")}
+    ratio = peak["default"] / peak["off"]
+    print(f"{device} {model}: peak memory with {args.eval_batches} eval batches every "
+          f"{args.eval_every} steps: off {peak['off'] / 2**20:.1f} MiB  default "
+          f"{peak['default'] / 2**20:.1f} MiB ({ratio:.3f})", flush=True)
+    return ratio
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=6, help="processes per mode and model")
@@ -177,6 +227,12 @@ def main() -> None:
     p.add_argument("--models", default="transformer,mlp")
     p.add_argument("--mlp-batch", type=int, default=1024, help="rows per step of the MLP")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--eval-every", type=int, default=10,
+                   help="evaluate every N steps in the memory measurement (0: skip it)")
+    p.add_argument("--eval-batches", type=int, default=200, help="batches per evaluation")
+    p.add_argument("--eval-only", action="store_true",
+                   help="only the eval memory measurement (no timing)")
+    p.add_argument("--eval-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
@@ -189,9 +245,15 @@ def main() -> None:
         import torch
 
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    ratios = [measure(m, d, args) for d in devices for m in args.models.split(",")]
-    print(f"overhead_default={max(r['default'] for r in ratios):.3f} "
-          f"overhead_all={max(r['all'] for r in ratios):.3f}")
+    runs = [(m, d) for d in devices for m in args.models.split(",")]
+    keys = []
+    if not args.eval_only:
+        ratios = [measure(m, d, args) for m, d in runs]
+        keys += [f"overhead_default={max(r['default'] for r in ratios):.3f}",
+                 f"overhead_all={max(r['all'] for r in ratios):.3f}"]
+    if args.eval_every > 0:
+        keys.append(f"eval_mem_ratio={max(measure_eval_memory(m, d, args) for m, d in runs):.3f}")
+    print(" ".join(keys))
 
 
 if __name__ == "__main__":

@@ -238,3 +238,45 @@ def test_a_real_run_logs_and_records_a_dying_layer_with_no_viewer(tmp_path, capl
     assert not [e for e in events if e["step"] <= 60], f"alerts before the damage: {events}"
     logged = [r.getMessage() for r in caplog.records if "dying_layer" in r.getMessage()]
     assert logged and "layer '1'" in logged[0]
+
+
+def test_dying_counts_functional_pre_activations_and_custom_activation_classes():
+    """A Linear whose output goes into F.relu (the schema's ``activations``) and a class
+    named like an activation are watched; a logits layer is not."""
+    layers = ["fc1", "gelu", "head"]
+    schema = {**SCHEMA, "layers": layers, "layer_types": ["Linear", "NewGELU", "Linear"],
+              "activations": ["F.relu", "", ""]}
+    col = {s: j for j, s in enumerate(STATS)}
+    b = np.zeros((3, len(STATS)), np.float32)
+    b[:, col["dead_frac_window"]] = 0.95
+    det = Detectors(AlertRules(persist=1))
+    got = det.check(1, b, scalars(), schema)
+    assert sorted((a.layer, a.level) for a in got if a.name == "dying_layer") == [
+        ("fc1", "critical"), ("gelu", "critical")]
+    assert "'fc1' (before F.relu): 95% of units dead" in next(
+        a.message for a in got if a.layer == "fc1")
+
+
+def amp_scalars(skipped: float, scale: float = 1024.0) -> tuple[dict, np.ndarray]:
+    schema = {**SCHEMA, "scalars": [*SCHEMA["scalars"], "loss_scale", "skipped_steps"]}
+    return schema, np.array([1.0, 1.0, -1, 0.1, scale, skipped], np.float32)
+
+
+def test_amp_skipping_fires_when_the_scaler_keeps_skipping_and_not_otherwise():
+    def alerts(skips: list[float], steps: list[int]) -> list[tuple[int, str]]:
+        det, out = Detectors(), []
+        for step, sk in zip(steps, skips, strict=True):
+            schema, sc = amp_scalars(sk)
+            out += [(a.step, a.level) for a in det.check(step, healthy(), sc, schema)
+                    if a.name == "amp_skipping"]
+        return out
+
+    every10 = list(range(1, 400, 10))
+    # Healthy: six skips while the scaler finds its scale, then one in a while.
+    healthy_skips = [0.0, 6.0] + [6.0 + k // 15 for k in range(len(every10) - 2)]
+    assert alerts(healthy_skips, every10) == []
+    # From report 12 on, 4 of every 14 iterations skip (4 skips + 10 steps per report).
+    keeps = [0.0] * 12 + [4.0 * k for k in range(1, len(every10) - 11)]
+    assert alerts(keeps, every10) == [(every10[14], "warn")]  # after `persist` reports
+    # Every iteration skipped: the step does not advance between reports.
+    assert alerts([0.0, 0.0, 40.0, 50.0], [1, 11, 11, 11]) == [(11, "critical")]

@@ -11,6 +11,7 @@ from torch import nn
 
 from neurotop.protocol.commands import check_args, check_value, parse_value, split_knob
 from neurotop.training.knobs import Knobs
+from neurotop.tui.cli import ctl_args
 
 
 def test_l1_hook_gradient_equals_adding_the_penalty_to_the_loss():
@@ -104,6 +105,7 @@ def test_grad_clip_and_user_knobs():
 @pytest.mark.parametrize("text, parsed", [
     ("0.01", (0.01, "set")), ("3", (3, "set")), ("x0.5", (0.5, "mul")), ("*2", (2, "mul")),
     ("off", (False, "set")), ("True", (True, "set")), ("1e-3", (1e-3, "set")),
+    ("release", (None, "release")), (" Unpin", (None, "release")),
 ])
 def test_parse_value(text, parsed):
     assert parse_value(text) == parsed
@@ -118,6 +120,8 @@ def test_parse_value(text, parsed):
     ({"name": "b", "type": "bool"}, 0.5, "set", "b takes true or false"),
     ({"name": "lr", "type": "float"}, -2.0, "mul", "a factor must be finite and > 0"),
     ({"name": "lr", "type": "float"}, 1.0, "pow", "op must be one of set, mul"),
+    ({"name": "grad_clip", "type": "float"}, None, "release", "grad_clip is never pinned"),
+    ({"name": "lr", "type": "float", "pinnable": True}, 1.0, "release", "takes no value"),
 ])
 def test_check_value_reasons(spec, value, op, reason):
     assert reason in check_value(spec, value, op)
@@ -128,6 +132,33 @@ def test_command_args_and_knob_names():
     assert "unknown command 'jump'" in check_args("jump", {})
     assert "step: n must be int, got bool" in check_args("step", {"n": True})
     assert "set needs knob, value" in check_args("set", {})
+    assert "set needs value" in check_args("set", {"knob": "lr"})
+    assert check_args("set", {"knob": "lr", "op": "release"}) is None  # takes no value
+    assert ctl_args("set", ["lr", "release"]) == {"knob": "lr", "op": "release"}
+    assert ctl_args("set", ["lr", "x0.5"]) == {"knob": "lr", "value": 0.5, "op": "mul"}
     assert split_knob("dropout[enc.*]") == ("dropout", "enc.*")
     with pytest.raises(ValueError, match="bad knob name"):
         split_knob("lr]")
+
+
+def test_a_pin_holds_against_the_script_until_released():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    knobs = Knobs(model, opt)
+    assert knobs.apply("lr", 0.5, "set")["pinned"] is True
+    opt.param_groups[0]["lr"] = 0.9  # the script's own schedule
+    assert knobs.values()["lr"] == 0.5, "the listing shows what the steps use"
+    knobs.pre_step()
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert knobs.pins() == {"lr": {"value": 0.5, "targets": ["0"], "overridden": 1,
+                                   "script": 0.9}}
+    out = knobs.apply("lr", None, "release")
+    assert out["old"] == 0.5 and out["pinned"] is False and knobs.pins() == {}
+    opt.param_groups[0]["lr"] = 0.9
+    knobs.pre_step()
+    assert opt.param_groups[0]["lr"] == 0.9
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    with_sched = Knobs(model, opt, scheduler=sched)
+    assert with_sched.apply("lr", 0.3, "set")["pinned"] is False  # the schedule carries it
+    assert with_sched.pins() == {}

@@ -21,9 +21,11 @@ ARGS: dict[str, dict[str, tuple[type, ...]]] = {
     "snapshot": {}, "stop": {}, "schema": {}, "knobs": {},
     "history": {"offset": (int,), "max_bytes": (int,)},
 }
-REQUIRED = {"step": ("n",), "set": ("knob", "value")}
+REQUIRED = {"step": ("n",), "set": ("knob",)}
 MAX_STEP_N = 1_000_000
-OPS = ("set", "mul")
+#: ``release`` hands a pinned knob back to the script (it takes no value).
+OPS = ("set", "mul", "release")
+RELEASE_WORDS = ("release", "unpin")
 
 _KNOB_RE = re.compile(r"^([A-Za-z_][\w.]*)(?:\[([^\[\]]+)\])?$")
 
@@ -36,10 +38,13 @@ def split_knob(name: str) -> tuple[str, str | None]:
     return m.group(1), m.group(2)
 
 
-def parse_value(text: str) -> tuple[bool | int | float, str]:
+def parse_value(text: str) -> tuple[bool | int | float | None, str]:
     """What a person types -> ``(value, op)``: ``0.01`` sets, ``x0.5`` (or ``*0.5``)
-    multiplies, ``true``/``false``/``on``/``off`` are booleans, ``3`` is an int."""
+    multiplies, ``true``/``false``/``on``/``off`` are booleans, ``3`` is an int,
+    ``release`` (or ``unpin``) is ``(None, "release")``."""
     t = text.strip()
+    if t.lower() in RELEASE_WORDS:
+        return None, "release"
     op = "set"
     if t[:1] in ("x", "*", "×"):
         op, t = "mul", t[1:].strip()
@@ -55,8 +60,18 @@ def parse_value(text: str) -> tuple[bool | int | float, str]:
     try:
         return float(t), op
     except ValueError:
-        raise ValueError(f"{text!r} is not a value: type a number, true/false, or xFACTOR"
-                         " (e.g. x0.5) to multiply") from None
+        raise ValueError(f"{text!r} is not a value: type a number, true/false, xFACTOR"
+                         " (e.g. x0.5) to multiply, or release") from None
+
+
+def set_args(knob: str, value: bool | int | float | None, op: str) -> dict[str, Any]:
+    """The ``set`` command's args for a parsed value (``op`` only where it is not "set")."""
+    args: dict[str, Any] = {"knob": knob}
+    if op != "release":
+        args["value"] = value
+    if op != "set":
+        args["op"] = op
+    return args
 
 
 def check_value(spec: Mapping[str, Any], value: Any, op: str = "set") -> str | None:
@@ -65,6 +80,10 @@ def check_value(spec: Mapping[str, Any], value: Any, op: str = "set") -> str | N
     name, kind = spec["name"], spec["type"]
     if op not in OPS:
         return f"op must be one of {', '.join(OPS)}, got {op!r}"
+    if op == "release":
+        if not spec.get("pinnable"):
+            return f"{name} is never pinned: there is nothing to release"
+        return None if value is None else "release takes no value"
     if op == "mul":
         if kind != "float":
             return f"{name} is {kind}: it cannot be multiplied, set it instead"
@@ -103,6 +122,8 @@ def check_args(cmd: str, args: Any) -> str | None:
     if extra:
         return f"{cmd} does not take {', '.join(map(repr, extra))}"
     missing = [k for k in REQUIRED.get(cmd, ()) if k not in args]
+    if cmd == "set" and "value" not in args and args.get("op") != "release":
+        missing.append("value")
     if missing:
         return f"{cmd} needs {', '.join(missing)}"
     for k, v in args.items():

@@ -5,7 +5,9 @@ the queue in the optimizer's step post-hook and produces one ack per command
 naming the step where it took effect (the number of optimizer steps completed
 when it was applied: step ``k`` means step ``k + 1`` is the first to see it).
 Pause blocks the training thread right there, still draining the queue so that
-resume (or anything else) is applied. Every command is plain data ``(cmd, args)``
+resume (or anything else) is applied; an auto-pause that nobody resumes within
+``auto_pause_timeout`` seconds ends in a snapshot and a stop, so that a headless run does
+not wait forever. Every command is plain data ``(cmd, args)``
 applied deterministically from the state at the boundary, so that under
 torch.distributed the same list can be broadcast and applied by all ranks at the
 same step.
@@ -36,6 +38,7 @@ class KnobTable(Protocol):
 
     def describe(self) -> list[dict[str, Any]]: ...
     def values(self) -> dict[str, Any]: ...
+    def pins(self) -> dict[str, Any]: ...
     def validate(self, knob: str, value: Any, op: str) -> None: ...
     def apply(self, knob: str, value: Any, op: str) -> dict[str, Any]: ...
 
@@ -44,6 +47,14 @@ class KnobTable(Protocol):
 #: ``{"error": why}``, possibly later and from another thread
 #: (``training.checkpoint.Checkpointer`` implements it).
 TakeSnapshot = Callable[[int, Callable[[dict[str, Any]], None]], None]
+
+
+def check_timeout(seconds: Any) -> None:
+    """Refuse an ``auto_pause_timeout`` that is not None or a number of seconds > 0."""
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(
+            seconds, (int, float)) or not seconds > 0):
+        raise ValueError(f"auto_pause_timeout must be a number of seconds > 0 or None,"
+                         f" got {seconds!r}")
 
 
 # --- the queue and the state it changes ---------------------------------------------------
@@ -64,8 +75,9 @@ class Controller:
     """State the operator can change, and the queue that carries the changes."""
 
     def __init__(self, knobs: KnobTable | None = None, snapshot: TakeSnapshot | None = None,
-                 raise_on_stop: bool = False, notify: Callable[[], None] = lambda: None
-                 ) -> None:
+                 raise_on_stop: bool = False, notify: Callable[[], None] = lambda: None,
+                 auto_pause_timeout: float | None = None) -> None:
+        check_timeout(auto_pause_timeout)
         self.queue: queue.Queue[Pending] = queue.Queue()
         #: Events that are not acks (e.g. "paused after step N"); the agent publishes them.
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -79,6 +91,11 @@ class Controller:
         self.resumes = 0  # bumped by every resume/step: lets auto-pause re-arm
         self._until: int | None = None  # `step N`: pause again when this step is reached
         self._stop_raised = False
+        #: An auto-pause nobody resumes within this many seconds snapshots and stops the
+        #: run (a headless run would otherwise hold its machine forever).
+        self.auto_pause_timeout = auto_pause_timeout
+        self._give_up_at: float | None = None  # monotonic deadline of the auto-pause held
+        self._forced_stop = ""  # why the run was stopped without an operator
         self._closed = threading.Event()
 
     # -- agent thread ---------------------------------------------------------------------
@@ -91,7 +108,7 @@ class Controller:
         if self.knobs is None:
             return "this run has no knobs"
         try:
-            self.knobs.validate(args["knob"], args["value"], args.get("op", "set"))
+            self.knobs.validate(args["knob"], args.get("value"), args.get("op", "set"))
         except ValueError as e:  # the knob's own reason: a value it refuses
             return str(e)
         except Exception as e:  # a bug, but untrusted input must never take the agent down
@@ -110,9 +127,11 @@ class Controller:
         return self.knobs.describe() if self.knobs else []
 
     def heartbeat(self) -> dict[str, Any]:
-        """Fields the heartbeat carries for the UI: why it is paused, knob values."""
+        """Fields the heartbeat carries for the UI: why it is paused, knob values, and the
+        knobs an operator pinned (with how often the script wrote over them)."""
         return {"pause_reason": self.pause_reason, "stopping": self.stop_requested,
-                "knobs": self.knobs.values() if self.knobs else {}}
+                "knobs": self.knobs.values() if self.knobs else {},
+                "pins": self.knobs.pins() if self.knobs else {}}
 
     # -- training thread ------------------------------------------------------------------
 
@@ -127,9 +146,13 @@ class Controller:
             self.notify()
         while self.paused and not self._closed.is_set():
             self._drain(step, block=True)
-        if self.stop_requested and self.raise_on_stop and not self._stop_raised:
+            if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+                self._give_up(step)
+        if self.stop_requested and (self.raise_on_stop or self._forced_stop) \
+                and not self._stop_raised:
             self._stop_raised = True
-            raise StopTraining(f"stopped by an operator command at step {step}")
+            raise StopTraining(self._forced_stop
+                               or f"stopped by an operator command at step {step}")
 
     def close(self) -> None:
         """Release a paused loop and refuse what is still queued."""
@@ -159,14 +182,39 @@ class Controller:
 
     def _pause(self, step: int, reason: str) -> None:
         self.paused, self.paused_at, self.pause_reason, self._until = True, step, reason, None
+        self._give_up_at = None
+
+    def _give_up(self, step: int) -> None:
+        """The auto-pause timed out: snapshot, stop, and say why (log, telemetry, and so the
+        recording). The run's values are non-finite and nobody is there to decide, so the
+        stop raises ``StopTraining`` whether or not the loop asked for ``raise_on_stop``."""
+        reason = (f"auto-pause timeout: nobody resumed within {self.auto_pause_timeout:g} s"
+                  f" ({self.pause_reason}); snapshot and stop at step {step}")
+        log.warning("neurotop %s", reason)
+        self._forced_stop = reason
+        self.stop_requested = True
+        self.paused, self.paused_at, self.pause_reason, self._until = False, None, "", None
+        self._give_up_at = None
+        def publish(ack: dict[str, Any]) -> None:
+            self.events.put({"event": "ack", **ack})
+            self.notify()
+        stop = Pending("auto-timeout-stop", "stop", {}, "auto-pause", publish)
+        publish(self._ack(stop, ok=True, step=step, old="paused", new="stopping",
+                          reason=reason))
+        if self.snapshot is not None:
+            shot = Pending("auto-timeout-snapshot", "snapshot", {}, "auto-pause", publish)
+            self._apply(shot, step)
 
     def _apply(self, p: Pending, step: int) -> dict[str, Any] | None:
         old = self._state()["state"]
         if p.cmd == "pause":
             self._pause(step, p.args.get("reason") or f"paused by {p.sender or 'an operator'}")
+            if p.sender == "auto-pause" and self.auto_pause_timeout is not None:
+                self._give_up_at = time.monotonic() + self.auto_pause_timeout
             return self._ack(p, ok=True, step=step, old=old, new="paused")
         if p.cmd in ("resume", "step"):
             self.paused, self.paused_at, self.pause_reason = False, None, ""
+            self._give_up_at = None
             self.resumes += 1
             if p.cmd == "resume":
                 self._until = None
@@ -175,7 +223,7 @@ class Controller:
             return self._ack(p, ok=True, step=step, old=old, new="stepping", until=self._until)
         if p.cmd == "set":
             try:
-                result = self.knobs.apply(p.args["knob"], p.args["value"],
+                result = self.knobs.apply(p.args["knob"], p.args.get("value"),
                                           p.args.get("op", "set")) if self.knobs else None
             except ValueError as e:
                 return self._ack(p, ok=False, step=None, error=str(e))
@@ -185,6 +233,7 @@ class Controller:
         if p.cmd == "stop":
             self.stop_requested = True
             self.paused, self.paused_at, self.pause_reason, self._until = False, None, "", None
+            self._give_up_at = None
             return self._ack(p, ok=True, step=step, old=old, new="stopping")
         if p.cmd == "snapshot" and self.snapshot is not None:
             def done(result: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ only if it gets worse (warn -> critical), and the incident ends (re-arming the r
 the condition has been absent for ``rearm`` reports in a row.
 
 Implemented: E1 massive activation, E2 dying layer, E3 explode/vanish (including non-finite
-values and global grad-norm spikes) and E8 loss spike. The other rows of section E need
+values, global grad-norm spikes and a GradScaler that keeps skipping steps) and E8 loss
+spike. The other rows of section E need
 inputs the engine does not measure (logits, test accuracy, Hessians, attention maps).
 """
 
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from neurotop.protocol.layerkinds import ACTIVATION_TYPES, is_activation
+
 WARN, CRITICAL = "warn", "critical"
 _RANK = {WARN: 1, CRITICAL: 2}
 
@@ -33,13 +36,12 @@ _RANK = {WARN: 1, CRITICAL: 2}
 ALERTS: dict[str, str] = {
     "nonfinite": "E3", "massive_activation": "E1", "massive_growth": "E1",
     "dying_layer": "E2", "dead_jump": "E2", "explode_vanish": "E3", "grad_spike": "E3",
-    "loss_spike": "E8",
+    "loss_spike": "E8", "amp_skipping": "E3",
 }
 
 
-#: Activation modules whose outputs E2 watches by default.
-DEAD_TYPES = ("ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU",
-              "SiLU", "Mish", "Softplus", "Hardswish", "Threshold")
+#: Activation modules whose outputs E2 watches by default (the UI colours the same).
+DEAD_TYPES = ACTIVATION_TYPES
 
 
 class AlertRulesError(ValueError):
@@ -64,7 +66,10 @@ class AlertRules:
     growth_window: int = 20
     #: E2: dead-unit fraction (over the window where measured, else in the batch) of the
     #: layers of these types: activation functions, where "never positive" means dead (a
-    #: logits layer whose outputs are all negative is healthy).
+    #: logits layer whose outputs are all negative is healthy). Also of layers whose class
+    #: is named like an activation (``layerkinds.ACTIVATION_NAME``: ``NewGELU``) and of
+    #: those the autograd graph showed compute one or feed a functional one (the schema's
+    #: ``activations``: ``fc1`` in ``F.relu(self.fc1(x))``).
     dead_types: tuple[str, ...] = DEAD_TYPES
     dead_warn: float = 0.5
     dead_critical: float = 0.9
@@ -85,6 +90,12 @@ class AlertRules:
     #: ... or above this many times the median of the last ``loss_window`` reports.
     loss_median: float = 2.0
     loss_window: int = 50
+    #: E3 (AMP): the GradScaler skipped more than this fraction of the steps since the
+    #: previous report, ``persist`` reports in a row after ``warmup`` (the scaler finds its
+    #: scale by skipping at the start); critical at once when no step was taken since the
+    #: previous report (a run stuck skipping reports once 32 skips are in a row, see
+    #: ``neurotop.training.amp``).
+    skip_frac: float = 0.2
     #: Reports seen before the running-average rules (E3 spikes, E8) may fire.
     warmup: int = 10
     #: Weight of the newest report in the running averages.
@@ -166,6 +177,7 @@ class Detectors:
         self._losses: deque[float] = deque(maxlen=self.rules.loss_window)
         self._ratios: dict[str, tuple[deque[int], deque[float]]] = {}  # steps, ratios
         self._dead: dict[str, deque[tuple[int, float]]] = {}
+        self._skips: tuple[int, float] | None = None  # (step, skipped_steps) last report
 
     def check(self, step: int, block: np.ndarray, scalars: np.ndarray,
               schema: dict[str, Any]) -> list[Alert]:
@@ -177,9 +189,11 @@ class Detectors:
         if block.ndim == 2 and block.shape == (len(layers), len(stats)):
             col = {s: block[:, j].astype(np.float64) for j, s in enumerate(stats)}
             self._massive(step, col, layers, found)
-            self._dying(step, col, layers, list(schema.get("layer_types", [])), found)
+            self._dying(step, col, layers, list(schema.get("layer_types", [])),
+                        list(schema.get("activations", [])), found)
             self._gain(step, col, layers, schema, found)
         self._spikes(step, values, found)
+        self._skipping(step, values, found)
         self._reports += 1
         return self._settle(found)
 
@@ -252,21 +266,26 @@ class Detectors:
             ratios.append(float(ratio))
 
     def _dying(self, step: int, col: dict[str, np.ndarray], layers: list[str],
-               types: list[str], found: dict[tuple[str, str], _Condition]) -> None:
+               types: list[str], acts: list[str],
+               found: dict[tuple[str, str], _Condition]) -> None:
         r = self.rules
         name = "dead_frac_window" if "dead_frac_window" in col else "dead_frac"
         if name not in col:
             return
         over = "over the window" if name == "dead_frac_window" else "in the batch"
+        if len(acts) != len(layers):
+            acts = [""] * len(layers)
         for i, layer in enumerate(layers):
             dead = col[name][i]
-            if not math.isfinite(dead) or i >= len(types) or types[i] not in r.dead_types:
+            if (not math.isfinite(dead) or i >= len(types)
+                    or not is_activation(types[i], acts[i], r.dead_types)):
                 continue
+            before = f" (before {acts[i]})" if acts[i].startswith("F.") else ""
             if dead > r.dead_warn:
                 level = CRITICAL if dead > r.dead_critical else WARN
                 self._add(found, Alert("dying_layer", level,
-                                       f"layer {layer!r}: {dead:.0%} of units dead {over}"
-                                       f"", step, layer, float(dead)),
+                                       f"layer {layer!r}{before}: {dead:.0%} of units dead"
+                                       f" {over}", step, layer, float(dead)),
                           r.persist)
             hist = self._dead.setdefault(layer, deque())
             while hist and step - hist[0][0] > r.dead_jump_steps:
@@ -349,6 +368,35 @@ class Detectors:
             self._loss_ema += a * d
             self._loss_var = (1 - a) * (self._loss_var + a * d * d)
         self._losses.append(loss)
+
+    def _skipping(self, step: int, values: dict[str, float],
+                  found: dict[tuple[str, str], _Condition]) -> None:
+        """AMP: the share of steps the GradScaler skipped (Inf/NaN gradients) since the
+        previous report. A healthy run skips a few at the start and one now and then when
+        the scale grows past what fp16 holds; one that keeps skipping does not train."""
+        r = self.rules
+        skipped = values.get("skipped_steps", math.nan)
+        if not math.isfinite(skipped):
+            return
+        last, self._skips = self._skips, (step, skipped)
+        if last is None:
+            return
+        missed, stepped = skipped - last[1], step - last[0]
+        if missed <= 0:
+            return
+        scale = values.get("loss_scale", math.nan)
+        if stepped <= 0:
+            self._add(found, Alert(
+                "amp_skipping", CRITICAL, f"the GradScaler skipped every step since step"
+                f" {last[0]}: {skipped:.0f} skipped in all (loss scale {scale:.3g})", step,
+                value=missed), 1)
+            return
+        frac = missed / (missed + stepped)
+        if self._reports >= r.warmup and frac > r.skip_frac:
+            self._add(found, Alert(
+                "amp_skipping", WARN, f"the GradScaler skipped {missed:.0f} of the last"
+                f" {missed + stepped:.0f} steps ({frac:.0%}; loss scale {scale:.3g})", step,
+                value=frac), r.persist)
 
     # -- incidents ---------------------------------------------------------------------
 

@@ -30,6 +30,9 @@ Layout = list[tuple[str, tuple[int, ...]]]
 #: ``observe`` follow, then the learning rates, then ``HOST_SCALARS`` (measured on the host).
 BUILTIN_SCALARS = ("loss", "grad_norm", "first_nonfinite")
 HOST_SCALARS = ("steps_per_s", "samples_per_s", "mem_device", "mem_device_peak", "mem_host")
+#: With ``watch(scaler=...)``, after the learning rates: the GradScaler's loss scale at the
+#: report step (the one its backward used) and the steps it skipped since ``watch``.
+AMP_SCALARS = ("loss_scale", "skipped_steps")
 
 
 def lr_names(groups: int) -> list[str]:
@@ -47,6 +50,9 @@ class Report:
     #: Turns the buffer (as NumPy) into messages: ``[(header fields, arrays), ...]``.
     finalize: Callable[[np.ndarray], list[tuple[dict[str, Any], list[np.ndarray]]]]
     ready: Any = None  # a CUDA event to wait on before reading, or None
+    #: The schema it was made under, taken when it is handed over (``submit_report``), so
+    #: its messages go out after the schema that labels them.
+    schema: dict[str, Any] | None = None
 
 
 @dataclass

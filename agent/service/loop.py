@@ -71,6 +71,7 @@ class AgentService(threading.Thread):
         self._halt = threading.Event()
         self._ready = threading.Event()
         self._seq = 0
+        self._sent_schema: dict[str, Any] | None = None  # the last schema published
         self.dropped = 0
         self.telemetry_endpoint = self.control_endpoint = ""
         self._error: BaseException | None = None
@@ -85,7 +86,11 @@ class AgentService(threading.Thread):
                 from self._error
 
     def submit_report(self, r: Report) -> None:
-        """Never blocks: a full queue means the consumer lags, so the report is dropped."""
+        """Never blocks: a full queue means the consumer lags, so the report is dropped.
+        The schema is taken here, on the training thread, so it is the one the report was
+        made under (a later ``observe`` of a new scalar changes it)."""
+        if r.schema is None:
+            r.schema = self._schema()  # cached: rebuilt only when it changed
         try:
             self.reports.put_nowait(r)
         except queue.Full:
@@ -146,7 +151,7 @@ class AgentService(threading.Thread):
         poller.register(pub, zmq.POLLIN)
         poller.register(self.wakeup.reader, zmq.POLLIN)
         next_hb = next_schema = 0.0
-        self._publish(pub, {"kind": wire.SCHEMA, **self._schema()})  # first in the recording
+        self._publish_schema(pub, self._schema())  # first in the recording
         while not self._halt.is_set():
             due = min(next_hb, next_schema) - time.monotonic()
             for sock, _ in poller.poll(timeout=max(0, int(due * 1000) + 1)):
@@ -165,7 +170,7 @@ class AgentService(threading.Thread):
             self._send_replies(pub, router)
             now = time.monotonic()
             if now >= next_schema:
-                self._publish(pub, {"kind": wire.SCHEMA, **self._schema()})
+                self._publish_schema(pub, self._schema())
                 next_schema = now + self.schema_every_s
             if now >= next_hb:
                 self._publish(pub, {"kind": wire.HEARTBEAT, "control": self.control_endpoint,
@@ -194,7 +199,15 @@ class AgentService(threading.Thread):
         except zmq.Again:
             self.dropped += 1
 
+    def _publish_schema(self, pub: zmq.Socket, schema: dict[str, Any]) -> None:
+        self._sent_schema = schema
+        self._publish(pub, {"kind": wire.SCHEMA, **schema})
+
     def _publish_reports(self, pub: zmq.Socket) -> None:
+        """Each report after the schema it was made under: when that is not the schema last
+        sent (a new user scalar, more param groups), it is sent first. Otherwise a viewer,
+        or a recording that ends before the periodic resend, labels the values with the
+        wrong names."""
         while True:
             try:
                 r = self.reports.get_nowait()
@@ -208,12 +221,14 @@ class AgentService(threading.Thread):
             except Exception:  # a bug here must not stop telemetry and control: log, go on
                 log.exception("could not finalize the report of step %d", r.step)
                 continue
+            schema = r.schema if r.schema is not None else self._schema()
+            if schema is not self._sent_schema and schema != self._sent_schema:
+                self._publish_schema(pub, schema)  # (cached: the same dict until it changes)
             for header, arrays in messages:
                 self._publish(pub, {"step": r.step, "wall": r.t, "dropped": self.dropped,
                                     **header}, arrays)
                 if header["kind"] == wire.STATS and self.detectors is not None:
-                    for alert in self.detectors.check(r.step, arrays[0], arrays[1],
-                                                      self._schema()):
+                    for alert in self.detectors.check(r.step, arrays[0], arrays[1], schema):
                         self._raise(alert)
 
     # -- control ------------------------------------------------------------------------

@@ -7,6 +7,13 @@ sample of dL/dh). ``pack`` concatenates them into a few device tensors for the r
 one copy and starts a fresh window. Host-side facts (which layer each row belongs to,
 sample sizes, unit counts, the forward order) are Python ints taken from shapes, never
 from values.
+
+Two facts about the model's structure come from the autograd graph the forward builds, not
+from values: which layers feed a functional activation (``F.relu(self.fc1(x))``: ``fc1``'s
+dead units are then dead ReLU units) or compute one themselves (a custom activation module
+calling ``F.gelu``), and how often a layer runs in one forward of the model (a module
+called from two places is pooled into one row). Both go into the schema
+(``activations``, ``calls``).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from neurotop.config import Config
 from neurotop.service.finalize import ROW_COLS
@@ -30,6 +38,47 @@ from neurotop.training.stats import (
     summarize,
     take_sample,
 )
+
+#: Autograd nodes of activation functions whose output is positive exactly where its input is,
+#: so "never positive" means the same before and after them: a unit whose pre-activation is
+#: never positive is dead. By node name without ``Backward<k>``.
+ACTIVATION_OPS = {"Relu": "relu", "Gelu": "gelu", "Silu": "silu", "Mish": "mish",
+                  "LeakyRelu": "leaky_relu", "Elu": "elu", "Celu": "celu",
+                  "Hardswish": "hardswish", "Threshold": "threshold", "RreluWithNoise": "rrelu",
+                  "Prelu": "prelu", "PreluKernel": "prelu"}
+#: Nodes walked through from a layer's input back to an activation: they keep a unit's
+#: sign (pooling, dropout, reshapes), as between ``F.relu(self.conv(x))`` and the next layer.
+_PASS_OPS = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "NativeDropout",
+             "View", "UnsafeView", "Reshape", "Clone", "Transpose", "Permute")
+_WALK = 6  # nodes at most from a layer's input back to the activation
+
+
+def _op(node: Any) -> str:
+    """An autograd node's operation: its name without ``Backward<k>``."""
+    name = node.name()
+    k = name.rfind("Backward")
+    return name[:k] if k > 0 else name
+
+
+def activation_of(node: Any) -> str:
+    """The activation (``"relu"``) whose autograd node this is, or ``""``."""
+    return ACTIVATION_OPS.get(_op(node), "") if node is not None else ""
+
+
+def activation_input(node: Any) -> tuple[Any, str, Any] | None:
+    """From the autograd node of a layer's input, back through sign-keeping nodes to an
+    activation: ``(activation node, activation, node of the activation's input)``."""
+    for _ in range(_WALK):
+        if node is None:
+            return None
+        act = activation_of(node)
+        if act:
+            nxt = node.next_functions
+            return (node, act, nxt[0][0]) if nxt else None
+        if not _op(node).startswith(_PASS_OPS) or not node.next_functions:
+            return None
+        node = node.next_functions[0][0]
+    return None
 
 
 class LayerCollector:
@@ -51,6 +100,18 @@ class LayerCollector:
         self._ring_pos = 0
         self._units = [0] * len(specs)
         self._valid: tuple[tuple[int, ...], torch.Tensor] | None = None
+        #: Per layer: the activation that makes its dead units dead units: ``"F.relu"``
+        #: for a layer whose output goes into a functional ReLU, ``"relu"`` for a leaf
+        #: that computes one itself, ``""`` when the graph showed none (see ``_note_graph``).
+        self.activations = [""] * len(specs)
+        #: Per layer: the most calls seen in one forward of the model (at least 1).
+        self.calls = [1] * len(specs)
+        self.structure = 0  # bumped when ``activations`` or ``calls`` change
+        # Modules that may return their input itself (dropout with p=0 or in eval mode,
+        # identity): their output's node is someone else's.
+        self._passive = [isinstance(s.module, (nn.Identity, nn.modules.dropout._DropoutNd))
+                         for s in specs]
+        self._forward_calls: dict[int, int] | None = None  # this forward's calls per layer
         self._new_window()
 
     def _new_window(self) -> None:
@@ -62,15 +123,29 @@ class LayerCollector:
         self.umax: list[torch.Tensor | None] = [None] * len(self.specs)
         self.grad_layer: list[int] = []
         self.grad_samples: list[torch.Tensor] = []  # one per gradient hook call, owned
+        #: autograd node of each measured output -> its layer (held until the report, so
+        #: that a later node's ``next_functions`` give back the same objects)
+        self._out_nodes: dict[Any, int] = {}
 
     # -- hook bodies (training thread, report windows only) -------------------------------
 
-    def on_output(self, i: int, out: Any) -> None:
+    def forward_started(self) -> None:
+        """The model's forward pre-hook, in report windows: a new forward's calls count."""
+        self._forward_calls = {}
+
+    def on_output(self, i: int, out: Any, args: Any = ()) -> None:
         """Forward hook body: this call's row; hook the output's gradient if asked."""
         t = first_tensor(out)
         if t is None or not t.is_floating_point() or t.numel() == 0:
             return
         spec = self.specs[i]
+        if self._forward_calls is not None:
+            n = self._forward_calls[i] = self._forward_calls.get(i, 0) + 1
+            if n > self.calls[i]:
+                self.calls[i] = n
+                self.structure += 1
+        if t.grad_fn is not None:
+            self._note_graph(i, t.grad_fn, args)
         if spec.signal and self.need.grad and t.requires_grad and torch.is_grad_enabled():
             t.register_hook(self._grad_fns[i])
         if self.device is None:
@@ -97,6 +172,32 @@ class LayerCollector:
             else:  # another batch size: reduce both to the units' maxima
                 self.umax[i] = torch.maximum(prev.amax(0, keepdim=True),
                                              umax.amax(0, keepdim=True))
+
+    def _note_graph(self, i: int, node: Any, args: Any) -> None:
+        """What the autograd graph says about layer ``i``: a leaf whose output is an
+        activation's is an activation; and if this call's input comes (through pooling,
+        dropout or reshapes) from an activation applied to another measured layer's output
+        outside any measured module, that layer is the activation's pre-activation."""
+        if not self._passive[i]:
+            self._out_nodes[node] = i
+        if not self.activations[i] and self.specs[i].kind == "leaf" and not self._passive[i]:
+            act = activation_of(node)
+            if act:
+                self.activations[i] = act
+                self.structure += 1
+        x = first_tensor(args)
+        found = activation_input(x.grad_fn) if x is not None else None
+        if found is None:
+            return
+        act_node, act, src = found
+        j = self._out_nodes.get(src)
+        if j is not None and act_node not in self._out_nodes and not self.activations[j]:
+            self.activations[j] = f"F.{act}"
+            self.structure += 1
+
+    def discard(self) -> None:
+        """Drop this window's samples (the scaler skipped the step they were for)."""
+        self._new_window()
 
     def _grad_hook(self, i: int):
         def hook(g: torch.Tensor) -> None:
@@ -137,16 +238,21 @@ class LayerCollector:
 
     # -- report ---------------------------------------------------------------------------
 
-    def pack(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This window's device tensors and host facts; then a fresh window starts."""
+    def pack(self, device: torch.device, scale: torch.Tensor | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This window's device tensors and host facts; then a fresh window starts.
+        ``scale``: the loss scale the window's backwards used (a GradScaler's), which
+        dL/dh is divided by, on the device."""
         dev = self.device or device
         c = self.config
+        inv = scale.to(dev, torch.float32).reciprocal().reshape(()) if scale is not None else None
         groups = stack_by_size(pool_by_layer(self.samples, self.row_layer), dev)
+        grad_norms = _stack(torch._foreach_norm(self.grad_samples) if self.grad_samples
+                            else [], dev, (0,))
         parts: dict[str, torch.Tensor] = {
             "rows": _stack(self.rows, dev, (0,)).view(-1, len(ROW_COLS)),
             "summary": summarize(groups, len(self.specs), c.eps, dev),
-            "grad_norms": _stack(torch._foreach_norm(self.grad_samples) if self.grad_samples
-                                 else [], dev, (0,)),
+            "grad_norms": grad_norms * inv if inv is not None else grad_norms,
         }
         units = [u.shape[1] if u is not None else 0 for u in self.umax]
         if self.need.units and any(units):
@@ -154,6 +260,8 @@ class LayerCollector:
         if self.hist_now:
             hist = list(self.hist_rows)  # layer indices, in the schema's hist_layers order
             grads = stack_by_size(pool_by_layer(self.grad_samples, self.grad_layer), dev)
+            if inv is not None:
+                grads = [(idx, a * inv) for idx, a in grads]
             parts["hist"] = hist_counts(groups, hist, c.hist_exponents, c.hist_sample, dev)
             parts["grad_hist"] = hist_counts(grads, hist, c.hist_exponents, c.hist_sample,
                                              dev)

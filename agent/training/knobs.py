@@ -12,12 +12,19 @@ heartbeat) and validates requests. Built in:
   plain edit. The value is also pinned for the next step: the step pre-hook, which runs
   after the user's ``scheduler.step()``, sets it exactly and folds whatever the scheduler
   changed in between into the rescale. So the next optimizer step uses exactly the value
-  asked for, and the schedule continues from it (its shape is kept, scaled).
-- ``weight_decay`` / ``weight_decay[i]``: the group's ``weight_decay``.
+  asked for, and the schedule continues from it (its shape is kept, scaled). Without a
+  scheduler the value is pinned until released (``set lr release``): many scripts assign
+  ``param_group["lr"]`` themselves every iteration (a hand-written cosine), which would
+  undo a plain edit one step later, so the pre-hook writes the pinned value back before
+  each step and counts how often the script had written over it (``Knobs.pins``, sent
+  in every heartbeat).
+- ``weight_decay`` / ``weight_decay[i]``: the group's ``weight_decay``, pinned like ``lr``.
 - ``grad_clip``: max global grad norm, clipped by the agent in the step pre-hook with
   ``clip_grad_norm_`` (no host sync); 0 is off.
 - ``dropout`` / ``dropout[GLOB]``: ``p`` of every ``nn.Dropout``-family module, or of
-  those whose ``named_modules()`` path matches the glob.
+  those whose ``named_modules()`` path matches the glob; pinned until released by a
+  forward pre-hook on the set modules (a script sets ``p`` before its forward, so the
+  step pre-hook would be too late). No hook exists while nothing is pinned.
 - ``l1[GLOB]``: L1 activation penalty lambda on the outputs of the modules matching the
   glob. A forward hook registers ``out.register_hook(g -> g + lambda * sign(out) / B)``
   (B = ``out.shape[0]``), which equals adding ``lambda * sum|out| / B`` to the loss
@@ -26,7 +33,8 @@ heartbeat) and validates requests. Built in:
   agent thread from each report; see ``neurotop.service.autopause``).
 - user knobs: ``mon.knob("temperature", 1.0, min=0.1, max=10)``.
 
-Values may be set (``op="set"``) or multiplied (``op="mul"``, float knobs only).
+Values may be set (``op="set"``) or multiplied (``op="mul"``, float knobs only); a pinned
+knob is handed back to the script with ``op="release"``.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import torch
 from torch import nn
 
 from neurotop.protocol.commands import check_value, split_knob
+from neurotop.training.hooks import Call
 
 Value = bool | int | float
 _SCHEDULE_ATTRS = ("base_lrs", "max_lrs")  # scheduler lists indexed by param group
@@ -47,18 +56,26 @@ _SCHEDULE_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr")  # OneCycleLR & co. ke
 
 
 class Knob:
-    """One named knob. Targets are what a selector picks (param groups, modules)."""
+    """One named knob. Targets are what a selector picks (param groups, modules).
+
+    A ``pinnable`` knob is one the training script may write itself; what an operator
+    sets is held (``pins``) against it until released, and each write over it is counted.
+    """
 
     type = "float"
     selector: str | None = None  # "group", "glob" or None
+    pinnable = False
 
     def __init__(self, name: str, doc: str, min: float | None = None,
                  max: float | None = None) -> None:
         self.name, self.doc, self.min, self.max = name, doc, min, max
+        self.pins: dict[str, float] = {}  # target -> the value the operator set
+        self.overridden: dict[str, int] = {}  # target -> writes by the script undone
+        self.script_value: dict[str, float] = {}  # target -> what the script last wrote
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "min": self.min, "max": self.max,
-                "selector": self.selector, "doc": self.doc}
+                "selector": self.selector, "doc": self.doc, "pinnable": self.pinnable}
 
     def targets(self, sel: str | None) -> list[str]:
         if sel is not None:
@@ -72,8 +89,36 @@ class Knob:
         raise NotImplementedError
 
     def listed(self) -> Any:
-        """The value ``knobs`` lists: one value, or a list when the targets differ."""
-        return collapse([self.get(t) for t in self.targets(None)])
+        """The value ``knobs`` lists: one value, or a list when the targets differ. A
+        pinned target lists its pin: what every step uses, though the script may have
+        written another value since the last step."""
+        pins = dict(self.pins) if self.holds() else {}
+        return collapse([pins[t] if t in pins else self.get(t) for t in self.targets(None)])
+
+    def release(self, target: str) -> None:
+        """Hand ``target`` back to the script: its next write stands."""
+        self.pins.pop(target, None)
+        self.overridden.pop(target, None)
+        self.script_value.pop(target, None)
+
+    def holds(self) -> bool:
+        """Whether a value set stays pinned until released."""
+        return self.pinnable
+
+    def pin_state(self) -> dict[str, Any] | None:
+        """What the heartbeat says of this knob's pins, or None when nothing is pinned.
+        Read by the agent thread: copies first (each ``dict()`` is atomic under the GIL)."""
+        pins, over, script = dict(self.pins), dict(self.overridden), dict(self.script_value)
+        if not pins or not self.holds():
+            return None
+        return {"value": collapse(list(pins.values())), "targets": list(pins),
+                "overridden": sum(over.values()),
+                "script": collapse(list(script.values())) if script else None}
+
+    def _held(self, target: str, script: float) -> None:
+        """The script had written ``script`` over the pinned value, now restored."""
+        self.overridden[target] = self.overridden.get(target, 0) + 1
+        self.script_value[target] = script
 
 
 class UserKnob(Knob):
@@ -117,9 +162,11 @@ class UserKnob(Knob):
 
 
 class GroupKnob(Knob):
-    """A hyperparameter of each optimizer param group (``lr``, ``weight_decay``)."""
+    """A hyperparameter of each optimizer param group (``lr``, ``weight_decay``); pinned
+    against the script by the step pre-hook (``at_pre_step``)."""
 
     selector = "group"
+    pinnable = True
 
     def __init__(self, name: str, optimizer: torch.optim.Optimizer, doc: str) -> None:
         super().__init__(name, doc, min=0.0)
@@ -127,8 +174,15 @@ class GroupKnob(Knob):
 
     def targets(self, sel: str | None) -> list[str]:
         n = len(self.optimizer.param_groups)
+        if not n:
+            raise ValueError(f"{self.name}: the run has no optimizer (watch(model, optimizer)"
+                             " or mon.attach_optimizer(optimizer))")
         if sel is None:
             return [str(i) for i in range(n)]
+        # several optimizers (neurotop.training.optimizers.OptimizerSet): lr[NAME]
+        names = getattr(self.optimizer, "group_names", None) or []
+        if sel in names:
+            return [str(i) for i, name in enumerate(names) if name == sel]
         if not sel.isdigit() or int(sel) >= n:
             raise ValueError(f"{self.name}[{sel}]: the optimizer has {n} param group(s),"
                              f" select one of 0..{n - 1}")
@@ -141,41 +195,62 @@ class GroupKnob(Knob):
         return None if v is None else float(v)  # plain floats go on the wire (not numpy's)
 
     def put(self, target: str, value: Value) -> None:
+        self.write(target, value)
+        self.pins[target] = float(value)
+
+    def write(self, target: str, value: Value) -> None:
         g = self.optimizer.param_groups[int(target)]
         if isinstance(g.get(self.name), torch.Tensor):
             g[self.name].fill_(value)
         else:
             g[self.name] = float(value)
 
+    def at_pre_step(self) -> None:
+        """In the step pre-hook: write the pinned values back where the script changed them."""
+        if not self.pins:
+            return
+        for t, v in list(self.pins.items()):
+            cur = self.get(t)
+            if cur is not None and cur != v:
+                self.write(t, v)
+                self._held(t, cur)
+
 
 class LearningRate(GroupKnob):
-    """``lr``: rescales the scheduler's schedule and pins the value for the next step."""
+    """``lr``: with a scheduler, rescales its schedule and pins the value for the next step;
+    without one, pins it until released."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
         super().__init__("lr", optimizer, "learning rate per param group; with a scheduler the"
-                         " schedule is rescaled and continues from the new value")
+                         " schedule is rescaled and continues from the new value, without"
+                         " one it is held until `set lr release`")
         self.scheduler = scheduler
-        self.pins: dict[int, float] = {}
+
+    def holds(self) -> bool:
+        return self.scheduler is None  # else the schedule carries the value on, rescaled
 
     def put(self, target: str, value: Value) -> None:
-        i = int(target)
         old = self.get(target)
         super().put(target, value)
         if old:
-            self._rescale(i, float(value) / old)
-        self.pins[i] = float(value)
+            self._rescale(int(target), float(value) / old)
 
     def at_pre_step(self) -> None:
-        """In the step pre-hook: undo what a scheduler did to a just-set LR (once)."""
+        """In the step pre-hook. With a scheduler: undo what it did to a just-set LR, once,
+        folding its change into the rescale (the schedule then carries the value on).
+        Without one: hold the pins against the script (``GroupKnob.at_pre_step``)."""
         if not self.pins:
             return
+        if self.scheduler is None:
+            super().at_pre_step()
+            return
         pins, self.pins = self.pins, {}
-        for i, v in pins.items():
-            cur = self.get(str(i))
+        for t, v in pins.items():
+            cur = self.get(t)
             if cur is not None and cur != v:
-                GroupKnob.put(self, str(i), v)
+                self.write(t, v)
                 if cur:
-                    self._rescale(i, v / cur)
+                    self._rescale(int(t), v / cur)
 
     def _rescale(self, i: int, r: float) -> None:
         if r == 1.0 or self.scheduler is None:
@@ -205,9 +280,11 @@ class GradClip(Knob):
     def put(self, target: str, value: Value) -> None:
         self.max_norm = float(value)
 
-    def at_pre_step(self) -> None:
+    def at_pre_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Clip the gradients ``optimizer`` (default: every optimizer of the run) steps with:
+        with several, each one's own, before its own step."""
         if self.max_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]
+            params = [p for g in (optimizer or self.optimizer).param_groups for p in g["params"]
                       if p.grad is not None]
             if params:
                 torch.nn.utils.clip_grad_norm_(params, self.max_norm)
@@ -237,15 +314,44 @@ class ModuleKnob(Knob):
 
 
 class Dropout(ModuleKnob):
+    """``dropout``: ``p`` of the matched modules, pinned until released by a forward
+    pre-hook on each (only while pinned)."""
+
+    pinnable = True
+
     def __init__(self, modules: dict[str, nn.Module]) -> None:
-        super().__init__("dropout", "p of every nn.Dropout, or of those matching [GLOB]",
-                         modules, need_glob=False, min=0.0, max=1.0)
+        super().__init__("dropout", "p of every nn.Dropout, or of those matching [GLOB];"
+                         " held until `set dropout release`", modules, need_glob=False,
+                         min=0.0, max=1.0)
+        self._handles: dict[str, Any] = {}
 
     def get(self, target: str) -> float:
         return float(self.modules[target].p)
 
     def put(self, target: str, value: Value) -> None:
-        self.modules[target].p = float(value)
+        self.modules[target].p = self.pins[target] = float(value)
+        if target not in self._handles:
+            self._handles[target] = self.modules[target].register_forward_pre_hook(
+                Call(self._hold(target)))  # inert in a copy of the model
+
+    def release(self, target: str) -> None:
+        super().release(target)
+        h = self._handles.pop(target, None)
+        if h is not None:
+            h.remove()
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+
+    def _hold(self, target: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            v = self.pins.get(target)
+            if v is not None and module.p != v:
+                self._held(target, float(module.p))
+                module.p = v
+        return hook
 
 
 class L1Penalty(ModuleKnob):
@@ -268,7 +374,7 @@ class L1Penalty(ModuleKnob):
             self.lams[target] = float(value)
             if target not in self._handles:
                 self._handles[target] = self.modules[target].register_forward_hook(
-                    self._hook(target))
+                    Call(self._hook(target)))  # inert in a copy of the model
         else:
             self.lams.pop(target, None)
             h = self._handles.pop(target, None)
@@ -326,11 +432,15 @@ class Knobs:
         self.auto_pause = UserKnob("auto_pause", bool(auto_pause),
                                    "pause on non-finite loss, gradients or activations")
         knobs: list[Knob] = [self.lr]
-        if any("weight_decay" in g for g in optimizer.param_groups):
-            knobs.append(GroupKnob("weight_decay", optimizer, "weight decay per param group"))
+        self.wd = GroupKnob("weight_decay", optimizer, "weight decay per param group; held"
+                            " until `set weight_decay release`") \
+            if any("weight_decay" in g for g in optimizer.param_groups) else None
+        if self.wd is not None:
+            knobs.append(self.wd)
         knobs.append(self.clip)
-        if dropouts:
-            knobs.append(Dropout(dropouts))
+        self.dropout = Dropout(dropouts) if dropouts else None
+        if self.dropout is not None:
+            knobs.append(self.dropout)
         knobs += [self.l1, self.auto_pause]
         self._builtin = {k.name for k in knobs}
         self._knobs: dict[str, Knob] = {k.name: k for k in knobs}
@@ -372,6 +482,12 @@ class Knobs:
         with self._lock:
             return {k.name: _safe_listed(k) for k in self._knobs.values()}
 
+    def pins(self) -> dict[str, Any]:
+        """The pinned knobs: value, targets, how often the script wrote over them and what
+        it last wrote (for the heartbeat; empty while nothing is pinned)."""
+        with self._lock:
+            return {k.name: st for k in self._knobs.values() if (st := k.pin_state())}
+
     def validate(self, knob: str, value: Any, op: str) -> None:
         """Raise ``ValueError`` with the reason if ``set knob value`` cannot be applied."""
         with self._lock:
@@ -386,13 +502,21 @@ class Knobs:
     # -- training thread ------------------------------------------------------------------
 
     def apply(self, knob: str, value: Any, op: str) -> dict[str, Any]:
-        """Apply at a boundary; all targets or none. Returns the ack's old/new/applied_to."""
+        """Apply at a boundary; all targets or none. Returns the ack's old/new/applied_to
+        (and ``pinned`` for knobs a script may write: whether the value is held)."""
         with self._lock:
             k, targets = self._resolve(knob)
             spec = k.spec()
             err = check_value(spec, value, op)
             if err:
                 raise ValueError(err)
+            if op == "release":
+                olds = [k.pins.get(t) for t in targets]
+                for t in targets:
+                    k.release(t)
+                out = {"knob": knob, "old": collapse(olds),
+                       "new": collapse([k.get(t) for t in targets]), "pinned": False}
+                return {**out, "applied_to": targets} if k.selector else out
             olds = [k.get(t) for t in targets]
             if op == "mul":
                 if any(o is None for o in olds):
@@ -408,17 +532,34 @@ class Knobs:
             for t, n in zip(targets, news, strict=True):
                 k.put(t, n)
         out = {"knob": knob, "old": collapse(olds), "new": collapse(news)}
+        if k.pinnable:
+            out["pinned"] = k.holds() and all(t in k.pins for t in targets)
         if k.selector:
             out["applied_to"] = targets
         return out
 
-    def pre_step(self) -> None:
-        """In the optimizer's step pre-hook: pin a just-set LR, clip gradients."""
+    def optimizers_changed(self) -> None:
+        """After ``Monitor.attach_optimizer``: offer ``weight_decay`` once a group has it."""
+        with self._lock:
+            if self.wd is None and any("weight_decay" in g
+                                       for g in self.optimizer.param_groups):
+                self.wd = GroupKnob("weight_decay", self.optimizer, "weight decay per param"
+                                    " group; held until `set weight_decay release`")
+                self._knobs["weight_decay"] = self.wd
+                self._builtin.add("weight_decay")
+
+    def pre_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """In the optimizer's step pre-hook: hold pinned LR and weight decay, clip (the
+        gradients of ``optimizer``, the one about to step)."""
         self.lr.at_pre_step()
-        self.clip.at_pre_step()
+        if self.wd is not None:
+            self.wd.at_pre_step()
+        self.clip.at_pre_step(optimizer)
 
     def close(self) -> None:
         self.l1.close()
+        if self.dropout is not None:
+            self.dropout.close()
 
     def _resolve(self, knob: str) -> tuple[Knob, list[str]]:
         base, sel = split_knob(knob)

@@ -27,7 +27,7 @@ class LayerSpec:
 
     name: str
     module: nn.Module
-    kind: str  # "leaf" or "block"
+    kind: str  # "leaf", "block" or "attention"
     signal: bool  # measure RMS(dL/dh) on its output
     hist: bool  # histograms of its output and of dL/dh
     unit_dim: int | None  # None: the default rule (see ``unit_dim_for``)
@@ -66,17 +66,27 @@ def find_blocks(model: nn.Module) -> list[str]:
 
 
 def select_layers(model: nn.Module, config: Config) -> list[LayerSpec]:
-    """The measured layers, in ``named_modules()`` order."""
+    """The measured layers, in ``named_modules()`` order.
+
+    ``nn.MultiheadAttention`` is measured as one layer, on its output (kind
+    ``"attention"``): it applies its ``out_proj`` functionally, so that child never runs as
+    a module and is not listed."""
     blocks = set(find_blocks(model) if config.blocks is None else
                  [n for n, m in model.named_modules() if n and matches(n, config.blocks)])
     chosen: list[tuple[str, nn.Module, str]] = []
+    attention: list[str] = []
     for name, m in model.named_modules():
-        if not name:
+        if not name or any(name.startswith(a + ".") for a in attention):
             continue
+        picked = (matches(name, config.layers) and not matches(name, config.exclude)
+                  and _type_matches(m, config.layer_types))
+        if isinstance(m, nn.MultiheadAttention):
+            attention.append(name)
         if name in blocks:
             chosen.append((name, m, "block"))
-        elif (not any(m.children()) and matches(name, config.layers)
-              and not matches(name, config.exclude) and _type_matches(m, config.layer_types)):
+        elif isinstance(m, nn.MultiheadAttention) and picked:
+            chosen.append((name, m, "attention"))
+        elif not any(m.children()) and picked:
             chosen.append((name, m, "leaf"))
     if config.signal_layers is None:
         signal = {n for n, _, k in chosen if k == "block"} or {n for n, _, _ in chosen}

@@ -1,7 +1,12 @@
 """Per-parameter statistics around the optimizer step, in a few batched kernels.
 
-Before the step (report steps only): gradient norm, max |g| and weight norm over every
-element, and cos(-g, theta) over a row sample; the row samples of the weights and of
+At the end of each backward of a report step (an autograd final callback, queued by a
+post-accumulate-grad hook): gradient norm and max |g| over every element, of the gradients
+as accumulated, so before the script's own ``clip_grad_norm_`` and, given the scaler's loss
+scale, in unscaled units (the last backward before the step wins: under accumulation it
+holds the sum). Before the step (report steps only): weight norm over every element, and
+cos(-g, theta) over a row sample (a clip scales every gradient alike, so the cos is the
+same before and after it); the row samples of the weights and of
 the gradients are copied into two padded ``[params x sample]`` buffers with one
 ``_foreach_copy_`` each. The full-size norms are ``_foreach_norm`` on a device and BLAS
 dot products on CPU (``_norms``). After the step: the update ratio ||theta_before - theta_after||
@@ -21,6 +26,8 @@ max come from its coalesced values; it has no row sample, so its cos is NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +63,53 @@ class ParamStats:
         self._w_rows: list[torch.Tensor] = []  # row j of ``_w``, shaped like ``_views[j]``
         self._g_rows: list[torch.Tensor] = []
         self._before: dict[str, torch.Tensor] | None = None
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (on, wn) of ``_w``
+        #: (present, norms, max |g|) of the gradients as the last backward left them
+        self._acc: tuple[list[int], torch.Tensor, torch.Tensor | None] | None = None
+        self._queued = False  # the end-of-backward callback is queued
+        self._active: Callable[[], bool] = _never
+        self._scale: Callable[[], torch.Tensor | None] = _no_scale
         self.grad_norm: torch.Tensor | None = None  # global, over every gradient
+
+    def accumulate_hooks(self, active: Callable[[], bool],
+                         scale: Callable[[], torch.Tensor | None]) -> list[Any]:
+        """Post-accumulate-grad hooks on the parameters (handles returned): in a backward of
+        a report window the first one to fire queues ``_accumulated`` for the end of that
+        backward; outside report windows they return at once. ``scale``: the loss scale
+        to divide by (a device tensor, or None)."""
+        self._active, self._scale = active, scale
+        hook = _AccumulateHook(self)
+        return [p.register_post_accumulate_grad_hook(hook) for p in self.params
+                if p.requires_grad and p.is_leaf]
+
+    def _on_accumulate(self) -> None:
+        if self._queued or not self._active():
+            return
+        self._queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._accumulated)
+
+    @torch.no_grad()
+    def _accumulated(self) -> None:
+        """End of a backward (every gradient of it accumulated): the per-parameter norms and
+        max |g| as they stand, before anything the script does to them before the step."""
+        self._queued = False
+        present = [j for j, p in enumerate(self.params) if p.grad is not None]
+        if not present:
+            return
+        grads = [_dense(self.params[j].grad) for j in present]
+        dev = grads[0].device
+        gn = _norms(grads, dev)
+        gmax = _stack(_max_abs(grads), dev) if self.enabled else None
+        s = self._scale()
+        if s is not None:
+            inv = s.to(dev, torch.float32).reciprocal().reshape(())
+            gn = gn * inv
+            gmax = gmax * inv if gmax is not None else None
+        self._acc = (present, gn, gmax)
+
+    def discard(self) -> None:
+        """Forget this window's gradients (the scaler skipped the step they were for)."""
+        self._acc, self._before = None, None
 
     def _buffers(self) -> None:
         """The sample views and the padded buffers, made once (shapes never change)."""
@@ -71,15 +124,38 @@ class ParamStats:
         self._g_rows = [self._g[j, : v.numel()].view(v.shape) for j, v in enumerate(self._views)]
 
     @torch.no_grad()
-    def before_step(self) -> None:
-        """Optimizer pre-step hook body, on report steps."""
+    def take_weights(self) -> None:
+        """The weights before an update: their samples into ``_w``, their norms. Part of
+        ``before_step``; without an optimizer (``Monitor.step()``) it is called alone at
+        the boundary that opens a report window, since the weights change only in the
+        loop's own update, after the gradients (``before_step(weights=False)``)."""
+        if not self.enabled or not self.params:
+            return
+        if self._w is None:
+            self._buffers()
+        torch._foreach_copy_(self._w_rows, self._views)
+        self._weights = (torch.linalg.vector_norm(self._w, dim=1),
+                         _norms(self.params, self.params[0].device))
+
+    @torch.no_grad()
+    def before_step(self, weights: bool = True) -> None:
+        """Optimizer pre-step hook body, on report steps. ``weights=False``: the weights
+        were taken before the update by ``take_weights``. The gradient norms and max |g|
+        are those of the end of the last backward (``_accumulated``); gradients that no
+        backward of this window left (set by hand) are measured here, as they are now."""
+        acc, self._acc, self._queued = self._acc, None, False  # (a failed backward
+        # never ran its callback: the next one queues again)
         present = [j for j, p in enumerate(self.params) if p.grad is not None]
         if not present:
             self.grad_norm, self._before = None, None
             return
         grads = [_dense(self.params[j].grad) for j in present]
         dev = grads[0].device
-        gn = _norms(grads, dev)
+        if acc is not None and acc[0] == present and (acc[2] is not None or not self.enabled):
+            gn, gmax = acc[1], acc[2]
+        else:
+            gn = _norms(grads, dev)
+            gmax = _stack(_max_abs(grads), dev) if self.enabled else None
         self.grad_norm = torch.linalg.vector_norm(gn.float())
         if not self.enabled:
             return
@@ -91,15 +167,14 @@ class ParamStats:
             self._g.zero_()  # no gradient, or a sparse one: no sample (cos is NaN)
         torch._foreach_copy_([self._g_rows[j] for j in sampled],
                              [self._grad_sample(j) for j in sampled])
-        torch._foreach_copy_(self._w_rows, self._views)
-        on = torch.linalg.vector_norm(self._w, dim=1)
+        if weights or self._weights is None:
+            self.take_weights()
+        (on, wn), self._weights = self._weights, None
         # a parameter without a gradient has a zero row in ``_g``: its cos is 0/0, NaN
         cos = (self._g * self._w).sum(1) / (torch.linalg.vector_norm(self._g, dim=1) * on)
-        gmax = _stack(_max_abs(grads), dev)
         if not all_present:  # NaN for the parameters without a gradient
             gn, gmax = (_spread(t, present, len(self.params)) for t in (gn, gmax))
-        self._before = {"gn": gn, "gmax": gmax, "cos": cos, "on": on,
-                        "wn": _norms(self.params, dev)}
+        self._before = {"gn": gn, "gmax": gmax, "cos": cos, "on": on, "wn": wn.to(dev)}
 
     def _grad_sample(self, j: int) -> torch.Tensor:
         """Parameter ``j``'s gradient at the positions of its weight sample."""
@@ -118,6 +193,39 @@ class ParamStats:
         block = {"grad_norm": b["gn"], "grad_max_abs": b["gmax"], "weight_norm": b["wn"],
                  "update_ratio": dn / b["on"], "nlm_cos": -b["cos"]}
         return torch.stack([block[k].to(device, torch.float32) for k in PARAM_STATS], dim=1)
+
+
+class _AccumulateHook:
+    """The post-accumulate-grad hook of every watched parameter. A class, so that a copy of
+    a parameter that carried it (``Tensor`` copies do not, today) would carry a no-op."""
+
+    def __init__(self, stats: ParamStats) -> None:
+        self.stats = stats
+
+    def __call__(self, p: torch.Tensor) -> None:
+        self.stats._on_accumulate()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[[torch.Tensor], None]:
+        return _noop
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_noop_factory, ())
+
+
+def _noop(p: torch.Tensor) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+def _no_scale() -> None:
+    return None
+
+
+def _noop_factory() -> Callable[[torch.Tensor], None]:
+    return _noop
 
 
 def sample_view(p: torch.Tensor, limit: int, leading: bool = False) -> torch.Tensor:

@@ -96,7 +96,7 @@ DASH_PARAM_STATS = ["grad_norm", "grad_max_abs", "weight_norm", "update_ratio"]
 def write_dashboard_run(path: Path, steps: int, *, layers: int = 8,
                         hist_every: int = 10) -> SessionBuilder:
     """A run as the statistics engine reports it, with something for every screen to show:
-    one layer dying (its dead fraction climbing to 1), one layer with a massive activation,
+    one layer dying (a ReLU whose dead fraction climbs to 1), one with a massive activation,
     a NaN late on, per-parameter statistics with one update ratio far too large, and
     histograms every ``hist_every`` steps. Deterministic (seeded, fixed times)."""
     rng = np.random.default_rng(7)
@@ -107,11 +107,13 @@ def write_dashboard_run(path: Path, steps: int, *, layers: int = 8,
     edges = [-e for e in edges[::-1]] + edges
     scalars = ["loss", "grad_norm", "lr", "steps_per_s"]
     dying, massive = layers // 2, 1
+    types = ["Linear"] * layers
+    types[dying] = "ReLU"  # dead fractions are judged on activations only
     for s in range(1, steps + 1):
         t = b.t0 + s / 20
         if s == 1 or s % 50 == 0:
             b.put({"kind": "schema", "schema_id": 1, "run_name": "dashboard",
-                   "layers": names, "layer_types": ["Linear"] * layers, "blocks": [],
+                   "layers": names, "layer_types": types, "blocks": [],
                    "stats": DASH_STATS, "scalars": scalars, "params": params,
                    "param_stats": DASH_PARAM_STATS, "hist_layers": names[:2],
                    "hist_edges": edges, "hist_every": hist_every}, t=t)

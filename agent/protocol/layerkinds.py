@@ -1,0 +1,42 @@
+"""Which layer types are activation functions, shared by the detectors (agent thread) and
+the UI's health colours. Only there does "a unit that is never positive" mean a dead unit:
+a logits layer or a LayerNorm with most outputs negative is healthy. Imports nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+#: Activation modules (``torch.nn`` class names) whose dead fraction means something.
+ACTIVATION_TYPES: tuple[str, ...] = (
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU",
+    "Mish", "Softplus", "Hardswish", "Threshold")
+
+
+#: Custom activation classes, by name (case-insensitive): one of these function names at
+#: the end, optionally followed by ``Squared`` and ``Activation``/``Act`` (``NewGELU``,
+#: ``QuickGELU``, ``GELUActivation``, ``ReLUSquaredActivation``, ``Swish``).
+ACTIVATION_NAME = re.compile(
+    r"(relu|gelu|silu|swish|mish|elu|softplus|hardswish)\d*(squared)?(activation|act)?$",
+    re.IGNORECASE)
+
+
+def is_activation(layer_type: str, activation: str = "",
+                  types: Sequence[str] = ACTIVATION_TYPES) -> bool:
+    """An activation layer: its class is in ``types`` or named like one
+    (``ACTIVATION_NAME``), or the autograd graph showed it computes one or feeds a
+    functional one (``activation``: the schema's ``activations`` entry, ``"F.relu"``)."""
+    return bool(activation) or layer_type in types or bool(ACTIVATION_NAME.search(layer_type))
+
+
+def activation_mask(layer_types: Sequence[str], layers: int,
+                    types: Sequence[str] = ACTIVATION_TYPES,
+                    activations: Sequence[str] = ()) -> list[bool]:
+    """Per layer: is it an activation (``is_activation``)? An older schema without
+    ``layer_types`` (or one that does not match the layers) says nothing, so every layer
+    counts. ``activations``: the schema's list, when it has one."""
+    if len(layer_types) != layers:
+        return [True] * layers
+    acts = list(activations) if len(activations) == layers else [""] * layers
+    return [is_activation(t, a, types) for t, a in zip(layer_types, acts, strict=True)]
