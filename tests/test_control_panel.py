@@ -73,7 +73,8 @@ async def test_panel_steps_edits_with_validation_and_logs_acks(start_run, tmp_pa
             await pilot.press("enter")
             await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirm")
             await pilot.press("y")
-            await until(pilot, lambda: knob_cell(app, "lr") == "0.0250", what="lr updated")
+            await until(pilot, lambda: knob_cell(app, "lr") == "0.0250 pinned",
+                        what="lr updated, and held against the script")
             assert f"set lr x0.5 @ step {held + 1}: 0.0500 → 0.0250" in panel_text(app)
             assert "@" in panel_text(app).split("set lr x0.5")[0], "the log names the sender"
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from neurotop.protocol import connfile, runs
-from neurotop.protocol.commands import parse_value, split_knob
+from neurotop.protocol.commands import parse_value, set_args, split_knob
 from neurotop.protocol.sessionfile import SessionFormatError, SessionReader
 from neurotop.tui.data import remote
 from neurotop.tui.data.children import die_with_parent
@@ -168,7 +168,8 @@ def _remote_runs(url: str) -> tuple[list[connfile.ConnectionInfo], str]:
         _die(str(e))
     return listing.live, listing.where
 CTL_COMMANDS = ("pause", "resume", "step", "set", "knobs", "snapshot", "stop")
-ACK_FIELDS = ("id", "cmd", "ok", "step", "old", "new", "until", "applied_to", "knobs")
+ACK_FIELDS = ("id", "cmd", "ok", "step", "old", "new", "until", "applied_to", "pinned",
+              "knobs")
 
 
 def ctl_args(command: str, words: list[str]) -> dict:
@@ -181,10 +182,11 @@ def ctl_args(command: str, words: list[str]) -> dict:
     if command == "set":
         if len(words) != 2:
             raise ValueError("usage: neurotop ctl TARGET set KNOB VALUE (VALUE: a number,"
-                             " true/false, or xFACTOR); list knobs with: ctl TARGET knobs")
+                             " true/false, xFACTOR, or release); list knobs with: ctl TARGET"
+                             " knobs")
         split_knob(words[0])
         value, op = parse_value(words[1])
-        return {"knob": words[0], "value": value, **({"op": op} if op == "mul" else {})}
+        return set_args(words[0], value, op)
     if words:
         raise ValueError(f"{command} takes no arguments, got {' '.join(words)}")
     return {}

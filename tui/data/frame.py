@@ -35,6 +35,9 @@ class Schema:
     hist_layers: tuple[str, ...]
     hist_edges: np.ndarray  # read-only
     layer_types: tuple[str, ...]
+    #: Per layer, the activation it computes or feeds when it is not an activation module
+    #: (``"F.relu"``), else ""; older schemas send none.
+    activations: tuple[str, ...] = ()
 
     def stat_or_default(self, stat: str) -> str:
         """``stat`` if the run reports it, else the one worth seeing first: the dead, then
@@ -84,6 +87,9 @@ class Frame:
     status: RunState
     knobs: tuple[dict[str, Any], ...]  # the last `knobs` listing (types, bounds, docs)
     knob_values: Mapping[str, Any]  # current values, from the latest heartbeat
+    #: Knobs an operator pinned against the script: ``{"value", "targets", "overridden"
+    #: (writes by the script undone), "script" (what it last wrote)}``, by knob name.
+    knob_pins: Mapping[str, Any]
     latest: np.ndarray | None  # ``[layers x stats]`` of the latest report
     latest_params: tuple[int, np.ndarray] | None  # its step and ``[params x param_stats]``
     scalars: Mapping[str, Series]  # by the name ``Schema.scalar_named`` resolved

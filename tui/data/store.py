@@ -156,6 +156,7 @@ class RunStore:
         self._last_seq: int | None = None
         self.knobs: list[dict[str, Any]] = []  # the last `knobs` listing (types, bounds, docs)
         self.knob_values: dict[str, Any] = {}  # current values, from every heartbeat
+        self.knob_pins: dict[str, Any] = {}  # knobs held against the script, likewise
         self._reset_extras()
 
     # -- writer ---------------------------------------------------------------------------
@@ -238,6 +239,9 @@ class RunStore:
         s.pause_reason = str(h.get("pause_reason") or "")
         if isinstance(h.get("knobs"), dict):
             self.knob_values = h["knobs"]
+        pins = h.get("pins", {})
+        self.knob_pins = {k: v for k, v in pins.items() if isinstance(v, dict)} \
+            if isinstance(pins, dict) else {}
         s.rec_dropped = _field(h, "rec_dropped", int, 0)
 
     def _on_event(self, msg: wire.Message) -> None:
@@ -268,7 +272,7 @@ class RunStore:
         self._schema_view = None
         self.schema_extra: dict[str, Any] = {
             "params": [], "param_stats": [], "hist_layers": [], "hist_edges": np.empty(0),
-            "layer_types": [], "blocks": [], "config": {}}
+            "layer_types": [], "activations": [], "blocks": [], "config": {}}
 
     def _schema_extras(self, h: dict[str, Any]) -> None:
         """Parameter names, histogram bins and layer details; older agents send none."""
@@ -282,6 +286,7 @@ class RunStore:
             "hist_layers": _names(h, "hist_layers", []),
             "hist_edges": _field(h, "hist_edges", _edges, []),
             "layer_types": _field(h, "layer_types", list, []),
+            "activations": _field(h, "activations", list, []),
             "blocks": _field(h, "blocks", list, []), "config": _field(h, "config", dict, {})}
 
     def _on_params(self, msg: wire.Message) -> None:
@@ -397,6 +402,7 @@ class RunStore:
                 status=replace(s, events=s.events[-wants.events:] if wants.events else [],
                                alerts=dict(s.alerts)),
                 knobs=tuple(self.knobs), knob_values=dict(self.knob_values),
+                knob_pins=dict(self.knob_pins),
                 latest=self.latest_block(), latest_params=self.latest_params(),
                 scalars={n: self.scalar(n, wants.envelope) for n in names if n},
                 heat=self.stat_series(sc.stat_or_default(wants.heat))
@@ -418,7 +424,8 @@ class RunStore:
                 layers=tuple(sc["layers"]), stats=tuple(sc["stats"]),
                 scalars=tuple(sc["scalars"]), params=tuple(ex["params"]),
                 param_stats=tuple(ex["param_stats"]), hist_layers=tuple(ex["hist_layers"]),
-                hist_edges=edges, layer_types=tuple(ex["layer_types"]))
+                hist_edges=edges, layer_types=tuple(ex["layer_types"]),
+                activations=tuple(ex["activations"]))
         return self._schema_view
 
     def connection(self) -> str:

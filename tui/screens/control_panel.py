@@ -21,7 +21,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Static
 
-from neurotop.protocol.commands import check_value, parse_value, split_knob
+from neurotop.protocol.commands import check_value, parse_value, set_args, split_knob
 from neurotop.tui.data.client import CommandError, LiveClient
 from neurotop.tui.data.frame import Frame
 from neurotop.tui.data.store import RunStore
@@ -43,6 +43,17 @@ def fmt_value(v: Any) -> str:
     return str(v)
 
 
+def pin_note(pin: dict[str, Any] | None) -> str:
+    """`` pinned`` for a knob held against the script, with how often the script wrote
+    over it (each write undone at the next step) and what it last wrote."""
+    if not pin:
+        return ""
+    n = pin.get("overridden") or 0
+    if not n:
+        return " pinned"
+    return f" pinned (script wrote {fmt_value(pin.get('script'))} ×{n})"
+
+
 def bounds(spec: dict[str, Any]) -> str:
     lo, hi = spec.get("min"), spec.get("max")
     if lo is None and hi is None:
@@ -54,6 +65,8 @@ def describe_command(ev: dict[str, Any]) -> str:
     """``set lr x0.5``, ``step 3``, ``pause``: what was asked, as a person would type it."""
     cmd, args = ev.get("cmd") or "?", ev.get("args") if isinstance(ev.get("args"), dict) else {}
     if cmd == "set":
+        if args.get("op") == "release":
+            return f"set {args.get('knob')} release"
         op = "x" if args.get("op") == "mul" else ""
         return f"set {args.get('knob')} {op}{args.get('value')}"
     if cmd == "step":
@@ -74,6 +87,7 @@ def log_line(ev: dict[str, Any]) -> Text | None:
         change = ""
         if ev.get("cmd") == "set":
             change = f": {fmt_value(ev.get('old'))} → {fmt_value(ev.get('new'))}"
+            change += " (pinned)" if ev.get("pinned") else ""
         elif ev.get("new") is not None:
             change = f": {fmt_value(ev.get('new'))}"
         who = " (auto-pause)" if ev.get("sender") == "auto-pause" else ""
@@ -130,7 +144,8 @@ class ControlPanel(Vertical):
             self._names = names
         for k in specs:
             v = frame.knob_values.get(k["name"], k.get("value"))
-            table.update_cell(k["name"], "value", fmt_value(v))
+            table.update_cell(k["name"], "value",
+                              fmt_value(v) + pin_note(frame.knob_pins.get(k["name"])))
         lines = [ln for ln in map(log_line, frame.status.events[-self.EVENTS:]) if ln]
         self.query_one("#command-log", Static).update(Text("\n").join(lines[-LOG_LINES:]))
 
@@ -194,10 +209,12 @@ class KnobEditScreen(ModalScreen[dict[str, Any] | None]):
         s = self.spec
         sel = {"group": " — add [i] for one param group",
                "glob": " — add [GLOB] to pick modules"}.get(s.get("selector") or "", "")
+        held = (" (held against the script until you type release)"
+                if s.get("pinnable") else "")
         with Vertical():
             yield Static(f"[b]{s['name']}[/b]  {bounds(s)}  now: {fmt_value(self.current)}\n"
                          f"{s.get('doc', '')}\nvalue: a number, true/false, or xFACTOR to"
-                         f" multiply{sel}")
+                         f" multiply{held}{sel}")
             yield Input(value=s["name"], id="knob", placeholder="knob")
             value = "" if isinstance(self.current, (dict, list)) else fmt_value(self.current)
             yield Input(value=value, id="value", placeholder="value")
@@ -213,7 +230,9 @@ class KnobEditScreen(ModalScreen[dict[str, Any] | None]):
             self.query_one("#error", Static).update(error)
             return
         op = "x" if args.get("op") == "mul" else ""
-        question = (f"Set [b]{args['knob']}[/b] from {fmt_value(self.current)} to"
+        question = (f"Release [b]{args['knob']}[/b] (the script's own value takes over)?"
+                    if args.get("op") == "release" else
+                    f"Set [b]{args['knob']}[/b] from {fmt_value(self.current)} to"
                     f" [b]{op}{args['value']}[/b]?")
         def answered(yes: bool | None) -> None:
             if yes:  # declined: stay here, nothing is sent
@@ -235,10 +254,7 @@ class KnobEditScreen(ModalScreen[dict[str, Any] | None]):
         error = check_value(self.spec, value, op)
         if error is None and op == "mul" and isinstance(self.current, (int, float)):
             error = check_value(self.spec, self.current * value)
-        args = {"knob": knob.strip(), "value": value}
-        if op == "mul":
-            args["op"] = op
-        return args, error
+        return set_args(knob.strip(), value, op), error
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -21,8 +21,9 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Input, Static
 
+from neurotop.protocol.layerkinds import activation_mask
 from neurotop.tui.data.frame import Frame, Wants
-from neurotop.tui.data.health import UPDATE_RATIO_GUIDE, has_band, levels
+from neurotop.tui.data.health import NEVER_NAN, UPDATE_RATIO_GUIDE, has_band, levels
 from neurotop.tui.data.view import View
 from neurotop.tui.screens.plotting import (
     SHADES,
@@ -146,15 +147,22 @@ class HeatStrip(Panel):
                 data = np.fmax.reduceat(data, (np.arange(width) * data.shape[1]) // width,
                                         axis=1)
         names = layers
+        # Levels per layer, before grouping: a logits layer has no dead-fraction band.
+        acts = np.array(activation_mask(frame.schema.layer_types, len(layers),
+                                        activations=frame.schema.activations), bool)
+        lvl = levels(view.stat, data, activations=acts[:, None]) if has_band(view.stat) \
+            else None
         if len(layers) > lines:  # groups of layers, each showing its worst member
             starts = (np.arange(lines) * len(layers)) // lines
+            if lvl is not None:  # NaN is ignored, as by fmax (an all-NaN group shows ×)
+                lvl = np.maximum.reduceat(np.where(np.isnan(data), -1, lvl), starts, axis=0)
             with np.errstate(invalid="ignore"):
                 data = np.fmax.reduceat(data, starts, axis=0)
             ends = [*starts[1:], len(layers)]
             names = [layers[a] if b - a == 1 else f"{layers[a]}+{b - a - 1}"
                      for a, b in zip(starts, ends, strict=True)]
-        lvl = levels(view.stat, data) if has_band(view.stat) else None
-        strip = heat_strip(data, width, lvl, ("", *level_styles(self)[1:]))
+        strip = heat_strip(data, width, lvl, ("", *level_styles(self)[1:]),
+                           nan_is_idle=view.stat in NEVER_NAN)
         out = [head]
         for name, line in zip(names, strip, strict=True):
             label = name[-(self.NAME_W - 1):].ljust(self.NAME_W)

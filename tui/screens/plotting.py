@@ -195,10 +195,13 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
 
 
 def heat_strip(rows: np.ndarray, width: int, levels: np.ndarray | None = None,
-               styles: tuple[str, str, str] = ("", "yellow", "red")) -> list[Text]:
+               styles: tuple[str, str, str] = ("", "yellow", "red"),
+               nan_is_idle: bool = False) -> list[Text]:
     """``[series x time]`` as one text line per series: the shade says the value (scaled to
     the whole strip's range), the colour its health level (0 ok, 1 warn, 2 critical).
-    Time is cut into ``width`` columns, each showing the max of its stretch."""
+    Time is cut into ``width`` columns, each showing the max of its stretch. Non-finite
+    values are a critical ``×``; with ``nan_is_idle`` (a statistic that is never NaN for
+    a layer that ran) NaN is a plain ``·``: the layer was not called."""
     n, t = rows.shape if rows.ndim == 2 else (0, 0)
     if not n or not t or width <= 0:
         return [Text("") for _ in range(n)]
@@ -214,8 +217,11 @@ def heat_strip(rows: np.ndarray, width: int, levels: np.ndarray | None = None,
                                            len(SHADES) - 1), 0).astype(int)
     if v.size and finite.size and hi == lo:
         idx[np.isfinite(v)] = 1
-    lvl = np.where(np.isfinite(v), 0 if lv is None else np.maximum(lv, 0), 2).astype(int)
-    chars = np.array(list(SHADES + "×"))[np.where(np.isfinite(v), idx, len(SHADES))]
+    idle = nan_is_idle & np.isnan(v)  # not called: drawn plainly, not as an alarm
+    ok = 0 if lv is None else np.maximum(lv, 0)
+    lvl = np.where(np.isfinite(v), ok, np.where(idle, 0, 2)).astype(int)
+    chars = np.array(list(SHADES + "×·"))[np.where(
+        np.isfinite(v), idx, np.where(idle, len(SHADES) + 1, len(SHADES)))]
     lines = []
     for i in range(n):
         line = Text(no_wrap=True, overflow="crop")

@@ -22,8 +22,9 @@ from textual.widget import Widget
 from textual.widgets import SelectionList, Static
 from textual.widgets.selection_list import Selection
 
+from neurotop.protocol.layerkinds import activation_mask
 from neurotop.tui.data.frame import Frame, Wants
-from neurotop.tui.data.health import has_band, levels
+from neurotop.tui.data.health import has_band, idle, levels
 from neurotop.tui.data.view import View, matches
 from neurotop.tui.screens.plotting import sparkline
 
@@ -104,7 +105,8 @@ COLUMN_PRESETS: dict[str, tuple[str, ...] | None] = {
 
 class LayerTable(ScrollView, can_focus=True):
     """One row per layer (filtered, sorted as the ``View`` says): the latest statistics,
-    coloured by health where a band is known, and a sparkline of the chosen one.
+    coloured by health where a band is known, and a sparkline of the chosen one. A layer
+    not called in the latest report is drawn dim with ``idle`` instead of NaNs.
 
     Only the rows on screen are formatted, so 200 layers cost what 40 do. Keys: up/down,
     page up/down, home/end move the cursor, enter opens the layer's detail; clicking a
@@ -148,6 +150,7 @@ class LayerTable(ScrollView, can_focus=True):
         self._block = np.empty((0, 0), np.float32)
         self._hist = np.empty((0, 0), np.float32)
         self._levels: dict[int, np.ndarray] = {}
+        self._idle = np.zeros(0, bool)
         self._header = ""
         self._name_w = 12
         self._spark_w = self.SPARK_WIDTH
@@ -215,8 +218,11 @@ class LayerTable(ScrollView, can_focus=True):
                             min((self.size.width or 0) - used - 1, self.SPARK_MAX))
         self._hist = frame.trend
         big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
-        self._levels = {j: levels(st, block[:, j], big) for j, st in enumerate(stats)
+        acts = np.array(activation_mask(schema.layer_types, len(layers),
+                                        activations=schema.activations), bool)
+        self._levels = {j: levels(st, block[:, j], big, acts) for j, st in enumerate(stats)
                         if has_band(st)}
+        self._idle = idle(stats, block)
         heads = [f"{'layer':<{self._name_w}}"]
         for st in (stats[j] for j in self._cols):
             arrow = ("▼" if view.descending else "▲") if st == view.sort else ""
@@ -243,12 +249,20 @@ class LayerTable(ScrollView, can_focus=True):
     def _row_segments(self, r: int, base: Style) -> list[Segment]:
         """One row as segments (no ``Text`` layout per cell: rows are drawn every frame)."""
         i = self._index[r]
+        name = f"{self._rows[r][-(self._name_w - 1):]:<{self._name_w}}"
+        if self._idle[i]:  # not called in this report: nothing to judge
+            dim = base + Style(dim=True)
+            cells = "".join(f"{'idle' if k == 0 else '-':>{self.NUM_W}}"
+                            for k in range(len(self._cols)))
+            spark = sparkline(self._hist[i], self._spark_w) if len(self._hist) else ""
+            return [Segment(name, dim), Segment(cells, dim), Segment("  " + spark, dim)]
         level_style = [base + st for st in self._level_styles]
-        segs = [Segment(f"{self._rows[r][-(self._name_w - 1):]:<{self._name_w}}", base)]
+        segs = [Segment(name, base)]
         for j in self._cols:
             cell = f"{fmt(float(self._block[i, j]))[: self.NUM_W - 1]:>{self.NUM_W}}"
             lv = self._levels.get(j)
-            segs.append(Segment(cell, level_style[int(lv[i])] if lv is not None else base))
+            ok = lv is not None and lv[i] >= 0  # -1: no band for this layer (not an activation)
+            segs.append(Segment(cell, level_style[int(lv[i])] if ok else base))
         spark = sparkline(self._hist[i], self._spark_w) if len(self._hist) else ""
         segs.append(Segment("  " + spark, base))
         return segs
