@@ -68,9 +68,13 @@ class Reports:
         return {n: dict(zip(schema["param_stats"], row.tolist(), strict=True))
                 for n, row in zip(schema["params"], m.arrays[0], strict=True)}
 
-    def steps(self, settle: float = 1.0) -> list[int]:
-        """The steps of every stats message received, reading for ``settle`` s more."""
-        deadline = time.monotonic() + settle
+    def steps(self, settle: float = 1.0, last: int | None = None) -> list[int]:
+        """The steps of every stats message received: once the stats of step ``last`` are in
+        (the agent publishes reports in step order, so none before it can still be on its
+        way), or else after reading for ``settle`` s more."""
+        if last is not None:
+            self._message(wire.STATS, last)
+        deadline = time.monotonic() + (0 if last is not None else settle)
         while time.monotonic() < deadline:
             if self.sub.poll(50):
                 self.msgs.append(wire.decode(self.sub.recv_multipart()))
