@@ -252,6 +252,7 @@ class Monitor:
                                                                  taken)
         w = self._watch_optimizer(*named[0], boundary=boundary)
         self._hook_optimizer(w)
+        self._manual_stats.sync()  # ``step()``'s statistics give way to the optimizer's
         self.knobs.optimizers_changed()
         self._schema_id += 1  # parameter rows and lr names changed
 
@@ -332,6 +333,7 @@ class Monitor:
         self._active = self._step % self.report_every == 0
         if self._active:
             self._start_window()
+        self._sync_hooks()
         self.controller.at_boundary(self._step)
 
     def _start_window(self) -> None:
@@ -342,6 +344,13 @@ class Monitor:
             w.measured, w.done, w.block = False, False, None
         if not self._watched:
             self._manual_stats.take_weights()
+
+    def _sync_hooks(self) -> None:
+        """The parameters' gradient hooks exist in report windows only: registered as one
+        opens, removed once its report is taken and the next step does not report."""
+        self._manual_stats.sync()
+        for w in self._watched:
+            w.stats.sync()
 
     def _watch_optimizer(self, name: str, optimizer: torch.optim.Optimizer,
                          boundary: bool = True) -> Watched:
@@ -396,6 +405,7 @@ class Monitor:
             self._active = True  # the next skipped step is reported: measure it
         if self._active:
             self._start_window()
+        self._sync_hooks()
         self.controller.at_boundary(self.step)
 
     def _root_of(self, layer: str) -> nn.Module:

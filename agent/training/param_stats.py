@@ -67,20 +67,35 @@ class ParamStats:
         #: (present, norms, max |g|) of the gradients as the last backward left them
         self._acc: tuple[list[int], torch.Tensor, torch.Tensor | None] | None = None
         self._queued = False  # the end-of-backward callback is queued
+        self._armed = False  # ``accumulate_hooks`` was called and not removed since
+        self._hooks: list[Any] = []  # the parameters' hook handles, in a report window only
         self._active: Callable[[], bool] = _never
         self._scale: Callable[[], torch.Tensor | None] = _no_scale
         self.grad_norm: torch.Tensor | None = None  # global, over every gradient
 
     def accumulate_hooks(self, active: Callable[[], bool],
                          scale: Callable[[], torch.Tensor | None]) -> list[Any]:
-        """Post-accumulate-grad hooks on the parameters (handles returned): in a backward of
-        a report window the first one to fire queues ``_accumulated`` for the end of that
-        backward; outside report windows they return at once. ``scale``: the loss scale
-        to divide by (a device tensor, or None)."""
-        self._active, self._scale = active, scale
-        hook = _AccumulateHook(self)
-        return [p.register_post_accumulate_grad_hook(hook) for p in self.params
-                if p.requires_grad and p.is_leaf]
+        """Post-accumulate-grad hooks on the parameters: in a backward of a report window the
+        first one to fire queues ``_accumulated`` for the end of that backward. They exist
+        only while ``active()`` holds at a window's start (``sync``), so that a non-report
+        step runs no hook of neurotop. ``scale``: the loss scale to divide by (a device
+        tensor, or None). The handle returned removes them for good."""
+        self._active, self._scale, self._armed = active, scale, True
+        self.sync()
+        return [_Hooks(self)]
+
+    def sync(self) -> None:
+        """Register the hooks if ``active()`` (a report window opens), remove them if not
+        (the window's report is taken and the next step does not report)."""
+        want = self._armed and self._active()
+        if want and not self._hooks:
+            hook = _AccumulateHook(self)
+            self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self.params
+                           if p.requires_grad and p.is_leaf]
+        elif not want:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
 
     def _on_accumulate(self) -> None:
         if self._queued or not self._active():
@@ -193,6 +208,17 @@ class ParamStats:
         block = {"grad_norm": b["gn"], "grad_max_abs": b["gmax"], "weight_norm": b["wn"],
                  "update_ratio": dn / b["on"], "nlm_cos": -b["cos"]}
         return torch.stack([block[k].to(device, torch.float32) for k in PARAM_STATS], dim=1)
+
+
+class _Hooks:
+    """The handle ``accumulate_hooks`` returns: ``remove`` takes the hooks off for good."""
+
+    def __init__(self, stats: ParamStats) -> None:
+        self.stats = stats
+
+    def remove(self) -> None:
+        self.stats._armed = False
+        self.stats.sync()
 
 
 class _AccumulateHook:

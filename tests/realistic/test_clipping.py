@@ -80,3 +80,38 @@ def test_grad_spike_fires_on_a_spike_the_clip_hides(tmp_path):
     spikes = [a for a in rep.events("alert") if a["alert"] == "grad_spike"]
     assert [a["step"] for a in spikes] == [30], rep.events("alert")
     np.testing.assert_allclose(spikes[0]["value"], total[29], rtol=1e-4)
+
+
+def neurotop_hooks(net: nn.Module) -> int:
+    """The neurotop post-accumulate-grad hooks on the model's parameters."""
+    return sum(type(h).__module__.startswith("neurotop")
+               for p in net.parameters() for h in (p._post_accumulate_grad_hooks or {}).values())
+
+
+def test_parameter_hooks_exist_in_report_windows_only(tmp_path):
+    """A non-report step runs no neurotop hook in backward: the parameters' hooks are
+    registered as a report window opens and removed once its report is taken."""
+    net = model()
+    n = len(list(net.parameters()))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    mon = neurotop.watch(net, opt, name="clipping", record=tmp_path, report_every=4)
+    rep = Reports(mon)
+    try:
+        total: list[float] = []
+        gen = torch.Generator().manual_seed(1)
+        for _step in range(12):
+            report = mon.step % 4 == 0  # this step ends a report window
+            assert neurotop_hooks(net) == (n if report else 0), mon.step
+            x = torch.randn(32, 16, generator=gen)
+            loss = F.mse_loss(net(x), x[:, :1] * 2)
+            opt.zero_grad()
+            loss.backward()
+            total.append(float(nn.utils.clip_grad_norm_(net.parameters(), CLIP)))
+            mon.observe(loss=loss)
+            opt.step()
+        st = rep.stats(9)  # the pre-clip norm, measured by the hooks of that window
+        np.testing.assert_allclose(st.scalars["grad_norm"], total[8], rtol=1e-4)
+    finally:
+        mon.close()
+        rep.close()
+    assert neurotop_hooks(net) == 0  # ``close`` removes them
