@@ -86,6 +86,48 @@ async def test_idle_rows_and_dead_fraction_colours(tmp_path):
         source.close()
 
 
+class Shared(nn.Module):
+    """One Linear applied at two places in each forward (a weight-tied block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.shared, self.act = nn.Linear(8, 16), nn.Linear(16, 16), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(self.act(self.shared(self.act(self.inp(x))))).sum(-1)
+
+
+async def test_a_module_called_at_two_places_is_marked_in_the_table(tmp_path):
+    torch.manual_seed(0)
+    model = Shared()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with neurotop.watch(model, opt, name="shared", report_every=1, record=tmp_path) as mon:
+        for _ in range(3):
+            loss = model(torch.randn(16, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            mon.observe(loss=loss)
+            opt.step()
+    source = ReplaySource(mon.recorder.path).start()
+    app = ReplayApp(source)
+    try:
+        async with app.run_test(size=(160, 40)) as pilot:
+            await until(pilot, lambda: app.store.status.step == 3, what="the recording")
+            await pilot.press("2")
+            table = app.query_one(LayerTable)
+            await until(pilot, lambda: table.row_count == 3, what="the layer rows")
+
+            def label(layer: str) -> str:
+                line = list(table.render_line(table.shown_layers.index(layer) + 1))
+                return line[0].text.strip()
+
+            assert label("shared") == "shared ×2"
+            assert label("inp") == "inp"
+            assert table.selected_layer() in ("inp", "shared", "act")  # names stay the keys
+    finally:
+        source.close()
+
+
 def test_levels_and_idle_rows():
     assert levels("zero_frac", np.array([0.5, 0.97])).tolist() == [-1, -1]
     acts = np.array([True, False])

@@ -38,6 +38,9 @@ class Schema:
     #: Per layer, the activation it computes or feeds when it is not an activation module
     #: (``"F.relu"``), else ""; older schemas send none.
     activations: tuple[str, ...] = ()
+    #: Per layer, the most calls seen in one forward (a module used at two places: 2);
+    #: older schemas send none.
+    calls: tuple[int, ...] = ()
 
     def stat_or_default(self, stat: str) -> str:
         """``stat`` if the run reports it, else the one worth seeing first: the dead, then

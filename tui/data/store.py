@@ -272,7 +272,7 @@ class RunStore:
         self._schema_view = None
         self.schema_extra: dict[str, Any] = {
             "params": [], "param_stats": [], "hist_layers": [], "hist_edges": np.empty(0),
-            "layer_types": [], "activations": [], "blocks": [], "config": {}}
+            "layer_types": [], "activations": [], "calls": [], "blocks": [], "config": {}}
 
     def _schema_extras(self, h: dict[str, Any]) -> None:
         """Parameter names, histogram bins and layer details; older agents send none."""
@@ -287,6 +287,7 @@ class RunStore:
             "hist_edges": _field(h, "hist_edges", _edges, []),
             "layer_types": _field(h, "layer_types", list, []),
             "activations": _field(h, "activations", list, []),
+            "calls": _field(h, "calls", list, []),
             "blocks": _field(h, "blocks", list, []), "config": _field(h, "config", dict, {})}
 
     def _on_params(self, msg: wire.Message) -> None:
@@ -425,7 +426,7 @@ class RunStore:
                 scalars=tuple(sc["scalars"]), params=tuple(ex["params"]),
                 param_stats=tuple(ex["param_stats"]), hist_layers=tuple(ex["hist_layers"]),
                 hist_edges=edges, layer_types=tuple(ex["layer_types"]),
-                activations=tuple(ex["activations"]))
+                activations=tuple(ex["activations"]), calls=tuple(ex["calls"]))
         return self._schema_view
 
     def connection(self) -> str:

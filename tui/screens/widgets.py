@@ -103,6 +103,12 @@ COLUMN_PRESETS: dict[str, tuple[str, ...] | None] = {
 }
 
 
+def call_label(name: str, calls: Sequence[int], i: int) -> str:
+    """A layer's name as the table shows it: ``"name ×2"`` when one forward calls the
+    module at two places (its row pools both call sites)."""
+    n = calls[i] if i < len(calls) else 1
+    return f"{name} ×{n}" if isinstance(n, int) and n >= 2 else name
+
 class LayerTable(ScrollView, can_focus=True):
     """One row per layer (filtered, sorted as the ``View`` says): the latest statistics,
     coloured by health where a band is known, and a sparkline of the chosen one. A layer
@@ -145,6 +151,7 @@ class LayerTable(ScrollView, can_focus=True):
         self.spark_stat = ""
         self.cursor_row = 0
         self._rows: tuple[str, ...] = ()  # layer names in the shown order
+        self._labels: tuple[str, ...] = ()  # as shown: "name ×2" for a module called twice
         self._index: list[int] = []  # their indices in the schema
         self._stats: tuple[str, ...] = ()
         self._block = np.empty((0, 0), np.float32)
@@ -211,7 +218,8 @@ class LayerTable(ScrollView, can_focus=True):
         self.cursor_row = min(self.cursor_row, max(len(self._rows) - 1, 0))
         self._stats, self._block = stats, block
         self._cols = [stats.index(c) for c in self.shown(stats)]
-        self._name_w = min(max((len(n) for n in layers), default=5) + 1, 40)
+        self._labels = tuple(call_label(layers[i], schema.calls, i) for i in self._index)
+        self._name_w = min(max((len(n) for n in self._labels), default=5) + 1, 40)
         # The trend takes the room the columns leave (a wide terminal shows a longer one).
         used = self._name_w + self.NUM_W * len(self._cols) + 2
         self._spark_w = max(self.SPARK_WIDTH,
@@ -249,7 +257,7 @@ class LayerTable(ScrollView, can_focus=True):
     def _row_segments(self, r: int, base: Style) -> list[Segment]:
         """One row as segments (no ``Text`` layout per cell: rows are drawn every frame)."""
         i = self._index[r]
-        name = f"{self._rows[r][-(self._name_w - 1):]:<{self._name_w}}"
+        name = f"{self._labels[r][-(self._name_w - 1):]:<{self._name_w}}"
         if self._idle[i]:  # not called in this report: nothing to judge
             dim = base + Style(dim=True)
             cells = "".join(f"{'idle' if k == 0 else '-':>{self.NUM_W}}"
