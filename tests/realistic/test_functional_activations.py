@@ -169,9 +169,54 @@ def test_custom_activation_classes(tmp_path):
     assert list(dying(rep)) == ["act1"], rep.events("alert")
 
 
+class BatchNormCNN(nn.Module):
+    """Conv, BatchNorm, F.relu: the standard vision block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class TinyGPT(nn.Module):
+    """Two pre-LN transformer blocks (attention + GELU MLP) over a sequence of vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.blocks = nn.Sequential(*[nn.TransformerEncoderLayer(
+            32, 4, 64, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(2)])
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.inp(x))).mean(1))
+
+
+class LSTMNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
 def test_healthy_models_raise_nothing(tmp_path):
+    """Standard models at PyTorch's default init: no detector may fire on them."""
+    torch.manual_seed(0)
+    default_mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                nn.Linear(64, 4))
     for k, (net, shape) in enumerate([(MLP(), (16,)), (CNN(), (1, 14, 14)),
-                                      (CustomActs(), (16,))]):
+                                      (CustomActs(), (16,)), (default_mlp, (16,)),
+                                      (BatchNormCNN(), (1, 14, 14)), (TinyGPT(), (8, 16)),
+                                      (LSTMNet(), (8, 16))]):
         torch.manual_seed(k)
         rep, _ = run(tmp_path / str(k), net, shape, [])
         assert rep.events("alert") == [], (type(net).__name__, rep.events("alert"))
