@@ -299,6 +299,21 @@ class ModuleKnob(Knob):
                  need_glob: bool, min: float | None = None, max: float | None = None) -> None:
         super().__init__(name, doc, min, max)
         self.modules, self.need_glob = modules, need_glob
+        self._handles: dict[str, Any] = {}  # target -> the hook this knob keeps on it
+
+    def _hook(self, target: str, register: Callable[[Call], Any], fn: Callable) -> None:
+        """Keep ``fn`` hooked on ``target`` (once; inert in a copy of the model)."""
+        if target not in self._handles:
+            self._handles[target] = register(Call(fn))
+
+    def _unhook(self, target: str) -> None:
+        h = self._handles.pop(target, None)
+        if h is not None:
+            h.remove()
+
+    def close(self) -> None:
+        for target in list(self._handles):
+            self._unhook(target)
 
     def targets(self, sel: str | None) -> list[str]:
         if sel is None:
@@ -323,27 +338,17 @@ class Dropout(ModuleKnob):
         super().__init__("dropout", "p of every nn.Dropout, or of those matching [GLOB];"
                          " held until `set dropout release`", modules, need_glob=False,
                          min=0.0, max=1.0)
-        self._handles: dict[str, Any] = {}
 
     def get(self, target: str) -> float:
         return float(self.modules[target].p)
 
     def put(self, target: str, value: Value) -> None:
         self.modules[target].p = self.pins[target] = float(value)
-        if target not in self._handles:
-            self._handles[target] = self.modules[target].register_forward_pre_hook(
-                Call(self._hold(target)))  # inert in a copy of the model
+        self._hook(target, self.modules[target].register_forward_pre_hook, self._hold(target))
 
     def release(self, target: str) -> None:
         super().release(target)
-        h = self._handles.pop(target, None)
-        if h is not None:
-            h.remove()
-
-    def close(self) -> None:
-        for h in self._handles.values():
-            h.remove()
-        self._handles.clear()
+        self._unhook(target)
 
     def _hold(self, target: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
@@ -361,7 +366,6 @@ class L1Penalty(ModuleKnob):
         super().__init__("l1", "L1 activation penalty lambda on the outputs of the modules"
                          " matching [GLOB] (0: off)", modules, need_glob=True, min=0.0)
         self.lams: dict[str, float] = {}
-        self._handles: dict[str, Any] = {}
 
     def get(self, target: str) -> float:
         return self.lams.get(target, 0.0)
@@ -372,21 +376,13 @@ class L1Penalty(ModuleKnob):
     def put(self, target: str, value: Value) -> None:
         if value:
             self.lams[target] = float(value)
-            if target not in self._handles:
-                self._handles[target] = self.modules[target].register_forward_hook(
-                    Call(self._hook(target)))  # inert in a copy of the model
+            self._hook(target, self.modules[target].register_forward_hook,
+                       self._penalty(target))
         else:
             self.lams.pop(target, None)
-            h = self._handles.pop(target, None)
-            if h is not None:
-                h.remove()
+            self._unhook(target)
 
-    def close(self) -> None:
-        for h in self._handles.values():
-            h.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str) -> Callable[..., None]:
+    def _penalty(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             a = _output_tensor(out)
             lam = self.lams.get(name, 0.0)
