@@ -6,13 +6,11 @@ agent's real telemetry socket."""
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
-import zmq
 from torch import nn
 
 import neurotop
@@ -20,39 +18,16 @@ from neurotop.config import Config
 from neurotop.protocol import wire
 from neurotop.training.stats import first_tensor
 from tests.helpers import numpy_reference as ref
+from tests.helpers.reports import Reports
 
 
-class Telemetry:
-    """A SUB socket on a monitor's telemetry, ready once the first schema came through."""
+class Telemetry(Reports):
+    """The monitor's reports (subscribed before the first step), each read as the schema it
+    was made under, its block and its scalars."""
 
-    def __init__(self, mon: neurotop.Monitor) -> None:
-        self.sub = zmq.Context.instance().socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.subscribe(b"")
-        self.sub.connect(mon.connection.telemetry)
-        self.msgs: list[wire.Message] = []
-        deadline = time.monotonic() + 10
-        while not any(m.kind == wire.SCHEMA for m in self.msgs):
-            assert time.monotonic() < deadline, "no schema from the agent"
-            self._read(50)
-
-    def _read(self, ms: int) -> None:
-        if self.sub.poll(ms):
-            self.msgs.append(wire.decode(self.sub.recv_multipart()))
-
-    def stats(self, step: int) -> tuple[dict, np.ndarray, np.ndarray]:
-        """Schema, block and scalars of the report of ``step``."""
-        deadline = time.monotonic() + 10
-        while True:
-            found = [m for m in self.msgs if m.kind == wire.STATS and m.header["step"] == step]
-            if found:
-                schema = [m for m in self.msgs if m.kind == wire.SCHEMA][-1].header
-                return schema, *found[0].arrays
-            assert time.monotonic() < deadline, f"no report of step {step}"
-            self._read(50)
-
-    def close(self) -> None:
-        self.sub.close()
+    def stats(self, step: int) -> tuple[dict, np.ndarray, np.ndarray]:  # type: ignore[override]
+        m = self._message(wire.STATS, step)
+        return self._schema(m.header["schema_id"]), *m.arrays
 
 
 class Capture:
