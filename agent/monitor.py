@@ -41,6 +41,7 @@ from neurotop.service.wakeup import Wakeup
 from neurotop.training.amp import STUCK, ScalerWatch
 from neurotop.training.checkpoint import Checkpointer
 from neurotop.training.collector import LayerCollector
+from neurotop.training.compiled import EagerReports
 from neurotop.training.hooks import Call, ForwardStart, InputHook, LayerHook
 from neurotop.training.knobs import Knobs, UserKnob
 from neurotop.training.layers import select_layers
@@ -110,6 +111,8 @@ class Monitor:
         self.start_time = time.time()
         self._closed = False
         self._active = True  # report on the first step
+        self._eager = EagerReports()  # report steps run eagerly under torch.compile
+        self._eager.window(True)
         self._measure_eval = self.config.measure_eval
         self._specs = select_layers(model, self.config)
         self._layers = [s.name for s in self._specs]
@@ -159,8 +162,8 @@ class Monitor:
             if self.amp is not None:
                 self.amp.close()
             raise
-        # Under torch.compile the hooks are traced: the ``_active`` test is cheap to guard
-        # on, and the measuring itself runs eagerly (a graph break on report steps only).
+        # Under torch.compile report steps run eagerly (``EagerReports``); where the stance
+        # cannot be set (a compiled step boundary), measuring breaks the graph instead.
         self._measure = torch.compiler.disable(self.collector.on_output)
         self._count = torch.compiler.disable(self._count_samples)
         self._forward_started = torch.compiler.disable(self.collector.forward_started)
@@ -284,6 +287,7 @@ class Monitor:
         atexit.unregister(self.close)
         for h in self._handles:
             h.remove()
+        self._eager.window(False)
         if self.amp is not None:
             self.amp.close()
         self.controller.close()
@@ -331,6 +335,7 @@ class Monitor:
         if self._active:
             self._report()
         self._active = self._step % self.report_every == 0
+        self._eager.window(self._active)
         if self._active:
             self._start_window()
         self._sync_hooks()
@@ -403,6 +408,7 @@ class Monitor:
                 w.stats.discard()
         elif n + 1 >= STUCK and (n + 1 - STUCK) % every == 0:
             self._active = True  # the next skipped step is reported: measure it
+            self._eager.window(True)
         if self._active:
             self._start_window()
         self._sync_hooks()

@@ -31,8 +31,10 @@ def gather_models(models: Models) -> tuple[nn.Module, list[nn.Module]]:
 
     One module is itself; several become the children of an ``nn.ModuleDict``, named by
     their dict keys or, in a list, by their class (``Generator``, ``Discriminator``; a
-    repeated class gets ``_1``, ``_2``...)."""
+    repeated class gets ``_1``, ``_2``...). A model compiled before ``watch`` is watched
+    as the module it compiles (``_orig_mod``), so its layers keep their names."""
     if isinstance(models, nn.Module):
+        models = uncompiled(models)
         return models, [models]
     if isinstance(models, Mapping):
         named = dict(models)
@@ -45,9 +47,16 @@ def gather_models(models: Models) -> tuple[nn.Module, list[nn.Module]]:
                 k += 1
                 name = f"{base}_{k}"
             named[name] = m
+    named = {k: uncompiled(m) if isinstance(m, nn.Module) else m for k, m in named.items()}
     if not named or not all(isinstance(m, nn.Module) for m in named.values()):
         raise TypeError(f"watch() takes an nn.Module, or a dict or list of them; got {models!r}")
     return nn.ModuleDict(named), list(named.values())
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``'d one wraps (hooks on it run in the compiled call)."""
+    return getattr(model, "_orig_mod", model) if isinstance(
+        model, torch._dynamo.eval_frame.OptimizedModule) else model
 
 
 def name_optimizers(optimizers: Optimizers, model: nn.Module,
