@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 
 from neurotop.protocol import wire
-from neurotop.protocol.sessionfile import FILE_HEADER, MESSAGE, SessionFormatError, SessionReader
+from neurotop.protocol.sessionfile import (
+    FILE_HEADER,
+    INDEX,
+    INDEX_DTYPE,
+    INDEX_HEAD,
+    MESSAGE,
+    SessionFormatError,
+    SessionReader,
+)
 from neurotop.service.recorder import Recorder
 from neurotop.tui.data.replay_source import ReplaySource
 from neurotop.tui.data.store import RunStore
@@ -232,3 +240,19 @@ def test_export_writes_documented_csv_tables(tmp_path):
     assert events[0] == "step,time,kind,event,cmd,ok,old,new,error,sender,details"
     assert len(events) == 1 + 2 * 3 and ",pause,True," in events[1] and "dying_layer" in events[3]
     src.close()
+
+
+def test_an_index_chain_that_loops_does_not_hang_the_reader(tmp_path):
+    """A crafted (CRC-valid) INDEX whose previous index is itself: read by scanning."""
+    path = tmp_path / "s.ntop"
+    run = write_run(path, 20, close=False)
+    w = run.writer
+    w.write_index()
+    at = w.offset
+    entry = np.zeros(1, INDEX_DTYPE)
+    body_len = INDEX_HEAD.size + entry.nbytes
+    w.write(INDEX, [INDEX_HEAD.pack(at, at + 32 + body_len), entry.tobytes()])
+    w.close()
+    with SessionReader(path) as r:
+        assert (r.index["type"] == MESSAGE).sum() == len(run.messages)
+        assert r.end is not None

@@ -10,7 +10,10 @@ for many at once: the UI decodes records only through this module). ``INDEX`` re
 written every ``index_every`` records, list the records before them and point to the
 previous index, so a reader finds every record from the last index backwards without
 reading the file. A reader verifies every record's CRC, reports and ignores a truncated
-tail, and skips a damaged record by searching for the next record magic.
+tail, and skips a damaged record by searching for the next record magic. Index records
+are hints it verifies (their entries must tile the file up to where they are): after
+bytes were inserted or removed it resynchronises on the framing and the CRCs, so only
+the damaged records are lost.
 """
 
 from __future__ import annotations
@@ -292,8 +295,10 @@ class SessionReader:
     """Reads a session file, also while it is being written (up to its size at open).
 
     ``index`` has one entry per record (``INDEX_DTYPE``), in file order: from the index
-    records when they are intact, otherwise from a forward scan. ``problems`` lists, in
-    words, every damaged stretch and a truncated tail; those bytes are ignored.
+    records as far as they are intact and in place, from a forward scan for the rest.
+    ``problems`` lists, in words, every damaged stretch (by byte range) and a truncated
+    tail; those bytes are ignored. Nothing it allocates is sized by a length field
+    larger than the file.
     """
 
     TAIL_WINDOW = 1 << 20
@@ -344,35 +349,56 @@ class SessionReader:
             return version
         # A damaged header: go on only if records follow, read as this version.
         first = self._pread(FILE_HEADER.size, HEADER_SIZE + (1 << 16))
-        if magic[:4] != FILE_MAGIC[:4] and _check_at(memoryview(first), 0) is None:
+        if magic[:4] != FILE_MAGIC[:4] and _next_record(first, memoryview(first), 0) is None:
             raise SessionFormatError(f"{self.path} is not a neurotop session file")
         self.problems.append(f"the file header is damaged; reading the records as format"
                              f" version {FORMAT_VERSION}")
         return FORMAT_VERSION
 
     def _build_index(self) -> np.ndarray:
+        """Index records are hints: the chain of them is used as far as it is verified to
+        describe the file as it is (the records of each tile the bytes up to it), and the
+        rest is found by scanning. So bytes inserted or removed cost only the records they
+        damage, and a file whose index records are all intact and in place is not read."""
         last, whole = self._find_last_index()
         if last is None:
-            return _entries(whole or [])
-        parts: list[np.ndarray] = []
-        rec: Record | None = last
-        while rec is not None:
-            prev, covers_from = INDEX_HEAD.unpack_from(rec.body)
-            parts.append(np.frombuffer(rec.body[INDEX_HEAD.size:], dtype=INDEX_DTYPE))
-            if prev < 0:
-                if covers_from > FILE_HEADER.size:
-                    parts.append(_entries(self._scan_range(FILE_HEADER.size, covers_from)))
+            return _entries(self._drop_repeats(whole or []))
+        parts, verified_to = self._verified_index(last)
+        parts.append(_entries(self._scan_range(verified_to, self.size)))
+        index = np.concatenate(parts)
+        return index[index["offset"] + HEADER_SIZE + index["length"] <= self.size]
+
+    def _verified_index(self, last: Record) -> tuple[list[np.ndarray], int]:
+        """The entries of the index chain that ends at ``last``, earliest first, as far as
+        they are verified, and the offset up to which they cover the file."""
+        chain = [last]
+        while True:
+            prev, covers_from = INDEX_HEAD.unpack_from(chain[-1].body)
+            if not 0 <= prev < chain[-1].offset:  # the first; or not a chain back (no loop)
                 break
             rec = self._read_index_at(prev)
             if rec is None or rec.end != covers_from:
-                self.problems.append(f"index record at offset {prev} damaged; scanning the"
-                                     " records it listed")
-                parts.append(_entries(self._scan_range(FILE_HEADER.size, covers_from)))
-                rec = None
-        parts.reverse()
-        parts.append(_entries(self._scan_range(last.end, self.size)))
-        index = np.concatenate(parts)
-        return index[index["offset"] + HEADER_SIZE + index["length"] <= self.size]
+                break
+            chain.append(rec)
+        parts: list[np.ndarray] = []
+        at = FILE_HEADER.size
+        for rec in reversed(chain):
+            covers_from = INDEX_HEAD.unpack_from(rec.body)[1]
+            entries = _listed(rec)
+            if entries is None or covers_from < at or (covers_from > at and rec is not chain[-1]):
+                self.problems.append(f"the index record at offset {rec.offset} does not match"
+                                     " the records before it (bytes inserted or removed);"
+                                     f" scanning from offset {at}")
+                break
+            if at < covers_from:  # the index before this one is damaged
+                prev = INDEX_HEAD.unpack_from(rec.body)[0]
+                if prev >= 0:
+                    self.problems.append(f"index record at offset {prev} damaged; scanning"
+                                         " the records it listed")
+                parts.append(_entries(self._scan_range(at, covers_from)))
+            parts.append(entries)
+            at = rec.end
+        return parts, at
 
     def _find_last_index(self) -> tuple[Record | None, list[Record] | None]:
         """The last intact INDEX record, found by scanning windows that grow from the
@@ -385,7 +411,7 @@ class SessionReader:
             recs, _ = scan(self._pread(start, self.size - start), start, problems=problems,
                            quiet_start=not whole)
             for r in reversed(recs):
-                if r.type == INDEX:
+                if _is_index(r):
                     return r, None
             if whole:
                 self.problems += problems
@@ -397,16 +423,38 @@ class SessionReader:
         if len(head) < HEADER_SIZE or head[:4] != REC_MAGIC:
             return None
         length = REC_HEADER.unpack(head)[5]
-        if length > MAX_RECORD_BYTES:
+        if offset + HEADER_SIZE + length > self.size:  # never allocate what a length claims
             return None
         recs, _ = scan(self._pread(offset, HEADER_SIZE + length), offset)
-        return recs[0] if recs and recs[0].offset == offset and recs[0].type == INDEX else None
+        return recs[0] if recs and recs[0].offset == offset and _is_index(recs[0]) else None
 
     def _scan_range(self, start: int, end: int) -> list[Record]:
         if end <= start:
             return []
         recs, _ = scan(self._pread(start, end - start), start, problems=self.problems)
-        return [r for r in recs if r.type != INDEX]
+        return self._drop_repeats([r for r in recs if r.type != INDEX])
+
+    def _drop_repeats(self, recs: list[Record], window: int = 64) -> list[Record]:
+        """``recs`` without copies of a record among the ``window`` before it: the writer
+        never writes the same bytes twice (every message has its own sequence number), so
+        a copy is damage (a duplicated stretch of the file), reported and skipped."""
+        out: list[Record] = []
+        recent: dict[tuple, Record] = {}
+        for r in recs:
+            key = (r.type, r.kind, r.step, r.t, len(r.body))
+            seen = recent.get(key)
+            if seen is not None and seen.body == r.body:
+                self.problems.append(f"copy of the record at offset {seen.offset} at offsets"
+                                     f" {r.offset}..{r.end} skipped")
+                continue
+            out.append(r)
+            recent[key] = r
+            if len(out) > window:
+                old = out[-window - 1]
+                key = (old.type, old.kind, old.step, old.t, len(old.body))
+                if recent.get(key) is old:
+                    del recent[key]
+        return out
 
     def _read_notes(self) -> None:
         sel = np.flatnonzero(np.isin(self.index["type"], (META, NOTE, END)))
@@ -445,8 +493,8 @@ class SessionReader:
             buf = os.pread(fd, int(ends[j - 1]) - start, start)
             rel = offsets[i:j] - start
             ok = intact(buf, rel, lengths[i:j])
-            for bad in offsets[i:j][~ok]:
-                self.problems.append(f"damaged record at offset {bad} skipped")
+            for bad, bad_end in zip(offsets[i:j][~ok], ends[i:j][~ok], strict=True):
+                self.problems.append(f"damaged record at offsets {bad}..{bad_end} skipped")
             e = idx[i:j][ok]
             yield Chunk(buf, start, rel[ok], lengths[i:j][ok], e["type"], e["kind"], e["step"],
                         e["t"], pos[i:j][ok])
@@ -548,6 +596,28 @@ def intact(buf: bytes, off: np.ndarray, length: np.ndarray) -> np.ndarray:
                                                           strict=True)),
                        np.uint32, count=len(off))
     return ok & magic & (crcs == stored)
+
+
+def _is_index(rec: Record) -> bool:
+    """An INDEX record with room for its head and one entry (the writer writes no fewer)."""
+    return rec.type == INDEX and len(rec.body) >= INDEX_HEAD.size + INDEX_DTYPE.itemsize
+
+
+def _listed(rec: Record) -> np.ndarray | None:
+    """The entries of INDEX record ``rec`` if they tile the bytes before it without a gap,
+    from where it says they start to where it is; else ``None`` (they do not describe the
+    file as it is: bytes were inserted or removed, or a record duplicated, before it)."""
+    covers_from = INDEX_HEAD.unpack_from(rec.body)[1]
+    table = rec.body[INDEX_HEAD.size:]
+    if len(table) % INDEX_DTYPE.itemsize:
+        return None
+    entries = np.frombuffer(table, dtype=INDEX_DTYPE)
+    offsets = entries["offset"].astype(np.int64)
+    ends = offsets + HEADER_SIZE + entries["length"]
+    if (offsets[0] != covers_from or ends[-1] != rec.offset
+            or not np.array_equal(offsets[1:], ends[:-1])):
+        return None
+    return entries
 
 
 def _entries(recs: list[Record]) -> np.ndarray:
