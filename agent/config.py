@@ -84,6 +84,14 @@ class Config:
     #: Which dimension of the model's first tensor input counts samples for
     #: ``samples_per_s``: 0 for batch-first inputs, 1 for sequence-first ones (T, B, ...).
     batch_dim: int = 0
+    #: On SIGTERM and SIGHUP (a scheduler or a dropped SSH session ending the job), close
+    #: the session (END record, connection file removed), then let the signal take its
+    #: course (see ``neurotop.training.signals``). Installed from the main thread only.
+    handle_signals: bool = True
+    #: Session files and snapshots are created 0600 in 0700 run directories (readable by
+    #: this user only: they hold the run's recording, its model and optimizer state), as
+    #: the connection files are. False: the umask decides (e.g. a group-readable runs root).
+    private_files: bool = True
 
     def __post_init__(self) -> None:
         for name in ("layers", "layer_types", "exclude", "stats", "hist_layers"):
@@ -97,8 +105,9 @@ class Config:
             raise ConfigError(f"stats: unknown {unknown}; known: {', '.join(LAYER_STATS)}")
         self.stats = tuple(s for s in LAYER_STATS if s in self.stats)  # canonical order
         _int_at_least("report_every", self.report_every, 1)
-        if not isinstance(self.measure_eval, bool):
-            raise ConfigError(f"measure_eval must be true or false, got {self.measure_eval!r}")
+        for name in ("measure_eval", "handle_signals", "private_files"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _int_at_least("dead_window", self.dead_window, 1)
         _int_at_least("hist_every", self.hist_every, 0)
         _int_at_least("batch_dim", self.batch_dim, 0)

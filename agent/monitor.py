@@ -55,6 +55,7 @@ from neurotop.training.optimizers import (
 )
 from neurotop.training.packing import pack, to_host
 from neurotop.training.param_stats import ParamStats, param_names
+from neurotop.training.signals import SignalGuard
 from neurotop.training.stats import first_tensor
 
 
@@ -132,10 +133,12 @@ class Monitor:
         self._rate = (time.monotonic(), 0, 0.0)  # (t, step, steps/s) for the heartbeat
         self.knobs = Knobs(model, self.optimizers, scheduler=scheduler, auto_pause=auto_pause)
         auto = AutoPause(self.knobs.auto_pause, auto_pause_alerts)
-        self.recorder = open_recording(record, self.run_id, self.name, self.start_time)
+        self.recorder = open_recording(record, self.run_id, self.name, self.start_time,
+                                       private=self.config.private_files)
         self.checkpointer = Checkpointer(
             model, self.optimizers, self.run_id, snapshot,
-            default_dir=self.recorder.path.parent if self.recorder else "runs")
+            default_dir=self.recorder.path.parent if self.recorder else "runs",
+            private=self.config.private_files)
         wakeup = Wakeup()  # the agent thread sleeps on it; what hands it work rings it
         self.controller = Controller(knobs=self.knobs, snapshot=self.checkpointer,
                                      raise_on_stop=raise_on_stop, notify=wakeup.ring,
@@ -190,6 +193,9 @@ class Monitor:
             run_dir=str(self.recorder.path.parent) if self.recorder else "")
         self.connection_file = connfile.write(self.connection)
         atexit.register(self.close)
+        self._signals = SignalGuard(self.close)
+        if self.config.handle_signals:
+            self._signals.install()
 
     # -- user API -----------------------------------------------------------------------
 
@@ -285,6 +291,7 @@ class Monitor:
             return
         self._closed = True
         atexit.unregister(self.close)
+        self._signals.restore()
         for h in self._handles:
             h.remove()
         self._eager.window(False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +17,7 @@ from neurotop.protocol import connfile, runs
 from neurotop.protocol.commands import parse_value, set_args, split_knob
 from neurotop.protocol.sessionfile import SessionFormatError, SessionReader
 from neurotop.tui.data import remote
-from neurotop.tui.data.children import die_with_parent
+from neurotop.tui.data.children import die_with_parent, log_tail, open_log
 from neurotop.tui.data.client import CommandError, LiveClient
 from neurotop.tui.data.targets import TargetError, resolve
 
@@ -48,9 +50,18 @@ def _run_ui(endpoints, read_only: bool) -> None:
 def _session_summary(path: Path) -> dict | None:
     try:
         with SessionReader(path) as r:
-            return r.summary()
+            s = r.summary()
     except (OSError, SessionFormatError):
         return None
+    s["start_time"] = _when(s["start_time"])  # from the file: anything msgpack holds
+    s["run_id"] = str(s["run_id"])
+    return s
+
+
+def _when(t: object) -> float:
+    """``t`` if it is a time ``time.localtime`` can show, else 0 (shown as the epoch)."""
+    ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+    return float(t) if ok and 0 <= t < 1e11 else 0.0
 
 
 def list_runs() -> list[dict]:
@@ -67,7 +78,7 @@ def list_runs() -> list[dict]:
         rows.append(row)
         live_ids.add(r.run_id)
     ended = [s for p in runs.session_files() if (s := _session_summary(p)) is not None]
-    for s in sorted(ended, key=lambda s: s["start_time"] or 0, reverse=True):
+    for s in sorted(ended, key=lambda s: s["start_time"], reverse=True):
         if s["run_id"] not in live_ids:
             closed = s.pop("closed")
             rows.append({**s, "state": "ended" if closed else "ended*"})
@@ -95,14 +106,14 @@ def cmd_ls(args: argparse.Namespace) -> None:
         empty = (f"no live runs or recorded sessions (looked in {connfile.runtime_dir()},"
                  f" {runs.sessions_dir()} and {runs.runs_root()})")
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows, indent=1, default=str))
         return
     if not rows:
         print(empty)
         return
     print(f"{'RUN':<24} {'NAME':<16} {'STARTED':<19} {'STEPS':>9} {'SIZE':>9}  {'STATE':<7} WHERE")
     for r in rows:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["start_time"] or 0))
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(_when(r["start_time"])))
         steps = "-" if r["steps"] is None else str(r["steps"])
         where = r["telemetry"] if r["state"] == "live" else r["session"]
         print(f"{r['run_id']:<24} {str(r['name'])[:16]:<16} {started:<19} {steps:>9}"
@@ -119,7 +130,7 @@ def _open_session(target: str):
 
     try:
         return ReplaySource(runs.find_session(target))
-    except (LookupError, OSError, SessionFormatError) as e:
+    except (LookupError, OSError, ValueError) as e:  # ValueError: also SessionFormatError
         _die(str(e))
 
 
@@ -214,11 +225,15 @@ def cmd_ctl(args: argparse.Namespace) -> None:
     print(json.dumps({k: ack.get(k) for k in ACK_FIELDS if k in ack}, default=str))
 
 
-def _spawn_demo(script: Path, extra: list[str], run_id: str) -> subprocess.Popen:
+def _spawn_demo(script: Path, extra: list[str], run_id: str,
+                log: Path) -> subprocess.Popen:
+    """The demo, its stdout and stderr appended to ``log``: a pipe nobody reads once the UI
+    runs would fill and block the demo (its training and its agent) in a write."""
     env = dict(os.environ, NEUROTOP_RUN_ID=run_id, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, str(script), *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=die_with_parent)
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, str(script), *extra], env=env,
+                                stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
 
 def _stop_child(proc: subprocess.Popen) -> None:
@@ -232,35 +247,53 @@ def _stop_child(proc: subprocess.Popen) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    script = DEMOS / f"{args.name}.py"
-    if not script.exists():
-        found = ", ".join(p.stem for p in DEMOS.glob("*.py")) or "none"
-        _die(f"no demo {args.name!r} in {DEMOS} (found: {found}); the demos ship with a"
-             " source checkout: pip install -e .")
+    if args.script is not None:
+        script = args.script
+        if not script.is_file():
+            _die(f"no training script {script}")
+    else:
+        script = DEMOS / f"{args.name}.py"
+        if not script.exists():
+            found = ", ".join(p.stem for p in DEMOS.glob("*.py")) or "none"
+            _die(f"no demo {args.name!r} in {DEMOS} (found: {found}); the demos ship with a"
+                 " source checkout: pip install -e .")
     if args.no_ui:
-        print(f"neurotop: starting demo {args.name}; attach from another terminal with:"
+        print(f"neurotop: starting {script.name}; attach from another terminal with:"
               "  neurotop attach", flush=True)
         os.execv(sys.executable, [sys.executable, str(script), *args.demo_args])
     run_id = connfile.new_run_id()
-    proc = _spawn_demo(script, args.demo_args, run_id)
     try:
-        info = _wait_for_run(proc, run_id, timeout=60)
-        endpoints = resolve(info.run_id)
+        log = open_log(runs.runs_root() / run_id, "demo.log")
+    except OSError as e:
+        _die(f"cannot create the demo's log file: {e}")
+    print(f"neurotop: the demo's output goes to {log}", file=sys.stderr)
+    proc = _spawn_demo(script, args.demo_args, run_id, log)
+    try:
+        info = _wait_for_run(proc, run_id, log, timeout=60)
+        try:
+            endpoints = resolve(info.run_id)
+        except TargetError as e:
+            _die(str(e))
         _run_ui(endpoints, read_only=False)
     finally:
         _stop_child(proc)
+    if proc.returncode not in (0, -signal.SIGINT):
+        _die(f"the demo exited with code {proc.returncode}; the end of {log}:\n"
+             f"{log_tail(log)}", 1)
+    print(f"neurotop: the demo's output is in {log}", file=sys.stderr)
 
 
-def _wait_for_run(proc: subprocess.Popen, run_id: str, timeout: float) -> connfile.ConnectionInfo:
+def _wait_for_run(proc: subprocess.Popen, run_id: str, log: Path,
+                  timeout: float) -> connfile.ConnectionInfo:
     """Wait for the demo's connection file, showing progress; explain if the demo died."""
     path = connfile.conn_path(run_id)
     deadline = time.monotonic() + timeout
     print("neurotop: starting the demo (importing torch)", end="", flush=True, file=sys.stderr)
     while not path.exists():
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
             print(file=sys.stderr)
-            _die(f"the demo exited with code {proc.returncode} before it started:\n{err}")
+            _die(f"the demo exited with code {proc.returncode} before it started"
+                 f" (its output: {log}):\n{log_tail(log)}")
         if time.monotonic() > deadline:
             print(file=sys.stderr)
             _die(f"the demo did not start within {timeout:.0f} s")
@@ -280,8 +313,16 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--read-only", action="store_true", help="watch only; no control")
     a.set_defaults(func=cmd_attach)
 
-    d = sub.add_parser("demo", help="run a CPU demo training with the UI attached")
+    d = sub.add_parser("demo", help="run a CPU demo training with the UI attached",
+                       description="Run a CPU demo training with the UI attached. The demo's"
+                       " output (stdout and stderr) goes to demo.log in its run directory,"
+                       " <runs root>/<run id>/ ($NEUROTOP_RUNS_DIR or ./neurotop_runs), beside"
+                       " its session file (in the temp directory if that cannot be written);"
+                       " neurotop prints the path, and the end of the log"
+                       " if the demo fails. --no-ui runs it in this terminal instead.")
     d.add_argument("--name", default="mlp", help="which demo in demos/ (default: mlp)")
+    d.add_argument("--script", type=Path, metavar="PATH",
+                   help="run this training script (one that calls neurotop.watch) instead")
     d.add_argument("--no-ui", action="store_true", help="run headless and print how to attach")
     d.add_argument("demo_args", nargs=argparse.REMAINDER,
                    help="anything else is passed to the demo script (e.g. --steps 500)")
@@ -318,4 +359,8 @@ def main(argv: list[str] | None = None) -> None:
         args.demo_args = rest[1:] if rest[:1] == ["--"] else rest
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.func(args)
+    logging.basicConfig(format="%(message)s")  # warnings (a skipped bad file): one line each
+    try:
+        args.func(args)
+    except OSError as e:  # the machine's answer (a runtime directory not ours, a full disk)
+        _die(str(e))

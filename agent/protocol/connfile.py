@@ -8,12 +8,25 @@ Imports neither torch nor textual.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import re
 import socket
+import stat
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("neurotop.connfile")
+
+#: A connection file is a few hundred bytes; anything bigger is not one (and is not read).
+MAX_SIZE = 64 << 10
+#: The largest pid ``os.kill`` takes (a C int); Linux's own limit is 2**22.
+MAX_PID = 2**31 - 1
 
 
 def new_run_id() -> str:
@@ -23,11 +36,21 @@ def new_run_id() -> str:
 
 def runtime_dir() -> Path:
     """``$NEUROTOP_RUNTIME_DIR`` or ``~/.local/share/neurotop/runtime`` (a fixed path, so
-    an SSH client can find it on a remote host)."""
+    an SSH client can find it on a remote host). It must be a directory of this user's:
+    another user's could read the keys written there, or plant runs (``PermissionError``,
+    whose message says what to do)."""
     env = os.environ.get("NEUROTOP_RUNTIME_DIR")
     d = Path(env) if env else Path.home() / ".local" / "share" / "neurotop" / "runtime"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(d, 0o700)
+    st = d.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"the runtime directory {d} is not a directory")
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"the runtime directory {d} belongs to uid {st.st_uid}, not to"
+                              f" you (uid {os.getuid()}); set NEUROTOP_RUNTIME_DIR to a"
+                              " directory of yours")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(d, 0o700)
     return d
 
 
@@ -59,12 +82,17 @@ class ConnectionInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> ConnectionInfo:
+        """Validated field by field: ``ValueError`` naming the first bad one. Unknown
+        fields (a newer agent's) are ignored."""
         missing = {"run_id", "pid", "telemetry", "control"} - d.keys()
         if missing:
             raise ValueError(f"connection file lacks {', '.join(sorted(missing))}")
-        known = cls.__dataclass_fields__
-        fields = {"name": "", "key": "", "start_time": 0.0}
-        fields.update({k: v for k, v in d.items() if k in known})
+        fields: dict[str, Any] = {"name": "", "key": "", "start_time": 0.0}
+        fields.update({k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        for name, value in fields.items():
+            why = _why(name, value)
+            if why:
+                raise ValueError(why)
         return cls(**fields)
 
 
@@ -88,17 +116,77 @@ def write(info: ConnectionInfo) -> Path:
     return path
 
 
-def read(path: str | os.PathLike) -> ConnectionInfo:
+def _text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _time(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _hex(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"(?:[0-9a-fA-F]{2})*", v) is not None
+
+
+#: Each field's check and what it wants; other fields must be strings.
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # 0 and -1 would name a process group, or every process: never "alive"
+    "pid": (_int_in(1, MAX_PID), f"an integer from 1 to {MAX_PID}"),
+    "start_time": (_time, "a finite number (seconds since the epoch)"),
+    "key": (_hex, "hex digits"),
+    "rank": (_int_in(0, 1 << 20), "an integer >= 0"),
+    "world_size": (_int_in(1, 1 << 20), "an integer >= 1"),
+    "protocol": (_int_in(0, 1 << 20), "an integer >= 0"),
+}
+
+
+def _why(name: str, value: Any) -> str | None:
+    """What is wrong with field ``name``'s ``value``; None if nothing. Never shows a key."""
+    check, wanted = _CHECKS.get(name, (_text, "a string"))
+    if check(value):
+        return None
+    shown = "" if name == "key" else f", got {repr(value)[:40]}"
+    return f"connection file field {name!r} must be {wanted}{shown}"
+
+
+def read_regular(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path``, refused (``ValueError``) if it is anything
+    else or holds more than ``limit`` bytes: a FIFO, a device or ``/dev/zero`` would hang or
+    exhaust the reader. Opened non-blocking, so even a FIFO's ``open`` returns at once."""
     p = Path(path)
     try:
-        d = json.loads(p.read_text())
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no connection file {p}") from None
-    except json.JSONDecodeError as e:
+        raise FileNotFoundError(f"no {what} {p}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{p} is not a {what}: not a regular file")
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{p} is not a {what}: larger than {limit} bytes")
+    return data
+
+
+def read(path: str | os.PathLike) -> ConnectionInfo:
+    """A connection file, checked (``ValueError`` or ``OSError``, naming the file)."""
+    p = Path(path)
+    data = read_regular(p, MAX_SIZE, "connection file")
+    try:
+        d = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{p} is not a neurotop connection file: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{p} is not a neurotop connection file")
-    return ConnectionInfo.from_dict(d)
+    try:
+        return ConnectionInfo.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
 
 
 def pid_alive(pid: int) -> bool:
@@ -117,7 +205,10 @@ def live_runs(clean: bool = True) -> list[ConnectionInfo]:
     for p in runtime_dir().glob("run-*.json"):
         try:
             info = read(p)
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            continue  # its run just ended
+        except (OSError, ValueError) as e:  # one bad file must not hide the other runs
+            log.warning("neurotop: skipping %s", e)
             continue
         if pid_alive(info.pid):
             runs.append(info)

@@ -9,12 +9,16 @@ runtime directory of connection files). Imports neither torch nor textual.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from neurotop.protocol import connfile
+
+log = logging.getLogger("neurotop.runs")
 
 SESSION_FILE = "session.ntop"
 
@@ -51,8 +55,16 @@ def session_files() -> list[Path]:
     found: dict[Path, None] = {}
     for p in sorted(sessions_dir().glob("*.json")):
         try:
-            target = Path(json.loads(p.read_text())["path"])
-        except (OSError, ValueError, KeyError, TypeError):
+            data = connfile.read_regular(p, 1 << 16, "session pointer")
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:  # skip it (the message names it); list the rest
+            log.warning("neurotop: skipping %s", e)
+            continue
+        try:
+            target = Path(json.loads(data)["path"])
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("neurotop: skipping %s: not a session pointer (%r)", p, e)
             continue
         if target.is_file():
             found[target.resolve()] = None
@@ -61,7 +73,8 @@ def session_files() -> list[Path]:
     root = runs_root()
     if root.is_dir():
         for f in sorted(root.glob(f"*/{SESSION_FILE}")):
-            found[f.resolve()] = None
+            if f.is_file():
+                found[f.resolve()] = None
     return list(found)
 
 
@@ -72,7 +85,7 @@ def find_session(target: str) -> Path:
     if p.is_dir() and (p / SESSION_FILE).is_file():
         return p / SESSION_FILE
     if p.exists() or os.sep in target or target.endswith(".ntop"):
-        return p
+        return _regular(p)
     hits = [f for f in session_files()
             if f.parent.name == target or f.parent.name.startswith(target)
             or f.parent.name.endswith(target)]
@@ -83,3 +96,17 @@ def find_session(target: str) -> Path:
                           " (see: neurotop ls)")
     raise LookupError(f"{target!r} matches several recorded runs: "
                       + ", ".join(h.parent.name for h in hits))
+
+
+def _regular(p: Path) -> Path:
+    """``p`` if it is a regular file: opening a FIFO would block, reading a device (such as
+    ``/dev/zero``) would never end. ``OSError`` or ``ValueError`` otherwise."""
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no session file {p}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{p} is a directory without a session file ({SESSION_FILE})")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{p} is not a session file: not a regular file")
+    return p

@@ -133,14 +133,16 @@ class Recorder(threading.Thread):
 
 
 def open_recording(record: bool | str | os.PathLike | None, run_id: str, name: str,
-                   start_time: float) -> Recorder | None:
+                   start_time: float, *, private: bool = True) -> Recorder | None:
     """A recorder for ``<root>/<run_id>/session.ntop``, its file created, its thread not yet
     started: its owner (the ``Monitor``) starts it and ``close``s (joins) it.
 
     ``record``: ``True`` (the default root, see ``neurotop.protocol.runs``), a directory to use as
     the root, or ``False``/``None`` (do not record). A directory the caller named must be
     writable (a clear error otherwise); when the default one is not, the run goes on
-    unrecorded with a warning.
+    unrecorded with a warning. ``private``: the run directory is 0700 and the session
+    file 0600 (a recording tells what the run trains on), as the connection files are;
+    otherwise the umask decides.
     """
     if record is None or record is False:
         return None
@@ -151,7 +153,11 @@ def open_recording(record: bool | str | os.PathLike | None, run_id: str, name: s
     try:
         run_dir = root / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
+        if private:  # before the file exists: nobody else can open it while it is 0644
+            os.chmod(run_dir, 0o700)
         rec = Recorder(run_dir / runs.SESSION_FILE, meta)
+        if private:
+            os.chmod(rec.path, 0o600)
     except OSError as e:
         if record is not True:
             raise OSError(f"neurotop cannot record to {root}: {e}") from None

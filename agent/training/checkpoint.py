@@ -34,8 +34,9 @@ class Checkpointer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, run_id: str,
                  target: str | os.PathLike | Callable[[int], Any] | None,
-                 default_dir: str | os.PathLike) -> None:
+                 default_dir: str | os.PathLike, *, private: bool = True) -> None:
         self.model, self.optimizer, self.run_id = model, optimizer, run_id
+        self.private = private
         self.callback = target if callable(target) else None
         self.directory = Path(target if isinstance(target, (str, os.PathLike)) else default_dir)
         self._writers: list[threading.Thread] = []
@@ -54,7 +55,7 @@ class Checkpointer:
                  "model": _host_copy(self.model.state_dict()),
                  "optimizer": _host_copy(self.optimizer.state_dict())}
         path = self.directory / f"{self.run_id}-step{step:08d}.pt"
-        writer = threading.Thread(target=_write, args=(state, path, done),
+        writer = threading.Thread(target=_write, args=(state, path, done, self.private),
                                   name="neurotop-snapshot", daemon=True)
         self._writers = [w for w in self._writers if w.is_alive()]
         self._writers.append(writer)
@@ -67,12 +68,18 @@ class Checkpointer:
         self._writers = []
 
 
-def _write(state: dict[str, Any], path: Path, done: Callable[[dict[str, Any]], None]) -> None:
-    """The writer thread: save, then acknowledge (always: control is never lost silently)."""
+def _write(state: dict[str, Any], path: Path, done: Callable[[dict[str, Any]], None],
+           private: bool) -> None:
+    """The writer thread: save, then acknowledge (always: control is never lost silently).
+    ``private``: the file is created 0600 and a directory made for it 0700 (the state is
+    the user's model); otherwise the umask decides. An existing directory is left as is."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
+        tmp.unlink(missing_ok=True)  # a crashed write's leftover keeps its mode
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
         os.replace(tmp, path)
     except Exception as e:  # broad: torch.save raises many types, and the ack must go out
         if not isinstance(e, OSError):  # the disk's errors say it all; the rest may be bugs
