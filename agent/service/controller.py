@@ -11,6 +11,12 @@ not wait forever. Every command is plain data ``(cmd, args)``
 applied deterministically from the state at the boundary, so that under
 torch.distributed the same list can be broadcast and applied by all ranks at the
 same step.
+
+A ``set`` of a knob the optimizer's step reads (``lr``, ``weight_decay``, ``grad_clip``)
+can be acked twice: ok at the boundary where it was applied, then, if the next step raised
+with it, refused with the error once the knobs rolled it back (``rolled_back: True``, the
+value restored in ``new``) — the step is taken again with the old value, and training
+goes on (see ``neurotop.training.knobs``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ class KnobTable(Protocol):
     def values(self) -> dict[str, Any]: ...
     def pins(self) -> dict[str, Any]: ...
     def validate(self, knob: str, value: Any, op: str) -> None: ...
-    def apply(self, knob: str, value: Any, op: str) -> dict[str, Any]: ...
+    def apply(self, knob: str, value: Any, op: str,
+              rolled_back: Callable[[str, Any], None] | None = None) -> dict[str, Any]: ...
 
 
 #: ``snapshot(step, done)``: called at the boundary; ``done`` gets ``{"new": where}`` or
@@ -222,9 +229,16 @@ class Controller:
             self._until = step + p.args["n"]
             return self._ack(p, ok=True, step=step, old=old, new="stepping", until=self._until)
         if p.cmd == "set":
+            result: dict[str, Any] | None = None
+
+            def rolled_back(error: str, restored: Any) -> None:
+                """From the step after this boundary, which raised with the value."""
+                p.reply(self._ack(p, ok=False, step=None, old=result["new"] if result else None,
+                                  new=restored, error=error, rolled_back=True))
             try:
                 result = self.knobs.apply(p.args["knob"], p.args.get("value"),
-                                          p.args.get("op", "set")) if self.knobs else None
+                                          p.args.get("op", "set"), rolled_back) \
+                    if self.knobs else None
             except ValueError as e:
                 return self._ack(p, ok=False, step=None, error=str(e))
             if result is None:

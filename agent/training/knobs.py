@@ -35,13 +35,29 @@ heartbeat) and validates requests. Built in:
 
 Values may be set (``op="set"``) or multiplied (``op="mul"``, float knobs only); a pinned
 knob is handed back to the script with ``op="release"``.
+
+No valid command may kill the run. Every value, a product included, is bounded: by the
+knob's ``min``/``max`` (``MAXIMA`` for the built-in ones, far above any setting a run uses
+and far below where a float32 or float16 step overflows), floats to what float32 holds and
+ints to int64 whatever a user knob declares, dropout ``p`` below 1. A new ``lr`` or
+``weight_decay`` is first dry-run on a one-element copy of its optimizer (``_dry_run``), so
+a value the optimizer's step refuses is refused in the ack. And the step itself is guarded
+(``Knobs._guarded_step``): if the first step of an optimizer after a change to a knob it
+reads raises all the same (an optimizer that cannot be copied, a value that fails only on
+the real parameters), the change is rolled back, the step is taken again with the values
+it had, and the command gets a second ack, refused, with the error.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import logging
 import threading
+import types
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +66,17 @@ from torch import nn
 from neurotop.protocol.commands import check_value, split_knob
 from neurotop.training.hooks import Call
 
+log = logging.getLogger("neurotop.agent")
+
 Value = bool | int | float
+#: Rolled back: ``(error, the values restored)``; the controller acks the command again.
+RolledBack = Callable[[str, Any], None]
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+#: The largest value of each built-in knob (README, "Knobs"). An LR of 1e3 is 30 times the
+#: largest in common use (linear probes at 30) and, divided by Adam's first bias correction
+#: (0.1), still fits float16.
+MAXIMA = {"lr": 1e3, "weight_decay": 1e2, "grad_clip": 1e6, "l1": 1e3}
 _SCHEDULE_ATTRS = ("base_lrs", "max_lrs")  # scheduler lists indexed by param group
 _SCHEDULE_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr")  # OneCycleLR & co. keep these
 
@@ -87,6 +113,20 @@ class Knob:
 
     def put(self, target: str, value: Value) -> None:
         raise NotImplementedError
+
+    def refuse(self, value: Value) -> str | None:
+        """Why ``value`` (already within ``spec()``, see ``check_value``) cannot be used:
+        a float float32 cannot hold, an int beyond int64, whatever the bounds declared."""
+        if self.type == "float" and abs(value) > FLOAT32_MAX:
+            return f"{self.name} must fit float32 (|value| <= {FLOAT32_MAX:.4g}), got {value!r}"
+        if self.type == "int" and not INT64_MIN <= value <= INT64_MAX:
+            return f"{self.name} must fit int64, got {value!r}"
+        return None
+
+    def stepped_by(self, targets: list[str]) -> list[torch.optim.Optimizer]:
+        """The optimizers whose ``step()`` reads this knob at ``targets`` (their first step
+        after a change is guarded); none for a knob read outside the step."""
+        return []
 
     def listed(self) -> Any:
         """The value ``knobs`` lists: one value, or a list when the targets differ. A
@@ -133,7 +173,7 @@ class UserKnob(Knob):
                             f" {type(default).__name__}")
         super().__init__(name, doc, min, max)
         self.type = kind
-        err = check_value(self.spec(), default)
+        err = check_value(self.spec(), default) or self.refuse(default)
         if err:
             raise ValueError(f"knob default: {err}")
         self.value_ = default
@@ -169,7 +209,7 @@ class GroupKnob(Knob):
     pinnable = True
 
     def __init__(self, name: str, optimizer: torch.optim.Optimizer, doc: str) -> None:
-        super().__init__(name, doc, min=0.0)
+        super().__init__(name, doc, min=0.0, max=MAXIMA[name])
         self.optimizer = optimizer
 
     def targets(self, sel: str | None) -> list[str]:
@@ -197,6 +237,15 @@ class GroupKnob(Knob):
     def put(self, target: str, value: Value) -> None:
         self.write(target, value)
         self.pins[target] = float(value)
+
+    def stepped_by(self, targets: list[str]) -> list[torch.optim.Optimizer]:
+        owners = [_owner(self.optimizer, int(t)) for t in targets]
+        return list({id(o): o for o in owners}.values())
+
+    def dry_run(self, target: str, value: float) -> str | None:
+        """Why the optimizer of group ``target`` cannot step with ``value`` (``_dry_run``)."""
+        opt = _owner(self.optimizer, int(target))
+        return _dry_run(opt, self.optimizer.param_groups[int(target)], self.name, value)
 
     def write(self, target: str, value: Value) -> None:
         g = self.optimizer.param_groups[int(target)]
@@ -270,7 +319,7 @@ class GradClip(Knob):
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         super().__init__("grad_clip", "clip the global grad norm to this before each step"
-                         " (0: off)", min=0.0)
+                         " (0: off)", min=0.0, max=MAXIMA["grad_clip"])
         self.optimizer = optimizer
         self.max_norm = 0.0
 
@@ -279,6 +328,9 @@ class GradClip(Knob):
 
     def put(self, target: str, value: Value) -> None:
         self.max_norm = float(value)
+
+    def stepped_by(self, targets: list[str]) -> list[torch.optim.Optimizer]:
+        return _torch_optimizers(self.optimizer)  # clipped in each one's step pre-hook
 
     def at_pre_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Clip the gradients ``optimizer`` (default: every optimizer of the run) steps with:
@@ -342,6 +394,11 @@ class Dropout(ModuleKnob):
     def get(self, target: str) -> float:
         return float(self.modules[target].p)
 
+    def refuse(self, value: Value) -> str | None:
+        if value >= 1:
+            return f"dropout must be < 1 (p = 1 drops every activation), got {value!r}"
+        return super().refuse(value)
+
     def put(self, target: str, value: Value) -> None:
         self.modules[target].p = self.pins[target] = float(value)
         self._hook(target, self.modules[target].register_forward_pre_hook, self._hold(target))
@@ -364,7 +421,8 @@ class L1Penalty(ModuleKnob):
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         super().__init__("l1", "L1 activation penalty lambda on the outputs of the modules"
-                         " matching [GLOB] (0: off)", modules, need_glob=True, min=0.0)
+                         " matching [GLOB] (0: off)", modules, need_glob=True, min=0.0,
+                         max=MAXIMA["l1"])
         self.lams: dict[str, float] = {}
 
     def get(self, target: str) -> float:
@@ -405,6 +463,88 @@ def _output_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
+def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind the knobs' optimizer (one, or an ``OptimizerSet``)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    return [o for _, o in optimizer.named]
+
+
+def _owner(optimizer: Any, i: int) -> torch.optim.Optimizer:
+    """The torch optimizer that owns param group ``i`` of the knobs' list."""
+    for o in _torch_optimizers(optimizer):
+        if i < len(o.param_groups):
+            return o
+        i -= len(o.param_groups)
+    raise IndexError(f"no param group {i}")
+
+
+def _dry_run(opt: torch.optim.Optimizer, group: dict[str, Any], name: str,
+             value: float) -> str | None:
+    """Why ``opt.step()`` raises with ``group[name] = value``, found by stepping a copy of
+    ``opt`` (its class, the group's hyperparameters) over one element of the group's dtype
+    and device, once as the group is, then with ``value``: the cost of a scalar. None when
+    it steps, or when no copy steps as the group is (a constructor or a ``step`` that takes
+    more, like LBFGS's closure): the guarded step is then the only safeguard."""
+    first = next(iter(group["params"]), None)
+    if first is None:
+        return None
+    try:
+        p = torch.zeros(1, dtype=first.dtype, device=first.device, requires_grad=True)
+        copy = type(opt)([p], **opt.defaults)
+        copy.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+        p.grad = torch.ones_like(p)
+        copy.step()
+    except Exception as e:  # not this optimizer's value: it cannot be dry-run at all
+        log.debug("no dry run of %s.step(): %r", type(opt).__name__, e)
+        return None
+    copy.param_groups[0][name] = value
+    try:
+        copy.step()
+    except Exception as e:  # what the real step would raise with the value
+        return f"{type(opt).__name__}.step() raises with it: {_one_line(e)}"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _run_first(handle: Any) -> None:
+    """Move a just-registered step post-hook before the others (the monitor's, whose step
+    boundary applies the next commands)."""
+    hooks = handle.hooks_dict_ref()
+    if isinstance(hooks, OrderedDict):
+        hooks.move_to_end(handle.id, last=False)
+
+
+@dataclass
+class _Trial:
+    """A change to a knob the step reads, on trial until each optimizer in ``waiting`` (by
+    ``id``) has stepped with it. ``saved``: each target's pin, override count and script
+    value before (None: absent)."""
+
+    knob: Knob
+    asked: str  # the command, for the error: "lr x2"
+    targets: list[str]
+    olds: list[Value | None]
+    saved: list[tuple[float | None, int | None, float | None]]
+    waiting: set[int]
+    rolled_back: RolledBack | None
+
+    def undo(self) -> None:
+        k = self.knob
+        for t, old, kept in zip(self.targets, self.olds, self.saved, strict=True):
+            if old is not None:
+                k.put(t, old)
+            for d, v in zip((k.pins, k.overridden, k.script_value), kept, strict=True):
+                if v is None:
+                    d.pop(t, None)
+                else:
+                    d[t] = v
+
+
 def collapse(values: list[Any]) -> Any:
     """One value when every target agrees, else the list (one entry per target)."""
     if values and all(v == values[0] for v in values):
@@ -440,6 +580,10 @@ class Knobs:
         knobs += [self.l1, self.auto_pause]
         self._builtin = {k.name for k in knobs}
         self._knobs: dict[str, Knob] = {k.name: k for k in knobs}
+        self._trials: list[_Trial] = []  # training thread only
+        self._took: set[int] = set()  # optimizers (id) whose step was taken, this call
+        self._guards: dict[int, tuple[torch.optim.Optimizer, Any, Any]] = {}
+        self._guard()
 
     @property
     def scheduler(self) -> Any:
@@ -488,18 +632,30 @@ class Knobs:
         """Raise ``ValueError`` with the reason if ``set knob value`` cannot be applied."""
         with self._lock:
             k, targets = self._resolve(knob)
-            err = check_value(k.spec(), value, op)
+            spec = k.spec()
+            err = check_value(spec, value, op)
             if err:
                 raise ValueError(err)
             if k.name == "lr" and any(k.get(t) is None for t in targets):
                 raise ValueError("lr is a device tensor in this optimizer (capturable):"
                                  " it cannot be changed live")
+            if op == "set":
+                err = k.refuse(value)
+                if err:
+                    raise ValueError(err)
+            elif op == "mul":  # the product as it stands now (checked again when applied)
+                olds = [k.get(t) for t in targets]
+                if None not in olds:
+                    _check_news(k, spec, knob, value, op, [o * value for o in olds])
 
     # -- training thread ------------------------------------------------------------------
 
-    def apply(self, knob: str, value: Any, op: str) -> dict[str, Any]:
+    def apply(self, knob: str, value: Any, op: str,
+              rolled_back: RolledBack | None = None) -> dict[str, Any]:
         """Apply at a boundary; all targets or none. Returns the ack's old/new/applied_to
-        (and ``pinned`` for knobs a script may write: whether the value is held)."""
+        (and ``pinned`` for knobs a script may write: whether the value is held). A change
+        to a knob the step reads is on trial until its optimizers stepped with it: if that
+        step raises, it is undone and ``rolled_back(error, restored)`` called."""
         with self._lock:
             k, targets = self._resolve(knob)
             spec = k.spec()
@@ -521,12 +677,21 @@ class Knobs:
             else:
                 cast = {"bool": bool, "int": int, "float": float}[spec["type"]]
                 news = [cast(value)] * len(targets)
-            for n in news:
-                err = check_value(spec, n)
-                if err:
-                    raise ValueError(f"{knob} {'x' if op == 'mul' else ''}{value}: {err}")
+            _check_news(k, spec, knob, value, op, news)
+            asked = f"{knob} {'x' if op == 'mul' else ''}{value}"
+            if isinstance(k, GroupKnob):
+                for t, n in zip(targets, news, strict=True):
+                    err = k.dry_run(t, n)
+                    if err:
+                        raise ValueError(f"{asked}: {err}")
+            steppers = k.stepped_by(targets)
+            saved = [(k.pins.get(t), k.overridden.get(t), k.script_value.get(t))
+                     for t in targets]
             for t, n in zip(targets, news, strict=True):
                 k.put(t, n)
+            if steppers:
+                self._trials.append(_Trial(k, asked, targets, olds, saved,
+                                           {id(o) for o in steppers}, rolled_back))
         out = {"knob": knob, "old": collapse(olds), "new": collapse(news)}
         if k.pinnable:
             out["pinned"] = k.holds() and all(t in k.pins for t in targets)
@@ -535,7 +700,9 @@ class Knobs:
         return out
 
     def optimizers_changed(self) -> None:
-        """After ``Monitor.attach_optimizer``: offer ``weight_decay`` once a group has it."""
+        """After ``Monitor.attach_optimizer``: guard its step, offer ``weight_decay`` once a
+        group has it."""
+        self._guard()
         with self._lock:
             if self.wd is None and any("weight_decay" in g
                                        for g in self.optimizer.param_groups):
@@ -556,6 +723,73 @@ class Knobs:
         self.l1.close()
         if self.dropout is not None:
             self.dropout.close()
+        self._trials.clear()
+        for opt, method, handle in self._guards.values():
+            handle.remove()
+            if opt.__dict__.get("step") is method:  # else a scheduler wrapped it since: it
+                del opt.step  # stays, and calls straight through with no trial pending
+        self._guards.clear()
+
+    def _guard(self) -> None:
+        """Wrap ``step`` of each optimizer not wrapped yet (an instance attribute: copies
+        and pickles of an optimizer keep only its state), and hook, first of its post-hooks,
+        the mark that its step was taken."""
+        for opt in _torch_optimizers(self.optimizer):
+            if id(opt) in self._guards:
+                continue
+            opt.step = types.MethodType(self._wrap(opt.step), opt)
+            handle = opt.register_step_post_hook(Call(lambda o, a, k: self._took.add(id(o))))
+            _run_first(handle)
+            self._guards[id(opt)] = (opt, opt.step, handle)
+
+    def _wrap(self, inner: Callable[..., Any]) -> Callable[..., Any]:
+        def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            return self._guarded_step(opt, inner, args, kwargs)
+        # keeps what an LR scheduler marked on the step it wrapped, so it does not warn
+        return functools.update_wrapper(step, inner)
+
+    def _guarded_step(self, opt: torch.optim.Optimizer, inner: Callable[..., Any],
+                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``opt.step()``. The first after a change to a knob it reads is a trial: if it
+        raises before its post-hooks ran (so no step was taken), the changes are rolled
+        back and the step is taken again with the values it had. What raises after the
+        step was taken (a stop, another hook) is no trial's doing and goes on up. The retry
+        may count twice what the failed step had done before it raised (Adam: one update
+        of its moments), a small price against the run."""
+        if not self._trials:  # the common case: nothing on trial, straight through
+            return inner(*args, **kwargs)
+        key = id(opt)
+        trials = [t for t in self._trials if key in t.waiting]
+        if not trials:
+            return inner(*args, **kwargs)
+        self._took.discard(key)
+        try:
+            return inner(*args, **kwargs)
+        except Exception as e:
+            if key in self._took:
+                raise
+            error = e
+        finally:
+            if key in self._took:
+                for t in trials:
+                    t.waiting.discard(key)
+                self._trials = [t for t in self._trials if t.waiting]
+        self._roll_back(opt, trials, error)
+        return inner(*args, **kwargs)
+
+    def _roll_back(self, opt: torch.optim.Optimizer, trials: list[_Trial],
+                   error: Exception) -> None:
+        with self._lock:
+            for t in reversed(trials):  # the latest first: back to the values before all
+                self._trials.remove(t)
+                t.undo()
+        for t in trials:
+            restored = collapse(t.olds)
+            msg = (f"{t.asked} rolled back to {restored}: {type(opt).__name__}.step() raised"
+                   f" {_one_line(error)}")
+            log.warning("neurotop %s", msg)
+            if t.rolled_back is not None:
+                t.rolled_back(msg, restored)
 
     def _resolve(self, knob: str) -> tuple[Knob, list[str]]:
         base, sel = split_knob(knob)
@@ -563,6 +797,15 @@ class Knobs:
         if k is None:
             raise ValueError(f"unknown knob {base!r}; known: {', '.join(self._knobs)}")
         return k, k.targets(sel)
+
+
+def _check_news(k: Knob, spec: dict[str, Any], knob: str, value: Any, op: str,
+                news: list[Any]) -> None:
+    """Refuse new values out of the knob's bounds (``ValueError``, naming the command)."""
+    for n in news:
+        err = check_value(spec, n) or k.refuse(n)
+        if err:
+            raise ValueError(f"{knob} {'x' if op == 'mul' else ''}{value}: {err}")
 
 
 def _kind(v: Any) -> str | None:
