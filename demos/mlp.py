@@ -4,7 +4,7 @@ No downloads: inputs are Gaussian, labels come from a fixed random teacher netwo
 The learning rate is high enough that some ReLU units die over the first minutes,
 which the layers table shows as a rising zero fraction.
 
-    python demos/mlp.py                # runs until stopped (Ctrl-C), then cleans up
+    python demos/mlp.py                # runs until stopped (X in the UI, or Ctrl-C)
     python demos/mlp.py --steps 500    # a bounded run
 """
 
@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"neurotop: run {mon.run_id} (connection file {mon.connection_file})", flush=True)
         step = 0
         try:
-            while args.steps == 0 or step < args.steps:
+            # The operator's stop (X in the UI, `neurotop ctl RUN stop`): the step under way
+            # finishes, the loop ends, the with-block closes the monitor.
+            while (args.steps == 0 or step < args.steps) and not mon.should_stop:
                 x = torch.randn(args.batch, 64)
                 with torch.no_grad():
                     y = teacher(x).argmax(1)
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                     time.sleep(args.step_sleep)
         except KeyboardInterrupt:
             pass
+        if mon.should_stop:
+            print(f"neurotop: stopped at step {step}", flush=True)
 
 
 if __name__ == "__main__":

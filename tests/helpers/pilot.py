@@ -26,3 +26,9 @@ async def until(pilot: Pilot, pred: Callable[[], object], timeout: float = 20.0,
 def status_text(app: App) -> str:
     """What the status bar shows now, as plain text."""
     return str(app.query_one(StatusBar).render())
+
+
+def screen_lines(app: App) -> list[str]:
+    """The screen as a person sees it now, one string per terminal line (what the
+    compositor last drew, every widget and overlay included)."""
+    return [strip.text for strip in app.screen._compositor.render_strips()]

@@ -117,6 +117,7 @@ class RunState:
     state: str = "connecting"  # connecting | running | paused | ended
     paused_at: int | None = None
     pause_reason: str = ""  # why it paused: who asked, or what tripped auto-pause
+    stopping: bool = False  # a stop was acknowledged: the loop leaves at its next check
     steps_per_s: float = 0.0
     last_message: float = 0.0
     remote_dropped: int = 0
@@ -237,6 +238,7 @@ class RunStore:
         s.remote_dropped = _field(h, "dropped", int, 0)
         s.rejected = _field(h, "rejected", int, 0)
         s.pause_reason = str(h.get("pause_reason") or "")
+        s.stopping = s.stopping or bool(h.get("stopping"))
         if isinstance(h.get("knobs"), dict):
             self.knob_values = h["knobs"]
         pins = h.get("pins", {})
@@ -254,6 +256,8 @@ class RunStore:
             s.pause_reason = str(h.get("pause_reason") or "")
             if isinstance(h.get("step"), int):
                 s.step = max(s.step, h["step"])
+        if ev == "ack" and h.get("ok") and h.get("cmd") == "stop":
+            s.stopping = True  # before the next heartbeat says so
         if ev == "alert":
             level = str(h.get("level") or "warn")
             s.alerts[level] = s.alerts.get(level, 0) + 1
@@ -368,7 +372,7 @@ class RunStore:
             self._reset_extras()
             self._last_seq = None
             self.status.events, self.status.alerts = [], {}
-            self.status.step = 0
+            self.status.step, self.status.stopping = 0, False
             self.version += 1
 
     def note_error(self, text: str) -> None:

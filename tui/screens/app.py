@@ -11,10 +11,12 @@ from __future__ import annotations
 import gc
 from dataclasses import replace
 
+from rich.markup import escape
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.containers import Horizontal
 from textual.screen import ModalScreen
-from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Static
+from textual.widgets import ContentSwitcher, DataTable, Input, Static
 
 from neurotop.tui.data.client import CommandError, LiveClient
 from neurotop.tui.data.frame import Frame, Wants
@@ -22,7 +24,7 @@ from neurotop.tui.data.store import RunStore
 from neurotop.tui.data.view import WINDOW_STEPS, View
 from neurotop.tui.screens.control_panel import CommandDone, ControlActions, ControlPanel
 from neurotop.tui.screens.dashboard import DetailPane, GradientsPane, LayersPane, OverviewPane
-from neurotop.tui.screens.widgets import ColumnPicker, LayerTable, StatusBar
+from neurotop.tui.screens.widgets import ColumnPicker, KeyBar, LayerTable, StatusBar
 
 REDRAW_HZ = 5  # a busy screen at 200 layers costs ~40 ms: 5 Hz stays under 30 % of a core
 
@@ -43,7 +45,7 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         lines = ["[b]neurotop — keys[/b]  (esc, q or ? closes)"]
-        lines += [f"  [b]{k:<10}[/b] {d}" for k, d in self._rows]
+        lines += [f"  [b]{escape(k):<10}[/b] {escape(d)}" for k, d in self._rows]
         yield Static("\n".join(lines))
 
 
@@ -84,6 +86,7 @@ class NeurotopApp(ControlActions, App[None]):
         Binding("q", "quit", "quit"),
     ]
     CSS = """
+    #body { height: 1fr; }
     #main { height: 1fr; }
     ControlPanel.full { dock: none; width: 1fr; height: 1fr; border-left: none; }
     #main.hidden { display: none; }
@@ -128,13 +131,14 @@ class NeurotopApp(ControlActions, App[None]):
 
     def compose(self) -> ComposeResult:
         yield StatusBar(id="status")
-        yield ControlPanel(id="controls")
-        with ContentSwitcher(id="main", initial="overview"):
-            yield OverviewPane(id="overview")
-            yield LayersPane(id="layers-pane")
-            yield DetailPane(id="detail")
-            yield GradientsPane(id="gradients")
-        yield Footer()
+        # The panel docks in the body, under the status bar: opening it hides no status.
+        yield Horizontal(
+            ControlPanel(id="controls"),
+            ContentSwitcher(OverviewPane(id="overview"), LayersPane(id="layers-pane"),
+                            DetailPane(id="detail"), GradientsPane(id="gradients"),
+                            id="main", initial="overview"),
+            id="body")
+        yield KeyBar(id="keys")
 
     def on_mount(self) -> None:
         # Everything built so far lives as long as the app: keep it out of the collector's
@@ -146,8 +150,8 @@ class NeurotopApp(ControlActions, App[None]):
     def redraw(self, force: bool = False) -> None:
         """Redraw only when the store, the connection state or the screen changed, and
         only what the visible screen shows."""
-        key = (self.store.version, self.store.connection() + self.pending, self.screen_name,
-               self.size)
+        key = (self.store.version, self.store.connection() + self.pending, self.stop_acked,
+               self.screen_name, self.size)
         if (key == self._drawn and not force) or not self.query(StatusBar):
             return  # nothing new, or the app is closing and its widgets are gone
         kind = {"overview": OverviewPane, "layers": LayersPane, "detail": DetailPane,
@@ -157,12 +161,12 @@ class NeurotopApp(ControlActions, App[None]):
         if self.query_one(ControlPanel).has_class("shown"):
             wants = replace(wants, events=max(wants.events, ControlPanel.EVENTS))
         self.frame = frame = self.store.frame(wants)
-        self._drawn = (frame.version, frame.connection + self.pending, self.screen_name,
-                       self.size)
+        self._drawn = (frame.version, frame.connection + self.pending, self.stop_acked,
+                       self.screen_name, self.size)
         if frame.schema is not None:  # the store chose the series' statistic alike
             self.view.stat = frame.schema.stat_or_default(self.view.stat)
         with self.batch_update():
-            self.query_one(StatusBar).draw(frame, self.pending)
+            self.query_one(StatusBar).draw(frame, self.pending, self.stop_acked)
             if pane is not None:
                 pane.draw(frame, self.view)
             self.draw_controls(frame)
@@ -188,7 +192,7 @@ class NeurotopApp(ControlActions, App[None]):
         try:
             ack = message.future.result()
         except CommandError as e:
-            self.notify(f"{cmd} failed: {e}", severity="error")
+            self.notify(f"{cmd} failed: {e}", severity="error", markup=False)
         else:
             verb = "paused" if cmd == "pause" else "resumed"
             self.notify(f"{verb} at step {ack['step']}")

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+from rich.markup import escape
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -139,13 +140,16 @@ class ControlPanel(Vertical):
         names = [(k["name"], "type" in k) for k in specs]
         if names != self._names:
             table.clear()
-            for k in specs:
-                table.add_row(k["name"], "", bounds(k) if "type" in k else "", key=k["name"])
+            for k in specs:  # Text cells: a knob named ``lr[0]`` is not markup
+                table.add_row(Text(k["name"]), Text(""),
+                              Text(bounds(k) if "type" in k else ""), key=k["name"])
             self._names = names
         for k in specs:
             v = frame.knob_values.get(k["name"], k.get("value"))
+            # The column widens to the value: a number is never cut (``2.00e-``).
             table.update_cell(k["name"], "value",
-                              fmt_value(v) + pin_note(frame.knob_pins.get(k["name"])))
+                              Text(fmt_value(v) + pin_note(frame.knob_pins.get(k["name"]))),
+                              update_width=True)
         lines = [ln for ln in map(log_line, frame.status.events[-self.EVENTS:]) if ln]
         self.query_one("#command-log", Static).update(Text("\n").join(lines[-LOG_LINES:]))
 
@@ -211,10 +215,11 @@ class KnobEditScreen(ModalScreen[dict[str, Any] | None]):
                "glob": " — add [GLOB] to pick modules"}.get(s.get("selector") or "", "")
         held = (" (held against the script until you type release)"
                 if s.get("pinnable") else "")
-        with Vertical():
-            yield Static(f"[b]{s['name']}[/b]  {bounds(s)}  now: {fmt_value(self.current)}\n"
-                         f"{s.get('doc', '')}\nvalue: a number, true/false, or xFACTOR to"
-                         f" multiply{held}{sel}")
+        with Vertical():  # a Text: the hint's [i] and a doc's brackets are not markup
+            yield Static(Text.assemble(
+                (s["name"], "bold"), f"  {bounds(s)}  now: {fmt_value(self.current)}\n",
+                f"{s.get('doc', '')}\nvalue: a number, true/false, or xFACTOR to multiply",
+                held, sel))
             yield Input(value=s["name"], id="knob", placeholder="knob")
             value = "" if isinstance(self.current, (dict, list)) else fmt_value(self.current)
             yield Input(value=value, id="value", placeholder="value")
@@ -227,13 +232,14 @@ class KnobEditScreen(ModalScreen[dict[str, Any] | None]):
         args, error = self.check(self.query_one("#knob", Input).value,
                                  self.query_one("#value", Input).value)
         if error:
-            self.query_one("#error", Static).update(error)
+            self.query_one("#error", Static).update(Text(error))
             return
         op = "x" if args.get("op") == "mul" else ""
-        question = (f"Release [b]{args['knob']}[/b] (the script's own value takes over)?"
+        knob = escape(args["knob"])  # the question is markup; what the user typed is not
+        question = (f"Release [b]{knob}[/b] (the script's own value takes over)?"
                     if args.get("op") == "release" else
-                    f"Set [b]{args['knob']}[/b] from {fmt_value(self.current)} to"
-                    f" [b]{op}{args['value']}[/b]?")
+                    f"Set [b]{knob}[/b] from {escape(fmt_value(self.current))} to"
+                    f" [b]{op}{escape(str(args['value']))}[/b]?")
         def answered(yes: bool | None) -> None:
             if yes:  # declined: stay here, nothing is sent
                 self.dismiss(args)
@@ -279,6 +285,9 @@ class ControlActions:
     read_only: bool
     screen_name: str
     _knobs_asked = 0.0
+    #: The run acknowledged ``stop``: the bar says STOPPING at once, before the telemetry's
+    #: copy of the ack or a heartbeat says so, until the run ends.
+    stop_acked = False
 
     def draw_controls(self, frame: Frame) -> None:
         panel = self.query_one(ControlPanel)
@@ -339,8 +348,9 @@ class ControlActions:
         try:
             ack = message.future.result()
         except CommandError as e:
-            self.notify(f"{cmd} refused: {e}", severity="error")
+            self.notify(f"{cmd} refused: {e}", severity="error", markup=False)
         else:
+            self.stop_acked = self.stop_acked or cmd == "stop"
             new = "" if ack.get("new") is None else f": {fmt_value(ack['new'])}"
-            self.notify(f"{cmd} took effect at step {ack.get('step')}{new}")
+            self.notify(f"{cmd} took effect at step {ack.get('step')}{new}", markup=False)
         self.redraw(force=True)

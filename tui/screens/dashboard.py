@@ -26,13 +26,14 @@ from neurotop.tui.data.frame import Frame, Wants
 from neurotop.tui.data.health import NEVER_NAN, UPDATE_RATIO_GUIDE, has_band, levels
 from neurotop.tui.data.view import View
 from neurotop.tui.screens.plotting import (
-    SHADES,
     Lines,
     Series,
     braille_plot,
     heat_strip,
     hist_labels,
+    shade_legend,
     smooth,
+    value_scale,
     window,
 )
 from neurotop.tui.screens.widgets import LayerTable, fmt, level_styles
@@ -91,7 +92,23 @@ class Plot(Panel):
         if view.smooth and len(y) > 8:
             series.append(Series(x, smooth(y, max(len(y) // 50, 4)), f"bold {accent}"))
         last = fmt(float(y[-1])) if len(y) else "-"
-        self.show(braille_plot(series, w, h, f"{title}  {last}", view.log_y, guide))
+        self.show(braille_plot(series, w, h, mode_title(title, last, view, w - 1),
+                               view.log_y, guide))
+
+
+def mode_title(name: str, value: str, view: View, width: int) -> str:
+    """A plot's title: its name (cut with ``…`` if need be, the value never), the latest
+    value, and the view's modes (``l``, ``m``, ``a``) tagged on the right, in full when
+    there is room (``log · smoothed · last 1,000 steps``), else short."""
+    if len(name) + 2 + len(value) > width:
+        name = name[: max(width - len(value) - 3, 0)] + "…"
+    title = f"{name}  {value}"
+    short = (f"{'log' if view.log_y else 'lin'} {'smooth' if view.smooth else 'raw'}"
+             f" {'last ' + format(view.last, ',') if view.last else 'all'}")
+    for tag in (view.describe(), short):
+        if len(title) + 2 + len(tag) <= width:
+            return title + tag.rjust(width - len(title))
+    return title
 
 
 class AlertFeed(Panel):
@@ -132,16 +149,21 @@ class HeatStrip(Panel):
 
     def draw(self, frame: Frame, view: View) -> None:
         x, rows = window(frame.heat[0], view.last, frame.heat[1])
-        head = Text.assemble(("heat: ", "bold"), (view.stat or "-", "bold"),
-                             f"  ({SHADES[1]} low … {SHADES[-1]} high, × non-finite)")
+        head = Text.assemble(("heat: ", "bold"), (view.stat or "-", "bold"))
         head.no_wrap, head.overflow = True, "crop"
         if not rows.size or frame.schema is None:
             self.show(head)
             return
         layers = frame.schema.layers
-        lines = max((self.size.height or 8) - 2, 1)
+        lines = max((self.size.height or 8) - 2, 1)  # the title and the time axis
         width = max((self.size.width or 60) - self.NAME_W - 1, 4)
         data = rows.T
+        # Fractions on 0..1, anything else on its range over the window: the same value
+        # is the same shade at every width (the range is taken before the time columns).
+        scale = value_scale(view.stat, data)
+        for part in (f"  {shade_legend(*scale)}", "  × non-finite"):
+            if head.cell_len + len(part) <= (self.size.width or 60):
+                head.append(part)
         if data.shape[1] > width:  # time into columns first: each its stretch's worst
             with np.errstate(invalid="ignore"):
                 data = np.fmax.reduceat(data, (np.arange(width) * data.shape[1]) // width,
@@ -162,11 +184,15 @@ class HeatStrip(Panel):
             names = [layers[a] if b - a == 1 else f"{layers[a]}+{b - a - 1}"
                      for a, b in zip(starts, ends, strict=True)]
         strip = heat_strip(data, width, lvl, ("", *level_styles(self)[1:]),
-                           nan_is_idle=view.stat in NEVER_NAN)
+                           nan_is_idle=view.stat in NEVER_NAN, scale=scale)
         out = [head]
         for name, line in zip(names, strip, strict=True):
             label = name[-(self.NAME_W - 1):].ljust(self.NAME_W)
             out.append(Text.assemble((label, "dim"), line, no_wrap=True, overflow="crop"))
+        cols = min(width, data.shape[1])
+        left, right = f"step {int(x[0]):,}", f"{int(x[-1]):,}"
+        out.append(Text(" " * self.NAME_W + left + right.rjust(max(cols - len(left), 1)),
+                        style="dim", no_wrap=True, overflow="crop"))
         self.show(Text("\n").join(out))
 
 
@@ -306,7 +332,8 @@ def hist_bars(counts: np.ndarray, labels: list[str], width: int, height: int,
     g = groups[0]
     top = float(g.max()) or 1.0
     bar_w = max(width - 12, 4)
-    out = Text(title, style="bold", no_wrap=True, overflow="crop")
+    out = Text(f"{title}  (full bar: {int(top):,} values)", style="bold", no_wrap=True,
+               overflow="crop")
     for c, b in zip(g[::-1], starts[::-1], strict=True):  # large values on top
         out.append(f"\n{labels[int(b)]:>10} ", style="dim")
         out.append("█" * int(round(c / top * bar_w)))
@@ -318,8 +345,10 @@ def hist_heatmap(steps: np.ndarray, hists: np.ndarray, labels: list[str], width:
     """Bins (rows, large values on top) x reports (columns): where the mass moves."""
     groups, starts = _coarsen(hists, max(height - 2, 1))
     share = groups / np.maximum(groups.sum(axis=1, keepdims=True), 1)
-    lines = heat_strip(share.T[::-1], max(width - 11, 4))
-    out = Text(f"histogram over time ({len(steps)} reports, {int(steps[0])}…{int(steps[-1])})",
+    scale = value_scale("", share)
+    lines = heat_strip(share.T[::-1], max(width - 11, 4), scale=scale)
+    out = Text(f"histogram over time ({len(steps)} reports, steps {int(steps[0])}…"
+               f"{int(steps[-1])})  share of values: {shade_legend(*scale)}",
                style="bold", no_wrap=True, overflow="crop")
     for b, line in zip(starts[::-1], lines, strict=True):
         out.append(f"\n{labels[int(b)]:>10} ", style="dim")
@@ -362,9 +391,9 @@ class GradientsPane(Vertical):
                 worst[has] = np.nanmax(np.abs(np.log10(np.abs(r[has]) / UPDATE_RATIO_GUIDE)),
                                        axis=1)
                 med[has] = np.nanmedian(r[has], axis=1)
-            title = "median update/weight ratio (guide 1e-3)"
+            title = "median upd/w (guide 1e-3)"  # what a narrow plot keeps of its title
             if len(worst) and np.isfinite(worst[-1]):
-                title += f"; worst parameter {worst[-1]:.1f} decades off"
+                title += f", worst parameter {worst[-1]:.1f} decades off"
             plot = self.query_one("#grad-plot", Plot)
             plot.draw_series(x[: len(med)], med, title, View(log_y=True, smooth=view.smooth,
                                                              last=view.last),

@@ -19,21 +19,25 @@ BLOCKS = "▁▂▃▄▅▆▇█"
 SHADES = " ░▒▓█"
 #: Braille dot bits by (row within the cell, column within the cell).
 _DOTS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], np.int64)
-LABEL_W = 9
+LABEL_W = 10  # the y labels' column: 9 characters and the axis
 
 
 def smooth(y: np.ndarray, span: int) -> np.ndarray:
-    """Trailing mean over ``span`` points (NaN ignored): the loss's trend without its noise."""
+    """Trailing mean over ``span`` points (NaN ignored): the loss's trend without its noise.
+    In float64, and a constant stretch is exactly its value: float32 running sums put
+    wiggles into a constant learning rate."""
+    y = np.asarray(y, dtype=np.float64)
     if span <= 1 or len(y) < 2:
         return y
     ok = np.isfinite(y)
-    c = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
+    ref = float(y[ok][0]) if ok.any() else 0.0  # sums of differences from it: no drift
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, y - ref, 0.0))])
     k = np.concatenate([[0], np.cumsum(ok)])
     lo = np.maximum(np.arange(1, len(y) + 1) - span, 0)
     hi = np.arange(1, len(y) + 1)
     n = k[hi] - k[lo]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, (c[hi] - c[lo]) / n, np.nan)
+        return np.where(n > 0, (c[hi] - c[lo]) / n + ref, np.nan)
 
 
 def window(x: np.ndarray, last: int | None, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -44,27 +48,74 @@ def window(x: np.ndarray, last: int | None, *ys: np.ndarray) -> tuple[np.ndarray
     return (x[keep], *(y[keep] for y in ys))
 
 
-def sparkline(values: np.ndarray, width: int) -> str:
-    """Unicode block sparkline of the last values, scaled to their own range. A constant
-    series draws mid-height: flat, not low (a layer stuck at 100 % dead is not at 0)."""
+def is_fraction(stat: str) -> bool:
+    """Whether a statistic is a fraction of units (``dead_frac``, ``zero_frac``,
+    ``dead_frac_window``...): drawn on a fixed 0..1 scale, so a shade or bar means the
+    same value in every view and at every width."""
+    return stat.endswith("_frac") or "_frac_" in stat
+
+
+def value_scale(stat: str, values: np.ndarray) -> tuple[float, float]:
+    """The (low, high) a shade or sparkline maps to: 0..1 for fractions, else the range
+    of the values drawn (0..1 when none is finite)."""
+    if is_fraction(stat):
+        return 0.0, 1.0
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+
+
+def sparkline(values: np.ndarray, width: int,
+              scale: tuple[float, float] | None = None) -> str:
+    """Unicode block sparkline of the last values: on ``scale`` (low, high) when given,
+    else on their own range. A constant series without a scale draws at the bottom when
+    it is zero and mid-height otherwise (flat, not low: a constant loss is not at 0)."""
     v = np.asarray(values, dtype=np.float64)[-width:]
     v = v[np.isfinite(v)]
     if v.size == 0:
         return ""
-    lo, hi = float(v.min()), float(v.max())
+    lo, hi = scale if scale is not None else (float(v.min()), float(v.max()))
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        return BLOCKS[len(BLOCKS) // 2 - 1] * len(v)
+        flat = 0 if scale is not None or not np.any(v) else len(BLOCKS) // 2 - 1
+        return BLOCKS[flat] * len(v)
     idx = np.clip(((v - lo) / (hi - lo) * (len(BLOCKS) - 1)).round().astype(int), 0,
                   len(BLOCKS) - 1)
     return "".join(BLOCKS[i] for i in idx)
 
 
-def fmt_axis(v: float) -> str:
+def fmt_axis(v: float, digits: int = 3) -> str:
+    """A compact axis number with ``digits`` significant digits (``3e-3``, ``0.0312``)."""
     if not math.isfinite(v):
         return str(v)
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-2):
-        return f"{v:.2e}"
-    return f"{v:.4g}"
+        mant, exp = f"{v:.{max(digits - 1, 0)}e}".split("e")
+        if "." in mant:
+            mant = mant.rstrip("0").rstrip(".")
+        return f"{mant}e{int(exp)}"
+    return f"{v:.{digits}g}"
+
+
+def axis_labels(values: list[float], width: int) -> list[str]:
+    """Labels for the ``values`` of one axis, with the fewest digits (3 at least) that
+    tell them apart, each at most ``width`` characters: two ticks never read alike
+    unless ``width`` cannot tell them apart."""
+    best = [fmt_axis(v)[:width] for v in values]
+    for digits in range(3, 10):
+        labels = [fmt_axis(v, digits) for v in values]
+        if any(len(t) > width for t in labels):
+            break
+        best = labels
+        if len(set(labels)) == len(set(values)):
+            break
+    return best
+
+
+def shade_legend(lo: float, hi: float) -> str:
+    """What the heat strip's shades mean, with numbers: ``·0 ░≤.25 ▒≤.5 ▓≤.75 █≤1``."""
+    steps = [lo + (hi - lo) * k / (len(SHADES) - 1) for k in range(len(SHADES))]
+    labels = axis_labels(steps, 8)
+    return " ".join([f"{labels[0]} blank"] + [f"{SHADES[k]}≤{labels[k]}"
+                                              for k in range(1, len(SHADES))])
 
 
 class Lines:
@@ -126,6 +177,31 @@ def _cells(grid: np.ndarray) -> np.ndarray:
     return (g * _DOTS[None, :, None, :]).sum(axis=(1, 3))
 
 
+def _ticks(y0: float, y1: float, h: int, log_y: bool,
+           flat: float | None) -> dict[int, float]:
+    """The y axis's labelled rows and their values (log10 of them on a log axis): a flat
+    series only its value, on its row; otherwise the top and bottom and, between them,
+    every decade on a log axis (the middle when none falls inside) or the middle on a
+    linear one."""
+    def row(v: float) -> int:
+        return int(round((y1 - v) / (y1 - y0) * (4 * h - 1))) // 4
+
+    def at(r: int) -> float:  # the value at the middle of a row's dots
+        return y1 - (4 * r + 1.5) / (4 * h - 1) * (y1 - y0)
+
+    if flat is not None:
+        return {row(flat): flat}
+    ticks = {0: y1, h - 1: y0}
+    inner: dict[int, float] = {}
+    if log_y:
+        for k in range(math.ceil(y0), math.floor(y1) + 1):
+            if 1 < row(k) < h - 2 and all(abs(row(k) - r) > 1 for r in inner):
+                inner[row(k)] = float(k)
+    if not inner and h >= 5:
+        inner[h // 2] = at(h // 2)
+    return {**ticks, **inner}
+
+
 def braille_plot(series: list[Series], width: int, height: int, title: str = "",
                  log_y: bool = False, guide: float | None = None,
                  guide_style: str = "dim") -> Lines:
@@ -155,8 +231,11 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     y1 = max(float(v.max()) for v in ys)
     if gy is not None:
         y0, y1 = min(y0, gy), max(y1, gy)
-    if y1 - y0 < 1e-12 * max(1.0, abs(y1)):
-        y0, y1 = y0 - 0.5, y1 + 0.5
+    # Flat within float32's precision: a line at mid-height, labelled with its value.
+    flat = y0 if y1 - y0 <= 1e-6 * max(abs(y0), abs(y1)) else None
+    if flat is not None:
+        pad = 0.5 if log_y else (abs(flat) * 0.5 or 1.0)
+        y0, y1 = flat - pad, flat + pad
     cells = np.zeros((h, w), np.int64)
     owner = np.full((h, w), -1)
     for i, s in enumerate(ser):
@@ -166,9 +245,12 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     guide_row = -1
     if gy is not None:
         guide_row = int(round((y1 - gy) / (y1 - y0) * (4 * h - 1))) // 4
-
-    def label(v: float) -> str:
-        return fmt_axis(10 ** v if log_y else v)[: LABEL_W - 1].rjust(LABEL_W - 1) + "┤"
+    ticks = _ticks(y0, y1, h, log_y, flat)
+    if 0 <= guide_row < h and gy is not None:
+        ticks[guide_row] = gy
+    rows = sorted(ticks)
+    texts = axis_labels([10 ** ticks[r] if log_y else ticks[r] for r in rows], LABEL_W - 1)
+    labels = {r: t.rjust(LABEL_W - 1) + "┤" for r, t in zip(rows, texts, strict=True)}
 
     codes = np.where(cells > 0, 0x2800 + cells, ord(" "))
     if 0 <= guide_row < h:
@@ -177,14 +259,8 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     styles = {-1: "", -2: guide_style, **{i: s.style for i, s in enumerate(ser)}}
     for r in range(h):
         out.append("\n")
-        if r == 0:
-            out.append(label(y1), style="dim")
-        elif r == h - 1:
-            out.append(label(y0), style="dim")
-        elif r == guide_row:
-            out.append(label(gy), style=guide_style)
-        else:
-            out.append(" " * (LABEL_W - 1) + "│", style="dim")
+        out.append(labels.get(r, " " * (LABEL_W - 1) + "│"),
+                   style=guide_style if r == guide_row else "dim")
         line = codes[r].astype("<u4").tobytes().decode("utf-32-le")
         cuts = [0, *(np.flatnonzero(np.diff(owner[r])) + 1).tolist(), w]
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
@@ -196,12 +272,15 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
 
 def heat_strip(rows: np.ndarray, width: int, levels: np.ndarray | None = None,
                styles: tuple[str, str, str] = ("", "yellow", "red"),
-               nan_is_idle: bool = False) -> list[Text]:
-    """``[series x time]`` as one text line per series: the shade says the value (scaled to
-    the whole strip's range), the colour its health level (0 ok, 1 warn, 2 critical).
-    Time is cut into ``width`` columns, each showing the max of its stretch. Non-finite
-    values are a critical ``×``; with ``nan_is_idle`` (a statistic that is never NaN for
-    a layer that ran) NaN is a plain ``·``: the layer was not called."""
+               nan_is_idle: bool = False,
+               scale: tuple[float, float] | None = None) -> list[Text]:
+    """``[series x time]`` as one text line per series: the shade says the value on
+    ``scale`` (low, high; default the whole strip's range), the colour its health level
+    (0 ok, 1 warn, 2 critical). Shades are bins (``shade_legend``): blank is the low end,
+    ``█`` the top quarter. Time is cut into ``width`` columns, each showing the max of its
+    stretch. Non-finite values are a critical ``×``; with ``nan_is_idle`` (a statistic
+    that is never NaN for a layer that ran) NaN is a plain ``·``: the layer was not
+    called."""
     n, t = rows.shape if rows.ndim == 2 else (0, 0)
     if not n or not t or width <= 0:
         return [Text("") for _ in range(n)]
@@ -210,13 +289,14 @@ def heat_strip(rows: np.ndarray, width: int, levels: np.ndarray | None = None,
     with np.errstate(invalid="ignore"):
         v = np.fmax.reduceat(rows, starts, axis=1)
         lv = None if levels is None else np.maximum.reduceat(levels, starts, axis=1)
-    finite = v[np.isfinite(v)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    lo, hi = scale if scale is not None else value_scale("", v)
     span = hi - lo if hi > lo else 1.0
-    idx = np.where(np.isfinite(v), np.clip(((v - lo) / span * (len(SHADES) - 1)).round(), 0,
-                                           len(SHADES) - 1), 0).astype(int)
-    if v.size and finite.size and hi == lo:
-        idx[np.isfinite(v)] = 1
+    top = len(SHADES) - 1
+    with np.errstate(invalid="ignore"):
+        idx = np.where(np.isfinite(v), np.clip(np.ceil((v - lo) / span * top - 1e-9), 0, top),
+                       0).astype(int)
+    if scale is None and hi == lo:
+        idx[np.isfinite(v)] = 1  # one value throughout: shown, not blank
     idle = nan_is_idle & np.isnan(v)  # not called: drawn plainly, not as an alarm
     ok = 0 if lv is None else np.maximum(lv, 0)
     lvl = np.where(np.isfinite(v), ok, np.where(idle, 0, 2)).astype(int)

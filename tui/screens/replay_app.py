@@ -16,10 +16,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Input, Static
+from textual.widgets import Input, Static
 
 from neurotop.tui.data.replay_source import ReplaySource, Timeline
 from neurotop.tui.screens.app import HelpScreen, NeurotopApp
+from neurotop.tui.screens.widgets import KeyBar
 
 
 def speed_label(speed: float) -> str:
@@ -100,7 +101,7 @@ class GotoStep(ModalScreen[int | None]):
         try:
             self.dismiss(int(event.value))
         except ValueError:
-            self.notify(f"not a step: {event.value!r}", severity="error")
+            self.notify(f"not a step: {event.value!r}", severity="error", markup=False)
 
 
 class ReplayApp(NeurotopApp):
@@ -128,14 +129,15 @@ class ReplayApp(NeurotopApp):
 
     def compose(self) -> ComposeResult:
         for w in super().compose():
-            if isinstance(w, Footer):
+            if isinstance(w, KeyBar):
                 yield TimelineBar(id="timeline")
             yield w
 
     def on_mount(self) -> None:
         super().on_mount()
         for problem in self.source.problems[:3]:
-            self.notify(problem, title="damaged session file", severity="warning", timeout=10)
+            self.notify(problem, title="damaged session file", severity="warning", timeout=10,
+                        markup=False)
 
     def redraw(self, force: bool = False) -> None:
         super().redraw(force)

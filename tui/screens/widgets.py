@@ -26,7 +26,7 @@ from neurotop.protocol.layerkinds import activation_mask
 from neurotop.tui.data.frame import Frame, Wants
 from neurotop.tui.data.health import has_band, idle, levels
 from neurotop.tui.data.view import View, matches
-from neurotop.tui.screens.plotting import sparkline
+from neurotop.tui.screens.plotting import BLOCKS, fmt_axis, is_fraction, sparkline
 
 
 def fmt(v: float) -> str:
@@ -37,60 +37,192 @@ def fmt(v: float) -> str:
     return f"{v:.4f}"
 
 
+def fmt_cell(v: float, width: int) -> str:
+    """``fmt`` in at most ``width`` characters, with fewer digits rather than cut: a
+    value is never shown truncated mid-number."""
+    text = fmt(v)
+    if len(text) <= width:
+        return text
+    for spec in (".3f", ".2f", ".1f", ".0f", ".2e", ".1e", ".0e"):
+        text = format(v, spec)
+        if len(text) <= width:
+            return text
+    return "#" * width  # wider than any number (a 3-character cell): say so, do not lie
+
+
+#: Column headers of statistics too long for a cell, abbreviated on purpose.
+ABBREVIATIONS = {"near_zero_frac": "≈0_frac", "dead_frac_window": "dead_win",
+                 "massive_ratio": "max/med"}
+
+
+def abbreviate(names: Sequence[str], width: int) -> list[str]:
+    """Headers for ``names`` in at most ``width`` cells, all different: a name that fits
+    as it is, else its deliberate abbreviation, else its start with ``…`` (numbered where
+    two starts agree)."""
+    out = [n if len(n) <= width else ABBREVIATIONS.get(n, n[: width - 1] + "…")
+           for n in names]
+    out = [o if len(o) <= width else o[: width - 1] + "…" for o in out]
+    for o in list(out):
+        same = [j for j, p in enumerate(out) if p == o]
+        if len(same) > 1:
+            for k, j in enumerate(same, 1):
+                out[j] = names[j][: width - 1 - len(str(k))] + "…" + str(k)
+    return out
+
+
 def level_styles(widget: Widget) -> tuple[str, str, str]:
     """Healthy / warning / critical colours of the current theme (light or dark)."""
     theme = widget.app.current_theme
     return (theme.success or "green", theme.warning or "yellow", theme.error or "red")
 
 
+def fit(parts: Sequence[tuple[int, Text]], width: int, sep: str = "  ") -> list[int]:
+    """Which parts of one line show, each part with a priority (0 first), in the order
+    given: the most important that fit ``width``. Priority 0 always shows; a part that
+    does not fit is left out whole (never cut mid-number), and a lower one after it may
+    still fit."""
+    keep = [i for i, (k, _) in enumerate(parts) if k == 0]
+    room = width - sum(parts[i][1].cell_len for i in keep) - len(sep) * max(len(keep) - 1, 0)
+    for i in sorted((i for i, (k, _) in enumerate(parts) if k), key=lambda i: parts[i][0]):
+        need = parts[i][1].cell_len + len(sep)
+        if need <= room:
+            keep.append(i)
+            room -= need
+    return sorted(keep)
+
+
+def fit_parts(parts: Sequence[tuple[int, Text]], width: int, sep: str = "  ") -> Text:
+    """The line ``fit`` chooses, joined by ``sep``."""
+    return Text(sep).join(parts[i][1] for i in fit(parts, width, sep))
+
+
+def _cut(text: str, room: int) -> str:
+    """Free text (a pause reason, a run name) cut to ``room`` cells with an ellipsis."""
+    return text if len(text) <= room else text[: max(room - 1, 0)] + "…"
+
+
 class StatusBar(Static):
-    """Run, step, steps/s, LIVE / PAUSED with the step, connection health, losses, alerts."""
+    """Run state, step, alerts and connection always; then the pause reason, the run's
+    name, throughput and connection details as the width allows (``fit_parts``)."""
 
     DEFAULT_CSS = "StatusBar { height: 1; background: $boost; padding: 0 1; }"
+    #: Priorities: 0 always shows; higher numbers leave first when the line is too narrow.
+    MUST, TROUBLE, INFO, DECOR = 0, 1, 2, 3
 
-    def draw(self, frame: Frame, pending: str = "") -> None:
+    def draw(self, frame: Frame, pending: str = "", stopping: bool = False) -> None:
+        """``stopping``: this viewer's stop was acknowledged (the run's heartbeats and
+        events say so too, for a stop from anywhere)."""
+        width = self.size.width or self.app.size.width - 2  # inside the padding
+        self.update(fit_parts(self.parts(frame, pending, width, stopping), width))
+
+    def parts(self, frame: Frame, pending: str, width: int,
+              stopping: bool = False) -> list[tuple[int, Text]]:
         s = frame.status
         conn = frame.connection
-        if s.state == "paused":
+        if conn == "ended":
+            mode = Text(" ENDED ", style="bold white on red")
+        elif s.stopping or stopping:
+            mode = Text(" STOPPING ", style="bold white on magenta")
+        elif s.state == "paused":
             mode = Text(f" PAUSED @ {s.paused_at if s.paused_at is not None else s.step} ",
                         style="bold black on yellow")
-        elif conn == "ended":
-            mode = Text(" ENDED ", style="bold white on red")
         elif conn == "live":
             mode = Text(" LIVE ", style="bold black on green")
         elif conn == "replay":
             mode = Text(" REPLAY ", style="bold black on cyan")
         else:
             mode = Text(f" {conn.upper()} ", style="bold white on dark_orange")
-        t = Text.assemble(
-            (f"{s.run_name or s.run_id or 'neurotop'}", "bold"), f"  rank {s.rank}  ",
-            f"step {s.step}", "  ", f"{s.steps_per_s:6.1f} steps/s", "  ", mode,
-        )
-        if s.link:
-            t.append(f"  {s.link}", style="bold red")
+        name = s.run_name or s.run_id or "neurotop"
+        rate = "paused" if s.state == "paused" else (
+            "-" if conn == "ended" else f"{s.steps_per_s:.1f}")
+        crit = s.alerts.get("critical", 0)
+        n_alerts = sum(s.alerts.values())
+        mode_parts: list[tuple[int, Text]] = [
+            (self.MUST, mode), (self.MUST, Text(f"step {s.step}", style="bold")),
+            (self.MUST, Text(f"▲ {n_alerts} alert{'s' if n_alerts != 1 else ''}",
+                             style="bold red" if crit else ("yellow" if n_alerts else "dim"))),
+            (self.MUST, Text(f"conn: {conn}", style="" if conn in ("live", "replay")
+                             else "bold")),
+        ]
+        name = _cut(name, 24)
+        rate_text = f"{rate} steps/s"
+        # The reason gets what the essentials, the name and the rate leave (24 at least).
+        room = width - fit_parts(mode_parts, width).cell_len - len(name) - len(rate_text) - 6
+        reason = ""
         if s.state == "paused" and s.pause_reason:
-            auto = s.pause_reason.startswith("auto-pause")
-            t.append(f"  {s.pause_reason}", style="bold red" if auto else "yellow")
-        if pending:
-            t.append(f"  {pending}", style="italic")
-        if s.alerts:
-            crit = s.alerts.get("critical", 0)
-            t.append(f"  ▲ {sum(s.alerts.values())} alerts", style="bold red" if crit else "yellow")
+            reason = _cut(s.pause_reason, max(room - len(pending) - 2, 24))
+        auto = s.pause_reason.startswith("auto-pause")
         lost = s.missed + s.remote_dropped
-        t.append(f"  conn: {conn}")
-        if lost:
-            t.append(f"  dropped: {lost}", style="yellow")
-        if s.rejected:
-            t.append(f"  refused cmds: {s.rejected}", style="red")
-        if s.rec_dropped:
-            t.append(f"  rec-dropped: {s.rec_dropped}", style="yellow")
-        if s.bad_messages:
-            t.append(f"  bad msgs: {s.bad_messages}", style="red")
-        if s.backfill:
-            t.append(f"  {s.backfill}", style="italic")
-        if not s.control:
-            t.append("  read-only", style="dim")
-        self.update(t)
+        parts = [
+            (self.INFO, Text(name, style="bold")),
+            (self.DECOR, Text(f"rank {s.rank}", style="dim")),
+            mode_parts[0], mode_parts[1],
+            (self.INFO, Text(rate_text)),
+            (self.TROUBLE, Text(s.link, style="bold red")),
+            (self.TROUBLE, Text(reason, style="bold red" if auto else "yellow")),
+            (self.TROUBLE, Text(pending, style="italic")),
+            mode_parts[2], mode_parts[3],
+            (self.TROUBLE, Text(f"dropped: {lost}" if lost else "", style="yellow")),
+            (self.TROUBLE, Text(f"refused cmds: {s.rejected}" if s.rejected else "",
+                                style="red")),
+            (self.TROUBLE, Text(f"bad msgs: {s.bad_messages}" if s.bad_messages else "",
+                                style="red")),
+            (self.INFO, Text(f"rec-dropped: {s.rec_dropped}" if s.rec_dropped else "",
+                             style="yellow")),
+            (self.INFO, Text(s.backfill, style="italic")),
+            (self.DECOR, Text("" if s.control else "read-only", style="dim")),
+        ]
+        return [p for p in parts if p[1].plain]
+
+
+class KeyBar(Static):
+    """The footer: the keys of the screen, the most needed first when the width is short
+    (``? help`` and ``q quit`` always, then play/pause, the screens, the rest), shown in
+    the bindings' order. A click on a key presses it."""
+
+    DEFAULT_CSS = """
+    KeyBar { dock: bottom; height: 1; background: $footer-background;
+             color: $footer-description-foreground; }
+    """
+    #: Keys by importance (lower first); keys not named here come last.
+    PRIORITY = {"question_mark": 0, "q": 0, "space": 1, "1": 2, "2": 2, "3": 2, "4": 2,
+                "5": 2, "c": 3}
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._spans: list[tuple[int, int, str]] = []  # (from x, to x, key) for clicks
+
+    def on_mount(self) -> None:
+        self.screen.bindings_updated_signal.subscribe(self, lambda _screen: self.draw())
+        self.draw()
+
+    def on_resize(self) -> None:
+        self.draw()
+
+    def draw(self) -> None:
+        seen: set[str] = set()
+        keys: list[tuple[str, str, str]] = []  # (key, shown as, description)
+        for key, active in self.screen.active_bindings.items():
+            b = active.binding
+            if b.show and b.description and active.enabled and b.action not in seen:
+                seen.add(b.action)
+                keys.append((key, b.key_display or self.app.get_key_display(b), b.description))
+        key_style = "bold " + (self.app.current_theme.accent or "")
+        parts = [(self.PRIORITY.get(k, 4), Text.assemble((f" {shown} ", key_style), d))
+                 for k, shown, d in keys]
+        kept = fit(parts, self.size.width or self.app.size.width, sep=" ")
+        self._spans, x = [], 0
+        for i in kept:
+            n = parts[i][1].cell_len
+            self._spans.append((x, x + n, keys[i][0]))
+            x += n + 1
+        self.update(Text(" ").join(parts[i][1] for i in kept))
+
+    def on_click(self, event: events.Click) -> None:
+        for a, b, key in self._spans:
+            if a <= event.x < b:
+                self.app.simulate_key(key)
+                return
 
 
 #: Named column sets of the layers table, cycled with ``p`` (``None``: every statistic).
@@ -132,7 +264,7 @@ class LayerTable(ScrollView, can_focus=True):
                 Binding("enter", "choose", show=False)]
     SPARK_WIDTH = 24  # at least
     SPARK_MAX = 160
-    NUM_W = 10
+    NUM_W = 11  # a value (10 characters at most) and a space
 
     class Chosen(Message):
         """Enter (or a click on the selected row) on a layer."""
@@ -161,6 +293,7 @@ class LayerTable(ScrollView, can_focus=True):
         self._header = ""
         self._name_w = 12
         self._spark_w = self.SPARK_WIDTH
+        self._spark_scale: tuple[float, float] | None = None  # None: each row its range
         self._style_cache: tuple[Style, Style, Style] | None = None
         self._level_styles: list[Style] = []
         self.preset = "overview"
@@ -232,11 +365,13 @@ class LayerTable(ScrollView, can_focus=True):
                         if has_band(st)}
         self._idle = idle(stats, block)
         heads = [f"{'layer':<{self._name_w}}"]
-        for st in (stats[j] for j in self._cols):
+        shown = [stats[j] for j in self._cols]
+        for st, head in zip(shown, abbreviate(shown, self.NUM_W - 2), strict=True):
             arrow = ("▼" if view.descending else "▲") if st == view.sort else ""
-            heads.append(f"{(st + arrow)[: self.NUM_W - 1]:>{self.NUM_W}}")
+            heads.append(f"{head + arrow:>{self.NUM_W}}")
         self._header = "".join(heads) + f"  trend: {self.spark_stat}"
-        width = len(self._header) + self._spark_w
+        self._spark_scale = (0.0, 1.0) if is_fraction(self.spark_stat) else None
+        width = len("".join(heads)) + 2 + self._spark_w
         self.virtual_size = Size(width, len(self._rows) + 1)
         self._style_cache = None
         self.refresh()
@@ -262,16 +397,18 @@ class LayerTable(ScrollView, can_focus=True):
             dim = base + Style(dim=True)
             cells = "".join(f"{'idle' if k == 0 else '-':>{self.NUM_W}}"
                             for k in range(len(self._cols)))
-            spark = sparkline(self._hist[i], self._spark_w) if len(self._hist) else ""
+            spark = sparkline(self._hist[i], self._spark_w, self._spark_scale) \
+                if len(self._hist) else ""
             return [Segment(name, dim), Segment(cells, dim), Segment("  " + spark, dim)]
         level_style = [base + st for st in self._level_styles]
         segs = [Segment(name, base)]
         for j in self._cols:
-            cell = f"{fmt(float(self._block[i, j]))[: self.NUM_W - 1]:>{self.NUM_W}}"
+            cell = f"{fmt_cell(float(self._block[i, j]), self.NUM_W - 1):>{self.NUM_W}}"
             lv = self._levels.get(j)
             ok = lv is not None and lv[i] >= 0  # -1: no band for this layer (not an activation)
             segs.append(Segment(cell, level_style[int(lv[i])] if ok else base))
-        spark = sparkline(self._hist[i], self._spark_w) if len(self._hist) else ""
+        spark = sparkline(self._hist[i], self._spark_w, self._spark_scale) \
+                if len(self._hist) else ""
         segs.append(Segment("  " + spark, base))
         return segs
 
@@ -291,13 +428,29 @@ class LayerTable(ScrollView, can_focus=True):
         width = self.size.width
         base, header, cursor = self._styles()
         if y == 0:
-            strip = Strip([Segment(self._header, header)])
+            strip = Strip([Segment(self._header, header),
+                           Segment(self.trend_legend(), header + Style(bold=False))])
         else:
             r = y - 1 + sy
             if r >= len(self._rows):
                 return Strip.blank(width, base)
             strip = Strip(self._row_segments(r, cursor if r == self.cursor_row else base))
         return strip.crop_extend(sx, sx + width, base)
+
+    def trend_legend(self) -> str:
+        """What the trend's bars mean, with numbers: 0..1 for a fraction; else each row
+        has its own range, and the selected row's is given (``row fc1: ▁0.1…█0.3``)."""
+        lo_bar, hi_bar = BLOCKS[0], BLOCKS[-1]
+        if self._spark_scale is not None:
+            return f"  {lo_bar}0…{hi_bar}1"
+        if not self._rows or not len(self._hist):
+            return ""
+        v = np.asarray(self._hist[self._index[self.cursor_row]][-self._spark_w:], np.float64)
+        v = v[np.isfinite(v)]
+        if not v.size:
+            return ""
+        return (f"  row {self._labels[self.cursor_row][-16:]}:"
+                f" {lo_bar}{fmt_axis(float(v.min()))}…{hi_bar}{fmt_axis(float(v.max()))}")
 
     def _scroll_to_cursor(self) -> None:
         visible = max(self.size.height - 1, 1)
