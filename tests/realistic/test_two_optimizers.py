@@ -216,3 +216,35 @@ def test_critic_stepped_several_times_is_measured_once_and_clipped_alone():
         assert moved(g.parameters(), w_g) == pytest.approx(0.1 * 1e-3, rel=1e-3)
         assert moved(d.parameters(), w_d) <= 3 * 0.1 * 1e-3 * (1 + 1e-3)
         reports.close()
+
+
+async def test_the_lr_plot_draws_each_optimizers_learning_rate(tmp_path):
+    """Replayed in the UI, a GAN's overview plots ``lr.D`` and ``lr.G`` as two lines, each
+    named with its value, where one optimizer's ``lr`` would be."""
+    from neurotop.tui.data.replay_source import ReplaySource
+    from neurotop.tui.screens.dashboard import Plot
+    from neurotop.tui.screens.replay_app import ReplayApp
+    from tests.helpers.pilot import until
+
+    g, d, opt_g, opt_d = gan()
+    gen = torch.Generator().manual_seed(1)
+    with neurotop.watch({"G": g, "D": d}, [opt_d, opt_g], report_every=1,
+                        record=tmp_path) as mon:
+        for _ in range(30):
+            iteration(g, d, opt_g, opt_d, mon, gen)
+        path = mon.recorder.path
+    source = ReplaySource(path).start()
+    app = ReplayApp(source)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            plot = app.query_one("#ov-plot-1", Plot)
+            await until(pilot, lambda: app.store.status.step == 30, what="the recording")
+            await until(pilot, lambda: "D 0.0100" in plot.text, what="the lr plot")
+            title, *rows = plot.text.splitlines()
+            assert title.startswith("lr  D 0.0100 · G 0.0200"), title
+            drawn = [r for r in rows[:-1] if any("\u2800" < c <= "\u28ff" for c in r)]
+            assert len(drawn) == 2, "two flat lines, at 0.01 and 0.02:\n" + plot.text
+            top, bottom = (float(r.split("┤")[0]) for r in (rows[0], rows[-2]))
+            assert (top, bottom) == pytest.approx((0.02, 0.01)), plot.text  # the axis' ends
+    finally:
+        source.close()

@@ -52,6 +52,21 @@ class Schema:
     def layer_or_first(self, layer: str) -> str:
         return layer if layer in self.layers else (self.layers[0] if self.layers else "")
 
+    def scalars_named(self, *names: str) -> tuple[str, ...]:
+        """What a plot of ``names`` draws: the first the run reports; with several
+        optimizers, which report ``lr.G``, ``lr.D`` (and ``lr.G.1`` for G's second param
+        group) but no ``lr``, each optimizer's first group."""
+        for n in names:
+            if n in self.scalars:
+                return (n,)
+        for n in names:
+            per = tuple(h for h in self.scalars if h.startswith(n + ".")
+                        and "." not in h[len(n) + 1:] and not h[len(n) + 1:].isdigit())
+            if per:
+                return per
+        one = self.scalar_named(*names)
+        return (one,) if one else ()
+
     def scalar_named(self, *names: str) -> str:
         """The first scalar of ``names`` (or starting with one of them) the run reports."""
         for n in names:

@@ -397,7 +397,8 @@ class RunStore:
         with self.lock:
             sc = self._schema_now()
             s = self.status
-            names = [sc.scalar_named(*group) for group in wants.scalars] if sc else []
+            names = [n for group in wants.scalars for n in sc.scalars_named(*group)] \
+                if sc else []
             layer = sc.layer_or_first(wants.layer) if sc and wants.layer is not None else ""
             trend = np.empty((0, 0), np.float32)
             if sc and wants.trend is not None:

@@ -96,6 +96,33 @@ class Plot(Panel):
                                view.log_y, guide))
 
 
+    def draw_several(self, named: list[tuple[str, np.ndarray, np.ndarray]], title: str,
+                     view: View) -> None:
+        """Several series of one quantity (each optimizer's learning rate), each its own
+        colour, named with its latest value in the title (``lr  G 2e-4 · D 1e-4``); the
+        view's window and scale, and no smoothing (each line is a schedule)."""
+        w, h = self.size.width or 40, self.size.height or 8
+        t = self.app.current_theme
+        colours = [c for c in (t.primary, t.warning, t.success, t.secondary, t.error) if c]
+        series, legend = [], []
+        for k, (name, x, y) in enumerate(named):
+            x, y = window(x, view.last, y)
+            series.append(Series(x, y, f"bold {colours[k % len(colours)]}"))
+            short = name.split(".", 1)[1] if "." in name else name
+            legend.append(f"{short} {fmt(float(y[-1])) if len(y) else '-'}")
+        head = mode_title(title, " · ".join(legend), view, w - 1)
+        out = braille_plot(series, w, h, head, view.log_y)
+        runs, rest = [], head[: max(w, 1)]  # each legend entry in its line's colour
+        for entry, s in zip(legend, series, strict=True):
+            before, found, rest = rest.partition(entry)
+            if not found:
+                rest = before
+                break
+            runs += [(before, "bold"), (entry, s.style)]
+        out.lines[0] = [r for r in runs + [(rest, "bold")] if r[0]]
+        self.show(out)
+
+
 def mode_title(name: str, value: str, view: View, width: int) -> str:
     """A plot's title: its name (cut with ``…`` if need be, the value never), the latest
     value, and the view's modes (``l``, ``m``, ``a``) tagged on the right, in full when
@@ -219,10 +246,16 @@ class OverviewPane(Vertical):
                      heat=view.stat, events=AlertFeed.EVENTS)
 
     def draw(self, frame: Frame, view: View) -> None:
+        none = (np.empty(0), np.empty(0))
         for i, (title, names) in enumerate(self.PLOTS):
-            name = frame.schema.scalar_named(*names) if frame.schema else ""
-            x, y = frame.scalars.get(name) or (np.empty(0), np.empty(0))
-            self.query_one(f"#ov-plot-{i}", Plot).draw_series(x, y, name or title, view)
+            shown = frame.schema.scalars_named(*names) if frame.schema else ()
+            plot = self.query_one(f"#ov-plot-{i}", Plot)
+            if len(shown) > 1:  # one learning rate per optimizer
+                plot.draw_several([(n, *(frame.scalars.get(n) or none)) for n in shown],
+                                  title, view)
+            else:
+                name = shown[0] if shown else ""
+                plot.draw_series(*(frame.scalars.get(name) or none), name or title, view)
         self.query_one(HeatStrip).draw(frame, view)
         self.query_one(AlertFeed).draw(frame)
 
