@@ -4,6 +4,7 @@ key, and signed, fresh requests only (the rest refused, counted and audited)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -131,8 +132,12 @@ def test_unsigned_forged_replayed_and_stale_requests_are_refused_counted_audited
         def refusals() -> list[dict]:
             return [e for e in list(owner.store.status.events) if e.get("event") == "refused"]
 
-        wait_until(lambda: len(refusals()) == len(attempts), what="every refusal audited")
+        # Audited as one event per reason per second, each with its count.
+        wait_until(lambda: sum(e["count"] for e in refusals()) == len(attempts),
+                   what="every refusal audited")
         assert all(e["error"] for e in refusals())
+        assert {e["refusal"] for e in refusals()} == {"replayed", "stale", "unsigned",
+                                                      "not a request"}
         assert "tester" in {e["sender"] for e in refusals()}
         s = owner.store.status.step
         wait_until(lambda: owner.store.status.step > s + 5, what="training going on")
@@ -141,4 +146,5 @@ def test_unsigned_forged_replayed_and_stale_requests_are_refused_counted_audited
         dealer.close()
         owner.close()
     run.stop()  # and the training's own log names every refusal
-    assert run.proc.stderr.read().decode().count("refused control request") == len(attempts)
+    logged = re.findall(r"refused (\d+) control message", run.proc.stderr.read().decode())
+    assert sum(map(int, logged)) == len(attempts)

@@ -23,6 +23,12 @@ ARGS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 REQUIRED = {"step": ("n",), "set": ("knob",)}
 MAX_STEP_N = 1_000_000
+#: Longest string argument a request may carry (a knob name with its glob, an op): module
+#: paths of real models are far shorter, and a glob this long is compiled and matched
+#: against every module in milliseconds. A 400 kB glob blocked the agent for 12 s.
+MAX_ARG_CHARS = 256
+#: A pause reason is shown on one line of the UI.
+MAX_REASON_CHARS = 200
 #: ``release`` hands a pinned knob back to the script (it takes no value).
 OPS = ("set", "mul", "release")
 RELEASE_WORDS = ("release", "unpin")
@@ -32,6 +38,8 @@ _KNOB_RE = re.compile(r"^([A-Za-z_][\w.]*)(?:\[([^\[\]]+)\])?$")
 
 def split_knob(name: str) -> tuple[str, str | None]:
     """``"lr[1]"`` -> ``("lr", "1")``; ``"dropout"`` -> ``("dropout", None)``."""
+    if isinstance(name, str) and len(name) > MAX_ARG_CHARS:
+        raise ValueError(f"knob name of {len(name)} characters: at most {MAX_ARG_CHARS}")
     m = _KNOB_RE.match(name) if isinstance(name, str) else None
     if not m:
         raise ValueError(f"bad knob name {name!r}: use NAME or NAME[SELECTOR], e.g. lr[0]")
@@ -115,12 +123,13 @@ def check_args(cmd: str, args: Any) -> str | None:
     spec = ARGS.get(cmd)
     if spec is None:
         known = ", ".join(sorted(ARGS))
-        return f"unknown command {cmd!r}; known: {known}"
+        return f"unknown command {_brief(cmd)}; known: {known}"
     if not isinstance(args, dict):
         return f"args must be a map, got {type(args).__name__}"
     extra = sorted(str(k) for k in args if k not in spec)
     if extra:
-        return f"{cmd} does not take {', '.join(map(repr, extra))}"
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        return f"{cmd} does not take {', '.join(map(_brief, extra[:3]))}{more}"
     missing = [k for k in REQUIRED.get(cmd, ()) if k not in args]
     if cmd == "set" and "value" not in args and args.get("op") != "release":
         missing.append("value")
@@ -130,8 +139,16 @@ def check_args(cmd: str, args: Any) -> str | None:
         if not isinstance(v, spec[k]) or (isinstance(v, bool) and bool not in spec[k]):
             want = "/".join(t.__name__ for t in spec[k])
             return f"{cmd}: {k} must be {want}, got {type(v).__name__}"
+        if isinstance(v, str) and len(v) > MAX_ARG_CHARS:
+            return f"{cmd}: {k} of {len(v)} characters is longer than {MAX_ARG_CHARS}"
     if cmd == "step" and not 1 <= args["n"] <= MAX_STEP_N:
         return f"step n must be between 1 and {MAX_STEP_N}, got {args['n']}"
-    if cmd == "pause" and len(args.get("reason", "")) > 200:
-        return "pause reason is longer than 200 characters"
+    if cmd == "pause" and len(args.get("reason", "")) > MAX_REASON_CHARS:
+        return f"pause reason is longer than {MAX_REASON_CHARS} characters"
     return None
+
+
+def _brief(text: Any, limit: int = 40) -> str:
+    """``repr`` of peer-provided text, cut so that an error message stays one short line."""
+    r = repr(text)
+    return r if len(r) <= limit else f"{r[:limit]}...({len(r)} chars)"

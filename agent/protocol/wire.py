@@ -35,6 +35,14 @@ TELEMETRY_KINDS = frozenset({SCHEMA, STATS, HEARTBEAT, EVENT, PARAMS, HIST})
 #: Largest header or array frame we will decode; anything bigger is refused unread.
 MAX_HEADER_BYTES = 1 << 20
 MAX_ARRAY_BYTES = 256 << 20
+#: Largest control request body the agent checks. The largest valid request (a ``set``
+#: whose knob name and every string field are at their limits) packs to under 2 KiB; 16
+#: KiB leaves room for that to grow, while a crafted body this big, if it were ever
+#: decoded, costs milliseconds, not the 0.5 s a 1 MiB one does. A body's signature is
+#: checked over its raw bytes before anything decodes it: an unsigned one never is.
+MAX_REQUEST_BYTES = 16 << 10
+#: A signature frame: HMAC-SHA256, hex-encoded.
+SIGNATURE_BYTES = 64
 _ALLOWED_DTYPES = frozenset({"<f4", "<f8", "<i4", "<i8", "|u1", "<u4", "<u8", "|b1"})
 
 
@@ -127,8 +135,12 @@ def sign(key: bytes, payload: bytes) -> bytes:
     return hmac.new(key, payload, hashlib.sha256).hexdigest().encode()
 
 
-def verify(key: bytes, payload: bytes, signature: bytes) -> bool:
-    return hmac.compare_digest(sign(key, payload), signature)
+def verify(key: bytes | None, payload: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is ``payload``'s under ``key``: computed over the raw bytes,
+    before anything decodes them, and compared in constant time."""
+    if not key or len(signature) != SIGNATURE_BYTES:
+        return False
+    return hmac.compare_digest(sign(key, payload), bytes(signature))
 
 
 def new_request(cmd: str, args: dict[str, Any] | None = None, *, sender: str = "",
@@ -146,6 +158,26 @@ def new_request(cmd: str, args: dict[str, Any] | None = None, *, sender: str = "
     }
 
 
+def peek_strings(body: bytes, names: tuple[str, ...], limit: int,
+                 entries: int = 8) -> dict[str, str]:
+    """The fields ``names`` of a map body, if they are strings of at most ``limit``
+    characters among its first ``entries``: read without decoding anything else (any
+    non-empty array or map, any longer string, stops it), so it costs microseconds even
+    on a body crafted to decode slowly. For naming an unverified request in its refusal."""
+    u = msgpack.Unpacker(raw=False, max_buffer_size=max(len(body), 1), max_str_len=limit,
+                         max_bin_len=0, max_array_len=0, max_map_len=0, max_ext_len=0)
+    u.feed(body)
+    found: dict[str, str] = {}
+    try:
+        for _ in range(min(u.read_map_header(), entries)):
+            k, v = u.unpack(), u.unpack()
+            if k in names and isinstance(v, str):
+                found[k] = v
+    except (ValueError, msgpack.UnpackException):
+        pass  # the part that could be read cheaply is all this is for
+    return found
+
+
 def encode_signed(key: bytes | None, payload: dict[str, Any]) -> list[bytes]:
     """Two frames: msgpack payload and its signature (empty when there is no key)."""
     body = msgpack.packb(payload, use_bin_type=True)
@@ -153,10 +185,10 @@ def encode_signed(key: bytes | None, payload: dict[str, Any]) -> list[bytes]:
 
 
 def decode_signed(frames: list[bytes], key: bytes | None) -> tuple[dict[str, Any], bool]:
-    """Decode a control payload; returns it and whether its signature is valid."""
+    """Decode a control payload (a reply, on the client side); returns it and whether its
+    signature is valid. The agent never decodes what is not signed: see ``Gate.admit``."""
     if len(frames) != 2:
         raise WireError(f"control message has {len(frames)} frames, expected 2")
     body, signature = frames
-    h = decode_header(body)
-    ok = bool(key) and verify(key, body, signature)
-    return h, ok
+    ok = verify(key, body, signature)
+    return decode_header(body), ok

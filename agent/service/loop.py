@@ -34,6 +34,11 @@ from neurotop.service.wakeup import Wakeup
 
 log = logging.getLogger("neurotop.agent")
 
+#: A new subscription brings the schema and a heartbeat at once, but at most once per this
+#: many seconds: a storm of subscriptions (10,000 made 1,002 extra schemas) adds a handful
+#: to the recording, and a new viewer still has its schema within this interval.
+SUBSCRIBE_RESEND_S = 0.25
+
 
 class AgentService(threading.Thread):
     """Publishes telemetry and serves control on loopback, from its own thread.
@@ -72,6 +77,7 @@ class AgentService(threading.Thread):
         self._ready = threading.Event()
         self._seq = 0
         self._sent_schema: dict[str, Any] | None = None  # the last schema published
+        self._schema_sent_at = self._hb_sent_at = -SUBSCRIBE_RESEND_S  # time.monotonic()
         self.dropped = 0
         self.telemetry_endpoint = self.control_endpoint = ""
         self._error: BaseException | None = None
@@ -158,15 +164,19 @@ class AgentService(threading.Thread):
                 if sock == self.wakeup.fileno:
                     self.wakeup.drain()
                 elif sock is router:
-                    frames = sock.recv_multipart()
+                    # Not copied: an oversized or unsigned body is refused by its length
+                    # and its signature, without ever becoming a Python object.
+                    frames = [f.buffer for f in sock.recv_multipart(copy=False)]
                     try:
                         self._on_control(frames)
                     except Exception:  # untrusted input must never stop the agent thread
                         self.gate.count_rejected()
                         log.exception("error while handling a control message")
-                elif sock.recv()[:1] == b"\x01":  # a new subscription
-                    next_schema = next_hb = 0.0
+                elif sock.recv()[:1] == b"\x01":  # a new subscription: schema and heartbeat
+                    next_schema = min(next_schema, self._schema_sent_at + SUBSCRIBE_RESEND_S)
+                    next_hb = min(next_hb, self._hb_sent_at + SUBSCRIBE_RESEND_S)
             self._publish_reports(pub)  # first: a step's stats precede the ack naming it
+            self._events.extend(self.gate.refusal_events())
             self._send_replies(pub, router)
             now = time.monotonic()
             if now >= next_schema:
@@ -176,10 +186,12 @@ class AgentService(threading.Thread):
                 self._publish(pub, {"kind": wire.HEARTBEAT, "control": self.control_endpoint,
                                     "dropped": self.dropped, "rejected": self.gate.rejected,
                                     **self._status(), **self.controller.heartbeat()})
+                self._hb_sent_at = now
                 next_hb = now + self.heartbeat_s
 
     def _flush(self, pub: zmq.Socket, router: zmq.Socket) -> None:
         self._publish_reports(pub)
+        self._events.extend(self.gate.refusal_events(final=True))
         self._send_replies(pub, router)
         self._publish(pub, {"kind": wire.HEARTBEAT, "control": self.control_endpoint,
                             "dropped": self.dropped, "rejected": self.gate.rejected,
@@ -201,6 +213,7 @@ class AgentService(threading.Thread):
 
     def _publish_schema(self, pub: zmq.Socket, schema: dict[str, Any]) -> None:
         self._sent_schema = schema
+        self._schema_sent_at = time.monotonic()
         self._publish(pub, {"kind": wire.SCHEMA, **schema})
 
     def _publish_reports(self, pub: zmq.Socket) -> None:
@@ -233,12 +246,11 @@ class AgentService(threading.Thread):
 
     # -- control ------------------------------------------------------------------------
 
-    def _on_control(self, frames: list[bytes]) -> None:
+    def _on_control(self, frames: list[memoryview]) -> None:
         verdict = self.gate.admit(frames)
         if isinstance(verdict, Refusal):
-            self._queue_reply(verdict.ident, verdict.reply, publish=False)
-            if verdict.event is not None:
-                self._events.append(verdict.event)
+            if verdict.reply is not None:  # None: over its budget, only counted
+                self._queue_reply(verdict.ident, verdict.reply, publish=False)
         elif verdict is not None:
             self._route(verdict)
 

@@ -96,10 +96,10 @@ class LiveClient:
             return fut
         req = wire.new_request(cmd, args, sender=self._sender)
         size = len(wire.encode_signed(None, req)[0])
-        if size > wire.MAX_HEADER_BYTES:  # ZeroMQ would cut it and drop the connection
+        if size > wire.MAX_REQUEST_BYTES:  # the agent would refuse it unread
             fut.set_exception(CommandError(
                 f"{cmd!r} is {size} bytes encoded; the agent takes commands of at most"
-                f" {wire.MAX_HEADER_BYTES} bytes"))
+                f" {wire.MAX_REQUEST_BYTES} bytes"))
             return fut
         self._outbox.put((req, fut, time.monotonic() + timeout))
         return fut
