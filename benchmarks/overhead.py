@@ -33,10 +33,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
 MODES = ("off", "default", "all")
 CHUNK = 10
 
