@@ -40,6 +40,7 @@ from neurotop.service.recorder import open_recording
 from neurotop.service.wakeup import Wakeup
 from neurotop.training.amp import STUCK, ScalerWatch
 from neurotop.training.checkpoint import Checkpointer
+from neurotop.training.carry import StepCarry
 from neurotop.training.collector import LayerCollector
 from neurotop.training.compiled import EagerReports
 from neurotop.training.hooks import Call, ForwardStart, InputHook, LayerHook
@@ -123,6 +124,7 @@ class Monitor:
             [(n, p) for n, p in model.named_parameters() if p.requires_grad],
             self.config.param_stats, self.config.sample)
         self._observed: dict[str, Any] = {}
+        self._carry = StepCarry()  # loss and grad norm of every step, on the device
         self._observed_window: dict[str, list[Any]] = {}  # every call in a report step
         self._user_scalars: list[str] = []
         self._schema_id = 0
@@ -203,7 +205,9 @@ class Monitor:
         """Hand over this step's loss (a tensor is fine: it is not read until the report).
         Called several times in one optimizer step (once per micro-batch under gradient
         accumulation), the report gets the mean of that step's values, reduced on the
-        device at the report; on other steps only the last value is kept."""
+        device at the report; on other steps only the last value is kept. Every loss is
+        also checked on the device as it comes (``neurotop.training.carry``): the next
+        report carries the window's largest and its first non-finite one, with their steps."""
         if loss is not None:
             scalars["loss"] = loss
         for k, v in scalars.items():
@@ -211,6 +215,8 @@ class Monitor:
                 self._user_scalars.append(k)
                 self._schema_id += 1
             v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            if k == "loss":
+                self._carry.update(k, v, self._step + 1)
             if self._active:
                 self._observed_window.setdefault(k, []).append(v)
             else:
@@ -281,6 +287,7 @@ class Monitor:
             raise RuntimeError(f"the step boundary is {self._boundary.name}'s optimizer.step();"
                                " mon.step() would count each step twice")
         self._manual_steps = True
+        self._carry.update("grad_norm", self._manual_stats.step_norm(), self._step + 1)
         self._at_boundary()
 
     def close(self) -> None:
@@ -328,6 +335,10 @@ class Monitor:
         if self._active and not w.measured:
             w.stats.before_step()
             w.measured = w.stats.grad_norm is not None
+            gn = w.stats.grad_norm  # this step's, as accumulated
+        else:
+            gn = w.stats.step_norm()
+        self._carry.update("grad_norm", gn, self._step + 1)
         self.knobs.pre_step(w.optimizer)
 
     def _post_step(self, w: Watched) -> None:
@@ -486,6 +497,7 @@ class Monitor:
         if self.amp is not None:
             out["loss_scale"] = self.amp.scale()
             out["skipped_steps"] = float(self.amp.skipped)
+        out.update(self._carry.take())
         out["steps_per_s"] = rate
         out["samples_per_s"] = rate * self._samples if self._samples else float("nan")
         if dev.type == "cuda":

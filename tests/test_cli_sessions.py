@@ -33,9 +33,11 @@ def test_ls_lists_live_runs_and_recorded_sessions_and_export_finds_them(start_ru
     out = neurotop("export", ended.info.run_id[-4:], "--csv", str(tmp_path / "csv"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(tmp_path / "csv" / f) for f in
-                                  ("scalars.csv", "layers.csv", "events.csv")]
+                                  ("scalars.csv", "layers.csv", "events.csv", "system.csv")]
     scalars = (tmp_path / "csv" / "scalars.csv").read_text().splitlines()
-    assert scalars[0] == ("step,time,loss,grad_norm,first_nonfinite,lr,steps_per_s,"
+    assert scalars[0] == ("step,time,loss,grad_norm,first_nonfinite,loss_max,loss_max_step,"
+                          "loss_nonfinite_step,grad_norm_max,grad_norm_max_step,"
+                          "grad_norm_nonfinite_step,lr,steps_per_s,"
                           "samples_per_s,mem_device,mem_device_peak,mem_host")
     assert len(scalars) == 31
 

@@ -17,6 +17,8 @@ from neurotop.protocol import wire
 from neurotop.protocol.sessionfile import KIND_CODES, MESSAGE, SessionReader, split_frames
 from neurotop.service.autopause import AutoPause
 from neurotop.service.detectors import ALERTS, AlertRules, AlertRulesError, Detectors, alert_rules
+from neurotop.service.finalize import CARRY_SCALARS
+from neurotop.training.layers import find_blocks
 
 STATS = ["mean", "rms", "max_abs", "massive_ratio", "dead_frac", "dead_frac_window",
          "nonfinite", "grad_rms"]
@@ -149,18 +151,32 @@ def test_loss_and_grad_norm_spikes_after_warmup():
 def test_explode_vanish_from_the_depth_profile():
     ok = scalars()
     col = STATS.index("grad_rms")
-    vanishing = healthy()
-    # The backprop signal falls 4x per Linear layer towards the input: 1e-3 * 4**-k.
-    for k, name in enumerate(["head", "fc2", "fc1", "fc0"]):
-        vanishing[LAYERS.index(name), col] = 1e-3 * 4.0 ** -k
-    got = run(Detectors(AlertRules(persist=2)), [(vanishing, ok)] * 3)
+
+    def profile(per_layer: float, stat: int = col) -> np.ndarray:
+        """The signal falls ``per_layer`` times per Linear layer towards the input."""
+        b = healthy()
+        for k, name in enumerate(["head", "fc2", "fc1", "fc0"]):
+            b[LAYERS.index(name), stat] = 1e-3 * per_layer ** -k
+        return b
+
+    # 6x per layer, 216x over the 4 layers: vanishing.
+    got = run(Detectors(AlertRules(persist=2)), [(profile(6.0), ok)] * 3)
     assert got == [(2, "explode_vanish", "warn", "")]
+    [alert] = Detectors(AlertRules(persist=1)).check(1, profile(6.0), ok, SCHEMA)
+    assert "grows 6.00x per layer, 216x over 4 Linear layers (fc0 .. head)" in alert.message
+    # A drift that does not add up over the depth is not an incident: 1.12x per layer (the
+    # demo MLP's), or 2.5x per layer over 4 layers, 16x (a default-initialised MLP's).
+    for drift in (1.12, 2.5):
+        assert run(Detectors(AlertRules(persist=1)), [(profile(drift), ok)] * 3) == []
     rms = STATS.index("rms")
     exploding = healthy()
     for k, name in enumerate(["fc0", "fc1", "fc2", "head"]):
-        exploding[LAYERS.index(name), rms] = 3.0 ** k
+        exploding[LAYERS.index(name), rms] = 5.0 ** k
     assert run(Detectors(AlertRules(persist=1)), [(exploding, ok)]) == \
         [(1, "explode_vanish", "warn", "")]
+    # 1000x from the first layer's signal to the last one's is critical at once.
+    got = run(Detectors(AlertRules(persist=1)), [(profile(12.0), ok)])
+    assert got == [(1, "explode_vanish", "warn", ""), (1, "explode_vanish", "critical", "")]
     # One change of width (a small head after wide layers) is not a trend: the median of the
     # ratios is 1 here, where their mean would be ln(17) / 3.
     head = healthy()
@@ -280,3 +296,111 @@ def test_amp_skipping_fires_when_the_scaler_keeps_skipping_and_not_otherwise():
     assert alerts(keeps, every10) == [(every10[14], "warn")]  # after `persist` reports
     # Every iteration skipped: the step does not advance between reports.
     assert alerts([0.0, 0.0, 40.0, 50.0], [1, 11, 11, 11]) == [(11, "critical")]
+
+
+CARRY = {**SCHEMA, "scalars": [*SCHEMA["scalars"], *CARRY_SCALARS]}
+
+
+def carried(loss: float = 1.0, grad_norm: float = 1.0, first: float = -1, *,
+            loss_max: float | None = None, loss_at: float = NAN, loss_bad: float = -1,
+            gn_max: float | None = None, gn_at: float = NAN, gn_bad: float = -1
+            ) -> np.ndarray:
+    """Scalars of a report with the per-step carry (the worst step since the last report)."""
+    top = loss if loss_max is None else loss_max
+    gtop = grad_norm if gn_max is None else gn_max
+    return np.array([loss, grad_norm, first, 0.1, top, loss_at, loss_bad, gtop, gn_at, gn_bad],
+                    np.float32)
+
+
+def run_carry(det: Detectors, reports: list[tuple[np.ndarray, np.ndarray]], every: int = 10
+              ) -> list[tuple[int, str, str, str]]:
+    """Reports at steps 1, 11, 21, ...: the default ``report_every``."""
+    out = []
+    for k, (block, sc) in enumerate(reports):
+        out += [(a.step, a.name, a.level, a.layer)
+                for a in det.check(1 + every * k, block, sc, CARRY)]
+    return out
+
+
+def test_a_tiny_loss_that_doubles_is_no_spike_but_a_real_one_is():
+    """The memorised task of issue 16: its loss moves from 0.0098 to 0.020, twice the median
+    but half a percent of the way back to where it started (ln 10); a rise to 0.5 is a spike."""
+    rng = np.random.default_rng(2)
+    start = [(healthy(), carried(2.3 * 0.7 ** k)) for k in range(15)]
+    calm = [(healthy(), carried(0.0098 + rng.normal(0, 2e-4))) for _ in range(30)]
+    assert run_carry(Detectors(), start + calm + [(healthy(), carried(0.020))] * 2) == []
+    got = run_carry(Detectors(), start + calm + [(healthy(), carried(0.5))])
+    assert got == [(451, "loss_spike", "warn", "")]
+
+
+def test_a_gradient_blip_at_a_vanished_norm_is_no_spike():
+    """A memorised task's grad norm has fallen a thousandfold: a 10x blip stays tiny."""
+    reports = [(healthy(), carried(grad_norm=1.0 * 0.6 ** k)) for k in range(12)]
+    reports += [(healthy(), carried(grad_norm=1e-3))] * 20 + [(healthy(), carried(
+        grad_norm=2e-2))]
+    assert run_carry(Detectors(), reports) == []
+    reports[-1] = (healthy(), carried(grad_norm=0.5))
+    assert run_carry(Detectors(), reports) == [(321, "grad_spike", "warn", "")]
+
+
+def test_one_step_events_between_reports_name_their_step():
+    """The carry holds each window's worst step: a loss spike at step 155, over by the report
+    of step 161, and a NaN loss at step 200 whose poisoned weights make the report of step
+    201 non-finite from the first layer on: both alerts name the step it happened at."""
+    rng = np.random.default_rng(3)
+    calm = [(healthy(), carried(1.0 + rng.normal(0, 0.01))) for _ in range(16)]
+    spike = (healthy(), carried(1.0, loss_max=5.0, loss_at=155))
+    poisoned = healthy()
+    poisoned[:, STATS.index("nonfinite")] = 64
+    poisoned[:, STATS.index("mean")] = NAN
+    nan = (poisoned, carried(NAN, NAN, first=0, loss_bad=200, gn_bad=200))
+    det = Detectors()
+    got = run_carry(det, calm + [spike] + [(healthy(), carried())] * 3)
+    assert got == [(155, "loss_spike", "warn", "")]
+    alerts = det.check(201, *nan, CARRY)
+    assert [(a.name, a.step, a.layer) for a in alerts] == [("nonfinite", 200, "")]
+    assert alerts[0].message == ("non-finite loss at step 200; at step 201, layer 'fc0',"
+                                 " the first in forward order, is non-finite too")
+    # Without the carry the report's first layer is named, at the report's step.
+    [plain] = Detectors().check(201, poisoned, scalars(NAN, NAN, first=0), SCHEMA)
+    assert (plain.step, plain.layer) == (201, "fc0")
+
+
+def test_after_a_nan_no_layer_is_called_dying():
+    """Once every layer is NaN, the dead-unit window reads 100 % on every ReLU (NaN is never
+    positive): ``nonfinite`` has said it all; dying_layer and dead_jump stay silent, also
+    in the reports after it, while the window still holds the NaN reports."""
+    det = Detectors(AlertRules(persist=1))
+    ok = [(healthy(), scalars())] * 5
+    dead = healthy()
+    dead[:, STATS.index("dead_frac_window")] = 1.0
+    nan = dead.copy()
+    nan[:, STATS.index("nonfinite")] = 64
+    got = run(det, ok + [(nan, scalars(NAN, NAN, first=0))] * 12)
+    assert got == [(6, "nonfinite", "critical", "fc0")]
+    # A run that recovers: its window still holds the NaN reports for `dead_window` (10)
+    # reports, then its layers are judged again (here they are dead: the rules fire).
+    det = Detectors(AlertRules(persist=1))
+    got = run(det, ok + [(nan, scalars(NAN, NAN, first=0))] * 2 + [(dead, scalars())] * 12)
+    assert got == [(6, "nonfinite", "critical", "fc0")] + [
+        (17, "dying_layer", "critical", a) for a in ("act0", "act1", "act2")]
+
+
+def test_massive_growth_needs_a_large_ratio():
+    """A max/median ratio growing 10x from 3 to 30 is an ordinary heavy tail."""
+    grow = [set_(healthy(), "fc1", "massive_ratio", 3.0 * 1.6 ** k) for k in range(8)]
+    assert run(Detectors(AlertRules(persist=1, growth_window=5)), [(b, scalars())
+                                                                  for b in grow]) == []
+
+
+def test_nested_sequential_pairs_are_not_residual_blocks():
+    """``Sequential(Sequential(Linear, ReLU), ...)`` is a plain stack: its Linear layers are
+    the chain explode/vanish judges, not the pairs; transformer layers are blocks."""
+    mlp = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(4)])
+    assert find_blocks(mlp) == []
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, batch_first=True), 3,
+                                enable_nested_tensor=False)
+    assert find_blocks(enc) == ["layers.0", "layers.1", "layers.2"]
+    stages = nn.Sequential(*[nn.Sequential(*[nn.TransformerEncoderLayer(8, 2) for _ in range(2)])
+                             for _ in range(2)])
+    assert find_blocks(stages) == ["0.0", "0.1", "1.0", "1.1"]

@@ -9,6 +9,15 @@ and jumps fire at once), and it fires once per incident: within an incident it f
 only if it gets worse (warn -> critical), and the incident ends (re-arming the rule) once
 the condition has been absent for ``rearm`` reports in a row.
 
+Every rule has a minimum effect size besides its statistical test, so that a healthy run
+raises nothing: a ratio that is significant but small (a 2x loss "spike" at a loss of 0.01,
+a per-layer drift that spans 2x over the whole depth) is not an incident.
+
+One-shot events between reports are seen through the per-step carry
+(``neurotop.training.carry``: the window's largest loss and grad norm, and the first step
+with a non-finite one, as ``CARRY_SCALARS``): the spike rules judge the window's worst
+value and the alerts name the step it came at.
+
 Implemented: E1 massive activation, E2 dying layer, E3 explode/vanish (including non-finite
 values, global grad-norm spikes and a GradScaler that keeps skipping steps) and E8 loss
 spike. The other rows of section E need
@@ -61,9 +70,13 @@ class AlertRules:
     #: E1: max|a| above this **and** max|a| / median|a| above ``massive_ratio``.
     massive_abs: float = 100.0
     massive_ratio: float = 1000.0
-    #: E1: warn when the ratio grew this many times within ``growth_window`` reports.
+    #: E1: warn when the ratio grew this many times within ``growth_window`` reports ...
     massive_growth: float = 10.0
     growth_window: int = 20
+    #: ... to above this (a tenth of ``massive_ratio``): a max/median of 3 growing to 30 is
+    #: an ordinary heavy tail (GELU and LayerNorm outputs sit at 10-50), not an outlier
+    #: feature on its way.
+    massive_growth_min: float = 100.0
     #: E2: dead-unit fraction (over the window where measured, else in the batch) of the
     #: layers of these types: activation functions, where "never positive" means dead (a
     #: logits layer whose outputs are all negative is healthy). Also of layers whose class
@@ -71,32 +84,55 @@ class AlertRules:
     #: those the autograd graph showed compute one or feed a functional one (the schema's
     #: ``activations``: ``fc1`` in ``F.relu(self.fc1(x))``).
     dead_types: tuple[str, ...] = DEAD_TYPES
+    #: Warn past half the units (the layer works at half its width), critical past 90 %.
     dead_warn: float = 0.5
     dead_critical: float = 0.9
-    #: E2: a rise of the dead fraction by more than this within ``dead_jump_steps`` steps.
+    #: E2: a rise of the dead fraction by more than this within ``dead_jump_steps`` steps
+    #: (an effect size by itself: 30 % of a layer's units). Neither E2 rule judges a layer
+    #: whose window held non-finite values (a NaN unit is never positive: every ReLU would
+    #: read dead, and ``nonfinite`` says it already), nor a report with a ``nonfinite`` alert.
     dead_jump: float = 0.3
     dead_jump_steps: int = 100
     #: E3: |median ln ratio| of consecutive layers of the chain (the blocks, or else the most
-    #: common layer type) for the activation RMS and the backprop signal RMS(dL/dh) ...
+    #: common layer type) for the activation RMS and the backprop signal RMS(dL/dh) above
+    #: this (METRICS.md measures 0.35 at C_W=1, 0.20 at C_W=3, 0.002 at the critical 2) ...
     gain: float = 0.1
-    #: ... on chains at least this long (a few ratios say little).
+    #: ... on chains at least this long (a few ratios say little) ...
     gain_min_layers: int = 4
-    #: E3: backprop signal of the chain's first layer over its last outside [1/x, x].
+    #: ... and only when that drift, compounded over the chain (exp(|median| x (n - 1))),
+    #: spans more than this: a drift compounds only over depth. The 6-layer demo MLP drifts
+    #: 1.12x per layer, 2x over the net; a default-initialised 5-layer MLP 2.5x per layer,
+    #: 39x; pre-LN transformers 1.1-1.4x per block (the residual stream's gradient adds up
+    #: going back): all train fine. At 100x an update size right for one end of the net is
+    #: two orders of magnitude off for the other.
+    gain_span: float = 100.0
+    #: E3: backprop signal of the chain's first layer over its last outside [1/x, x]
+    #: (critical: three orders of magnitude, where one end of the net barely trains).
     signal_span: float = 1e3
-    #: E3: global grad norm above this many times its running average.
+    #: E3: global grad norm above this many times its running average ...
     grad_spike: float = 10.0
+    #: ... and above this fraction of the largest norm of the ``warmup`` reports: once the
+    #: gradient has shrunk a thousandfold (a memorised task), a 10x blip is still tiny.
+    grad_spike_min: float = 0.1
     #: E8: loss above its running average + this many running deviations ...
     loss_sigmas: float = 6.0
-    #: ... or above this many times the median of the last ``loss_window`` reports.
+    #: ... or above this many times the median of the last ``loss_window`` reports ...
     loss_median: float = 2.0
     loss_window: int = 50
+    #: ... and above both by more than this fraction of the largest |loss| of the
+    #: ``warmup`` reports: a memorised task's loss moving from 0.0098 to 0.020 doubles, but
+    #: undoes half a percent of the progress from ln(C); a spike that matters undoes more.
+    loss_min_rise: float = 0.05
     #: E3 (AMP): the GradScaler skipped more than this fraction of the steps since the
     #: previous report, ``persist`` reports in a row after ``warmup`` (the scaler finds its
     #: scale by skipping at the start); critical at once when no step was taken since the
     #: previous report (a run stuck skipping reports once 32 skips are in a row, see
     #: ``neurotop.training.amp``).
     skip_frac: float = 0.2
-    #: Reports seen before the running-average rules (E3 spikes, E8) may fire.
+    #: Reports seen before the running-average rules (E3 spikes, E8) may fire; their
+    #: largest values are the scale of ``grad_spike_min`` and ``loss_min_rise``. The spike
+    #: rules judge each report's worst step since the previous report (``CARRY_SCALARS``),
+    #: against the history of those worst values, and name that step.
     warmup: int = 10
     #: Weight of the newest report in the running averages.
     ema: float = 0.1
@@ -174,6 +210,8 @@ class Detectors:
         self._seen_finite: set[str] = set()
         self._reports = 0
         self._loss_ema = self._loss_var = self._gn_ema = math.nan
+        self._loss_scale = self._gn_scale = 0.0  # the largest |values| of the warmup reports
+        self._nonfinite_at: dict[str, int] = {}  # layer -> last report it was non-finite in
         self._losses: deque[float] = deque(maxlen=self.rules.loss_window)
         self._ratios: dict[str, tuple[deque[int], deque[float]]] = {}  # steps, ratios
         self._dead: dict[str, deque[tuple[int, float]]] = {}
@@ -185,12 +223,17 @@ class Detectors:
         found: dict[tuple[str, str], _Condition] = {}
         stats, layers = list(schema.get("stats", [])), list(schema.get("layers", []))
         values = _scalars(scalars, schema)
-        self._nonfinite(step, block, values, stats, layers, found)
+        bad = self._nonfinite(step, block, values, stats, layers, found)
+        window = int(schema.get("config", {}).get("dead_window", 10))
+        for i in np.flatnonzero(bad):
+            self._nonfinite_at[layers[i]] = self._reports
+        tainted = {n for n, k in self._nonfinite_at.items() if self._reports - k < window}
+        quiet = ("nonfinite", "any") in found  # the report's alert says it all already
         if block.ndim == 2 and block.shape == (len(layers), len(stats)):
             col = {s: block[:, j].astype(np.float64) for j, s in enumerate(stats)}
             self._massive(step, col, layers, found)
             self._dying(step, col, layers, list(schema.get("layer_types", [])),
-                        list(schema.get("activations", [])), found)
+                        list(schema.get("activations", [])), tainted, quiet, found)
             self._gain(step, col, layers, schema, found)
         self._spikes(step, values, found)
         self._skipping(step, values, found)
@@ -201,12 +244,21 @@ class Detectors:
 
     def _nonfinite(self, step: int, block: np.ndarray, values: dict[str, float],
                    stats: list[str], layers: list[str],
-                   found: dict[tuple[str, str], _Condition]) -> None:
-        """Any NaN/Inf is critical: one incident, named by the first layer (in forward order)
-        that produced one, else by the scalar. A scalar that was never finite is taken as
-        not reported (a loss the loop never observed is NaN in every report), except +-Inf."""
-        alerts = []
-        for name in ("loss", "grad_norm"):
+                   found: dict[tuple[str, str], _Condition]) -> np.ndarray:
+        """Any NaN/Inf is critical: one incident, named by the step and the first layer (in
+        forward order) that produced one, else by the scalar. A non-finite loss or grad norm
+        on a step between reports (the per-step carry) is dated to its step: by the report
+        the weights it poisoned make every layer non-finite, so the report's first layer
+        says nothing about where it came from. A scalar that was never finite is taken as
+        not reported (a loss the loop never observed is NaN in every report), except +-Inf.
+        Returns which layers are non-finite in this report."""
+        alerts, carried = [], []
+        for k, name in enumerate(("loss", "grad_norm")):  # in a step, the loss comes first
+            at = values.get(f"{name}_nonfinite_step", math.nan)
+            if math.isfinite(at) and at >= 0:  # observed non-finite on a step: real
+                carried.append((int(at), k, name))
+            if math.isfinite(values.get(f"{name}_max", math.nan)):
+                self._seen_finite.add(name)
             v = values.get(name)
             if v is None:
                 continue
@@ -215,6 +267,7 @@ class Detectors:
             elif math.isinf(v) or name in self._seen_finite:
                 alerts.append(Alert("nonfinite", CRITICAL, f"non-finite {name} ({v})", step,
                                     value=v))
+        bad = np.zeros(len(layers), dtype=bool)
         if block.ndim == 2 and block.shape[1] == len(stats) and len(block):
             present = ~np.all(np.isnan(block), axis=1)  # all NaN: the layer did not run
             bad = np.zeros(block.shape[0], dtype=bool)
@@ -234,8 +287,22 @@ class Detectors:
                 alerts.insert(0, Alert("nonfinite", CRITICAL, f"non-finite activations in"
                                        f" layer {layer!r}, the first in forward order ({n})",
                                        step, layer, float(count[i])))
+        if carried:
+            at, _, name = min(carried)
+            if at < step or not alerts:
+                then = ""
+                if alerts and alerts[0].layer:
+                    then = (f"; at step {step}, layer {alerts[0].layer!r}, the first in forward"
+                            f" order, is non-finite too")
+                elif alerts:
+                    then = f"; still at step {step}"
+                v = values.get(name, math.nan)
+                alerts.insert(0, Alert("nonfinite", CRITICAL, f"non-finite {name} at step"
+                                       f" {at}{then}", at,
+                                       value=math.nan if math.isfinite(v) else v))
         if alerts:
             self._add(found, alerts[0], 1, key="any")
+        return bad if len(bad) == len(layers) else np.zeros(len(layers), dtype=bool)
 
     def _massive(self, step: int, col: dict[str, np.ndarray], layers: list[str],
                  found: dict[tuple[str, str], _Condition]) -> None:
@@ -256,7 +323,7 @@ class Detectors:
                 layer, (deque(maxlen=horizon), deque(maxlen=horizon)))
             if len(ratios) == horizon and ratio > 0:
                 low = min(ratios)
-                if low > 0 and ratio > r.massive_growth * low:
+                if low > 0 and ratio > r.massive_growth * low and ratio > r.massive_growth_min:
                     self._add(found, Alert(
                         "massive_growth", WARN,
                         f"layer {layer!r}: max|a|/median|a| grew {ratio / low:.1f}x to"
@@ -266,8 +333,10 @@ class Detectors:
             ratios.append(float(ratio))
 
     def _dying(self, step: int, col: dict[str, np.ndarray], layers: list[str],
-               types: list[str], acts: list[str],
+               types: list[str], acts: list[str], tainted: set[str], quiet: bool,
                found: dict[tuple[str, str], _Condition]) -> None:
+        """``tainted``: layers whose dead-unit window held non-finite values (not judged, and
+        their jump history starts over once the window is clean); ``quiet``: judge none."""
         r = self.rules
         name = "dead_frac_window" if "dead_frac_window" in col else "dead_frac"
         if name not in col:
@@ -280,8 +349,11 @@ class Detectors:
             if (not math.isfinite(dead) or i >= len(types)
                     or not is_activation(types[i], acts[i], r.dead_types)):
                 continue
+            if layer in tainted:
+                self._dead.pop(layer, None)
+                continue
             before = f" (before {acts[i]})" if acts[i].startswith("F.") else ""
-            if dead > r.dead_warn:
+            if dead > r.dead_warn and not quiet:
                 level = CRITICAL if dead > r.dead_critical else WARN
                 self._add(found, Alert("dying_layer", level,
                                        f"layer {layer!r}{before}: {dead:.0%} of units dead"
@@ -290,7 +362,7 @@ class Detectors:
             hist = self._dead.setdefault(layer, deque())
             while hist and step - hist[0][0] > r.dead_jump_steps:
                 hist.popleft()
-            if hist:
+            if hist and not quiet:
                 low_step, low = min(hist, key=lambda sv: sv[1])
                 if dead - low > r.dead_jump:
                     self._add(found, Alert(
@@ -321,12 +393,13 @@ class Detectors:
             # The median, not METRICS.md's mean: the mean telescopes to (last - first) / n,
             # so one change of width (a 10-class head after 1024-wide layers) decides it.
             g = float(np.median(np.diff(logs)))
-            if abs(g) > r.gain:
+            span = math.exp(min(abs(g) * (len(chain) - 1), 700.0))
+            if abs(g) > r.gain and span > r.gain_span:
                 trend = "grows" if g > 0 else "shrinks"
                 self._add(found, Alert(
                     "explode_vanish", WARN,
-                    f"{label} {trend} {math.exp(abs(g)):.2f}x per layer over {len(chain)}"
-                    f" {what} ({layers[chain[0]]} .. {layers[chain[-1]]})",
+                    f"{label} {trend} {math.exp(abs(g)):.2f}x per layer, {span:.3g}x over"
+                    f" {len(chain)} {what} ({layers[chain[0]]} .. {layers[chain[-1]]})",
                     step, "", g), r.persist, key=stat)
             if stat == "grad_rms":
                 span = float(v[0] / v[-1])
@@ -339,28 +412,37 @@ class Detectors:
 
     def _spikes(self, step: int, values: dict[str, float],
                 found: dict[tuple[str, str], _Condition]) -> None:
+        """E3 grad-norm and E8 loss spikes, on each report's worst step since the previous
+        one (the carry; else the report step's own value), against the history of those."""
         r, a = self.rules, self.rules.ema
         warm = self._reports >= r.warmup
-        gn = values.get("grad_norm", math.nan)
+        gn, gn_at = _worst(values, "grad_norm", step)
         if math.isfinite(gn):
-            if warm and self._gn_ema > 0 and gn > r.grad_spike * self._gn_ema:
+            if (warm and self._gn_ema > 0 and gn > r.grad_spike * self._gn_ema
+                    and gn > r.grad_spike_min * self._gn_scale):
                 self._add(found, Alert(
-                    "grad_spike", WARN, f"global grad norm {gn:.3g} is {gn / self._gn_ema:.1f}x"
-                    f" its running average {self._gn_ema:.3g}", step,
+                    "grad_spike", WARN, f"global grad norm {gn:.3g} at step {gn_at} is"
+                    f" {gn / self._gn_ema:.1f}x its running average {self._gn_ema:.3g}", gn_at,
                     value=gn), 1)
+            if not warm:
+                self._gn_scale = max(self._gn_scale, gn)
             self._gn_ema = gn if math.isnan(self._gn_ema) else self._gn_ema + a * (
                 gn - self._gn_ema)
-        loss = values.get("loss", math.nan)
+        loss, at = _worst(values, "loss", step)
         if not math.isfinite(loss):
             return
         if warm and len(self._losses) >= min(10, r.loss_window):
             sd, med = math.sqrt(self._loss_var), float(np.median(self._losses))
-            if loss > self._loss_ema + r.loss_sigmas * sd or (
-                    med > 0 and loss > r.loss_median * med):
+            rise = loss - max(self._loss_ema, med)
+            if (loss > self._loss_ema + r.loss_sigmas * sd or (
+                    med > 0 and loss > r.loss_median * med)) and (
+                    rise > r.loss_min_rise * self._loss_scale):
                 self._add(found, Alert(
-                    "loss_spike", WARN, f"loss {loss:.4g} above its running average"
-                    f" {self._loss_ema:.4g} ± {sd:.2g}, median of the last {len(self._losses)}"
-                    f" reports {med:.4g}", step, value=loss), 1)
+                    "loss_spike", WARN, f"loss {loss:.4g} at step {at} above its running"
+                    f" average {self._loss_ema:.4g} ± {sd:.2g}, median of the last"
+                    f" {len(self._losses)} reports {med:.4g}", at, value=loss), 1)
+        if not warm:
+            self._loss_scale = max(self._loss_scale, abs(loss))
         if math.isnan(self._loss_ema):
             self._loss_ema, self._loss_var = loss, 0.0
         else:
@@ -424,6 +506,16 @@ class Detectors:
                 self._fired[k] = rank
                 out.append(c.alert)
         return out
+
+
+def _worst(values: dict[str, float], name: str, step: int) -> tuple[float, int]:
+    """The largest finite ``name`` of the steps up to this report and its step: the
+    carry's (``name_max``) where measured, else the report's own."""
+    v, top = values.get(name, math.nan), values.get(f"{name}_max", math.nan)
+    if math.isfinite(top) and not v > top:
+        at = values.get(f"{name}_max_step", math.nan)
+        return top, int(at) if math.isfinite(at) else step
+    return v, step
 
 
 def _scalars(scalars: np.ndarray, schema: dict[str, Any]) -> dict[str, float]:

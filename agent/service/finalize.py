@@ -24,11 +24,19 @@ SUMMARY_COLS = ("mean", "var", "m4", "zero_frac", "near_zero_frac", "median_abs"
 
 Layout = list[tuple[str, tuple[int, ...]]]
 
+#: Checked on every step, not only on report steps (``neurotop.training.carry``): over the
+#: steps since the previous report, the largest loss and global grad norm and the steps
+#: they came at, and the first step with a non-finite one (-1: none). NaN where not
+#: measured. The grad norm is taken at each optimizer step (after the script's clip, if
+#: any); the report's own ``grad_norm`` is of the gradients as accumulated.
+CARRY_SCALARS = ("loss_max", "loss_max_step", "loss_nonfinite_step", "grad_norm_max",
+                 "grad_norm_max_step", "grad_norm_nonfinite_step")
 #: The built-in scalars, first in every report's scalars vector: ``loss`` (as observed,
-#: usually a device tensor) and ``grad_norm`` are reduced on the device; ``first_nonfinite``
-#: is computed on the host, from the layer rows (``messages``). The user's scalars from
-#: ``observe`` follow, then the learning rates, then ``HOST_SCALARS`` (measured on the host).
-BUILTIN_SCALARS = ("loss", "grad_norm", "first_nonfinite")
+#: usually a device tensor), ``grad_norm`` and ``CARRY_SCALARS`` are reduced on the device;
+#: ``first_nonfinite`` is computed on the host, from the layer rows (``messages``). The
+#: user's scalars from ``observe`` follow, then the learning rates, then ``HOST_SCALARS``
+#: (measured on the host).
+BUILTIN_SCALARS = ("loss", "grad_norm", "first_nonfinite", *CARRY_SCALARS)
 HOST_SCALARS = ("steps_per_s", "samples_per_s", "mem_device", "mem_device_peak", "mem_host")
 #: With ``watch(scaler=...)``, after the learning rates: the GradScaler's loss scale at the
 #: report step (the one its backward used) and the steps it skipped since ``watch``.

@@ -46,7 +46,8 @@ def _type_matches(module: nn.Module, types: tuple[str, ...]) -> bool:
 
 
 def find_blocks(model: nn.Module) -> list[str]:
-    """Children of a ModuleList/Sequential that are all non-leaf modules of one class.
+    """Children of a ModuleList/Sequential that are all non-leaf modules of one class,
+    other than a plain container: a ``Sequential(Linear, ReLU)`` has no skip connection.
 
     That is how stacks of residual blocks (transformer layers, ResNet stages) are
     usually written; lists nested inside a found block are not searched.
@@ -60,7 +61,8 @@ def find_blocks(model: nn.Module) -> list[str]:
         kids = list(m.named_children())
         if len(kids) < 2 or len({type(c) for _, c in kids}) != 1:
             continue
-        if all(any(c.children()) for _, c in kids):
+        plain = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+        if all(any(c.children()) and type(c) not in plain for _, c in kids):
             found += [f"{name}.{k}" if name else k for k, _ in kids]
     return found
 

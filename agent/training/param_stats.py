@@ -101,6 +101,12 @@ class ParamStats:
         if self._queued or not self._active():
             return
         self._queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._after_others)
+
+    def _after_others(self) -> None:
+        """Queued again from a final callback, ``_accumulated`` runs after every callback
+        this backward queued, DDP's included (it writes the all-reduced gradients): under
+        DDP the norms are the job's gradient's, the same on every rank."""
         torch.autograd.Variable._execution_engine.queue_callback(self._accumulated)
 
     @torch.no_grad()
@@ -190,6 +196,16 @@ class ParamStats:
         if not all_present:  # NaN for the parameters without a gradient
             gn, gmax = (_spread(t, present, len(self.params)) for t in (gn, gmax))
         self._before = {"gn": gn, "gmax": gmax, "cos": cos, "on": on, "wn": wn.to(dev)}
+
+    @torch.no_grad()
+    def step_norm(self) -> torch.Tensor | None:
+        """The global norm of the gradients as they are now (device, not read back), for
+        the per-step carry (``neurotop.training.carry``) on steps that do not report: one
+        ``_foreach_norm`` (a few kernels on a device), no hook. None without gradients."""
+        grads = [_dense(p.grad) for p in self.params if p.grad is not None]
+        if not grads:
+            return None
+        return torch.linalg.vector_norm(_stack(torch._foreach_norm(grads), grads[0].device))
 
     def _grad_sample(self, j: int) -> torch.Tensor:
         """Parameter ``j``'s gradient at the positions of its weight sample."""
