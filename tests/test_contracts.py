@@ -40,6 +40,8 @@ def test_import_contracts_hold(tree: Path):
      "The UI imports nothing from the agent but the protocol"),
     ("training/knobs.py", "from neurotop.tui.data import store",
      "Every module sits in a layer"),
+    ("integrations/lightning.py", "from neurotop.tui.data import store",
+     "The framework callbacks run in training: they never import the UI"),
 ])
 def test_a_deliberate_violation_breaks_its_contract(tree: Path, tmp_path: Path, module: str,
                                                     line: str, contract: str):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 #: What the wheel is built from (everything ``pyproject.toml`` maps into the package).
-SOURCES = ("pyproject.toml", "README.md", "agent", "tui")
+SOURCES = ("pyproject.toml", "README.md", "agent", "tui", "demos")
 
 
 def build_wheel(out: Path) -> Path:
