@@ -63,7 +63,7 @@ async def test_every_screen_sort_filter_toggles(dash_app):
         assert cell.style.color.triplet.hex == app.current_theme.error.lower()
         await pilot.press("R")
         await until(pilot, lambda: table.shown_layers[-1] == DYING, what="the order reversed")
-        assert float(row_text(table, 0).split()[dead]) < 0.1
+        assert float(row_text(table, 0).split()[dead + 1]) < 0.1  # after the name and type
         await pilot.click(LayerTable, offset=(3, 0))  # the "layer" header: model order
         await until(pilot, lambda: app.view.sort == "layer", what="sorted by layer")
 

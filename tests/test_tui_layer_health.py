@@ -117,12 +117,13 @@ async def test_a_module_called_at_two_places_is_marked_in_the_table(tmp_path):
             table = app.query_one(LayerTable)
             await until(pilot, lambda: table.row_count == 3, what="the layer rows")
 
-            def label(layer: str) -> str:
+            def label(layer: str) -> list[str]:
+                """The name cell: the name as shown, then the layer's type."""
                 line = list(table.render_line(table.shown_layers.index(layer) + 1))
-                return line[0].text.strip()
+                return line[0].text.split()
 
-            assert label("shared") == "shared ×2"
-            assert label("inp") == "inp"
+            assert label("shared") == ["shared", "×2", "Linear"]
+            assert label("inp") == ["inp", "Linear"]
             assert table.selected_layer() in ("inp", "shared", "act")  # names stay the keys
     finally:
         source.close()

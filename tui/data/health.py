@@ -5,10 +5,13 @@
 200-layer table costs one NumPy call per column.
 
 Only the dead fraction has a band (E2), and only on activation layers: a logits layer or
-a LayerNorm whose outputs are mostly negative is healthy. The zero fractions have none:
-a healthy ReLU layer has about half its outputs at 0, and large models' MLPs run with
-only a few percent of units active (METRICS.md, "lazy neurons"). A layer with no call in
-a report (``idle``) has no values at all; the table shows it as idle, not as NaN.
+a LayerNorm whose outputs are mostly negative is healthy. ``massive_ratio`` is critical
+only with ``max_abs`` > 100 (E1 needs both); its ``inf`` (median 0: most of a ReLU's
+outputs are) is not trouble by itself, nor is it coloured without ``max_abs``. The zero
+fractions have no band: a healthy ReLU layer has about half its outputs at 0, and large
+models' MLPs run with only a few percent of units active (METRICS.md, "lazy neurons").
+A layer with no call in a report (``idle``) has no values at all; the table shows it as
+idle, not as NaN.
 """
 
 from __future__ import annotations
@@ -44,8 +47,13 @@ def levels(stat: str, values: np.ndarray, max_abs: np.ndarray | None = None,
         if stat == "nonfinite":
             out = np.where(v > 0, 2, 0)
         elif stat == "massive_ratio":
-            big = np.ones(v.shape, bool) if max_abs is None else np.asarray(max_abs) > MASSIVE_ABS
-            out = np.where(v > MASSIVE_RATIO, np.where(big, 2, 1), 0)
+            # E1 needs both: a ratio > 1000 and |a| > 100. The ratio alone says little: it
+            # is inf wherever the median is 0 (most of a ReLU's outputs), NaN when all are.
+            if max_abs is None:
+                return out
+            big = np.asarray(max_abs, np.float64) > MASSIVE_ABS
+            big = np.broadcast_to(big, v.shape)
+            return np.where(np.isnan(v), -1, np.where((v > MASSIVE_RATIO) & big, 2, 0))
         elif stat == "update_ratio":
             off = np.abs(np.log10(np.abs(v) / UPDATE_RATIO_GUIDE))
             out = np.where(v == 0, 1, np.where(off > 2, 2, np.where(off > 1, 1, 0)))

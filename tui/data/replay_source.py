@@ -26,7 +26,7 @@ from neurotop.protocol import wire
 from neurotop.protocol.sessionfile import KIND_CODES, MESSAGE, SessionReader, decode_message
 from neurotop.tui.data.client import CommandError
 from neurotop.tui.data.sessionload import StoreLoader
-from neurotop.tui.data.store import RunStore
+from neurotop.tui.data.store import RunStore, alert_counts
 
 #: Playback speeds, in recorded seconds per second; ``inf`` is "max" (see ``MAX_TICKS``).
 SPEEDS = (1.0, 2.0, 5.0, 10.0, 30.0, 100.0, 1000.0, math.inf)
@@ -57,6 +57,17 @@ class Timeline:
     markers: tuple[tuple[float, bool], ...]  # (fraction, is an alert)
     dropped: int
     problems: int
+    landed: str = ""  # the event the last ``[`` / ``]`` landed on, until the cursor moves
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    """One event as the timeline names it: ``alert dying_layer (warn)``, ``pause ✓``."""
+    if is_alert(event):
+        return f"▲ {event.get('alert', '?')} ({event.get('level') or 'warn'})"
+    cmd = event.get("cmd") or event.get("event") or "?"
+    if event.get("event") == "ack":
+        return f"◆ {cmd} {'✓' if event.get('ok') else '✗ refused'}"
+    return f"◆ {event.get('event')}: {event.get('reason') or cmd}"
 
 
 class ReplaySource:
@@ -95,6 +106,7 @@ class ReplaySource:
         self._hb_msg: wire.Message | None = None
         self._playing = False
         self._speed_i = 0
+        self._landed = ""
         self._anchor = (0.0, 0.0)  # (monotonic time, recorded clock) when play started
         self._loaded = False
         self._todo: queue.Queue[tuple[Callable[[], None], Future | None]] = queue.Queue()
@@ -248,6 +260,7 @@ class ReplaySource:
             self.store.show_rows(self.store.filled_rows())  # append after every loaded row
             self._load(self._hi, p)
         self._cursor = p
+        self._landed = ""
         self._show()
 
     def _show(self) -> None:
@@ -265,11 +278,13 @@ class ReplaySource:
         if self._hb_msg is not None:  # every time: acks after it may have been undone
             self.store.ingest(self._hb_msg, count_gaps=False)
         for pos, h in self._loader.events:  # acks since that heartbeat: paused, resumed
-            if hb < pos <= p:
+            if hb < pos <= p and not is_alert(h):  # (alerts change no state)
                 self.store.ingest(wire.Message(h), count_gaps=False)
         rows = int(np.searchsorted(self._rows, p, side="right"))
-        events = [h for pos, h in self._loader.events if pos <= p][-500:]
-        self.store.set_status(events=events)
+        past = [h for pos, h in self._loader.events if pos <= p]
+        # Events and their count as of the cursor, set, not added: every seek and every
+        # replay pass goes over the same events again.
+        self.store.set_status(events=past[-500:], alerts=alert_counts(past))
         self.store.show_rows(rows)
 
     def _tick(self) -> None:
@@ -309,14 +324,16 @@ class ReplaySource:
 
     def _jump(self, direction: int) -> None:
         m = self._marker_pos
-        if direction > 0:
-            later = m[m > self._cursor]
-            if len(later):
-                self._goto(int(later[0]))
+        k = int(np.searchsorted(m, self._cursor, side="right" if direction > 0 else "left"))
+        k = k if direction > 0 else k - 1
+        if 0 <= k < len(m):
+            self._goto(int(m[k]))
+            events = dict(self._loader.events)
+            h = events.get(int(m[k]))
+            what = describe_event(h) if h is not None else "event"
+            self._landed = f"{what} @ step {self._step_at(int(m[k])):,} ({k + 1}/{len(m)})"
         else:
-            earlier = m[m < self._cursor]
-            if len(earlier):
-                self._goto(int(earlier[-1]))
+            self._landed = f"no {'later' if direction > 0 else 'earlier'} event"
         self._reanchor()
 
     def _pos_of_step(self, step: int) -> int:
@@ -348,7 +365,8 @@ class ReplaySource:
             speed=SPEEDS[self._speed_i], step=step, first_step=first, last_step=last,
             fraction=(step - first) / span,
             time=float(self._time[self._cursor]) if self._cursor >= 0 else 0.0,
-            markers=self._markers, dropped=self.reader.dropped, problems=len(self.reader.problems))
+            markers=self._markers, dropped=self.reader.dropped, problems=len(self.reader.problems),
+            landed=self._landed)
 
     def _publish(self) -> None:
         tl = self._timeline_state()

@@ -133,6 +133,53 @@ class RunState:
     events: list[dict[str, Any]] = field(default_factory=list)
     #: Alerts raised by the run's detectors so far, by level ("warn", "critical").
     alerts: dict[str, int] = field(default_factory=dict)
+    #: The rank's host and GPU metrics, from the heartbeat's ``system`` (README "System
+    #: metrics"); None: not measured (yet, off Linux, or by an agent that sends none).
+    cpu_pct: float | None = None  # the training process, all threads, % of one core
+    host_cpu_pct: float | None = None  # the whole host, % of all its cores
+    rss: float | None = None  # the training process's resident memory, bytes
+    mem_total: float | None = None  # the host's memory, bytes
+    mem_available: float | None = None
+    #: One dict per visible GPU: ``index``, ``name``, ``uuid`` and the ``GPU_FIELDS``.
+    gpus: tuple[dict[str, Any], ...] = ()
+    no_gpu: str = ""  # why there are no GPU metrics ("no pynvml ...", "no NVIDIA device ...")
+
+
+#: Per-GPU numbers of a heartbeat: utilisation %, memory used and total (bytes), W, deg C.
+GPU_FIELDS = ("util", "mem_used", "mem_total", "power_w", "temp_c")
+
+
+def _number(d: dict[str, Any], key: str) -> float | None:
+    v = d.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise ValueError(f"system field {key!r}: {v!r} is not a number")
+    return None if v is None else float(v)
+
+
+def _system(s: RunState, v: Any) -> None:
+    """A heartbeat's ``system`` metrics into ``s``; none (an older agent): left as they are."""
+    if v is None:
+        return
+    if not isinstance(v, dict) or not isinstance(v.get("gpus", []), list) \
+            or not all(isinstance(g, dict) for g in v.get("gpus", [])):
+        raise ValueError("field 'system': not a map with a list of GPU maps")
+    s.cpu_pct, s.host_cpu_pct, s.rss, s.mem_total, s.mem_available = (
+        _number(v, k) for k in ("cpu_pct", "host_cpu_pct", "rss", "mem_total", "mem_available"))
+    s.gpus = tuple({"index": _field(g, "index", int, i), "name": str(g.get("name", "")),
+                    "uuid": str(g.get("uuid", "")), **{k: _number(g, k) for k in GPU_FIELDS}}
+                   for i, g in enumerate(v.get("gpus", [])))
+    s.no_gpu = str(v.get("no_gpu") or "")
+
+
+def alert_counts(events: list[dict[str, Any]]) -> dict[str, int]:
+    """Alerts among ``events``, by level: what the status bar counts. Replay sets the
+    count from the events up to its cursor instead of adding each one it goes over again."""
+    out: dict[str, int] = {}
+    for h in events:
+        if h.get("event") == "alert":
+            level = str(h.get("level") or "warn")
+            out[level] = out.get(level, 0) + 1
+    return out
 
 
 class RunStore:
@@ -245,6 +292,7 @@ class RunStore:
         self.knob_pins = {k: v for k, v in pins.items() if isinstance(v, dict)} \
             if isinstance(pins, dict) else {}
         s.rec_dropped = _field(h, "rec_dropped", int, 0)
+        _system(s, h.get("system"))
 
     def _on_event(self, msg: wire.Message) -> None:
         h, s = msg.header, self.status

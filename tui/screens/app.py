@@ -11,15 +11,17 @@ from __future__ import annotations
 import gc
 from dataclasses import replace
 
-from rich.markup import escape
+from rich.text import Text
+from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import ContentSwitcher, DataTable, Input, Static
 
 from neurotop.tui.data.client import CommandError, LiveClient
 from neurotop.tui.data.frame import Frame, Wants
+from neurotop.tui.data.glossary import ALERT_HINTS, STATISTICS, meaning
 from neurotop.tui.data.store import RunStore
 from neurotop.tui.data.view import WINDOW_STEPS, View
 from neurotop.tui.screens.control_panel import CommandDone, ControlActions, ControlPanel
@@ -30,23 +32,40 @@ REDRAW_HZ = 5  # a busy screen at 200 layers costs ~40 ms: 5 Hz stays under 30 %
 
 
 class HelpScreen(ModalScreen[None]):
-    """Every binding, in one place."""
+    """Every binding, then the glossary: each statistic in one line with its healthy
+    range, and what to try for each alert (``tui/data/glossary.py``)."""
 
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
-    HelpScreen > Static { width: 72; max-height: 100%; padding: 0 1; border: round $accent;
-                          background: $panel; overflow-y: auto; }
+    HelpScreen > VerticalScroll { width: 100%; max-width: 84; max-height: 100%;
+                                  height: auto; border: round $accent; background: $panel; }
+    HelpScreen Static { padding: 0 1; }
     """
 
-    def __init__(self, bindings: list[tuple[str, str]]) -> None:
+    def __init__(self, bindings: list[tuple[str, str]], own: tuple[str, ...] = ()) -> None:
+        """``own``: the run's scalars the glossary does not know (the user's own)."""
         super().__init__()
         self._rows = bindings
+        self._own = own
 
     def compose(self) -> ComposeResult:
-        lines = ["[b]neurotop — keys[/b]  (esc, q or ? closes)"]
-        lines += [f"  [b]{escape(k):<10}[/b] {escape(d)}" for k, d in self._rows]
-        yield Static("\n".join(lines))
+        out = Text.assemble(("neurotop — keys", "bold"), "  (esc, q or ? closes; ↑↓ scroll)")
+        for k, d in self._rows:
+            out.append_text(Text.assemble("\n  ", (f"{k:<10}", "bold"), f" {d}"))
+        out.append("\n\nstatistics — what each is; healthy range", style="bold")
+        name_w = 17  # longer names push their line's text right
+        for name, (what, healthy) in STATISTICS.items():
+            out.append_text(Text.assemble("\n  ", (f"{name:<{name_w - 1}} ", "bold"), f"{what}; ",
+                                          (healthy, "italic")))
+        for name in self._own:
+            out.append_text(Text.assemble("\n  ", (f"{name:<{name_w - 1}} ", "bold"),
+                                          "your own scalar (observe)"))
+        out.append("\n\nalerts — what to try", style="bold")
+        for name, what in ALERT_HINTS.items():
+            out.append_text(Text.assemble("\n  ", (f"{name:<{name_w - 1}} ", "bold"), what))
+        with VerticalScroll():
+            yield Static(out)
 
 
 class PauseDone(CommandDone):
@@ -144,8 +163,13 @@ class NeurotopApp(ControlActions, App[None]):
         # Everything built so far lives as long as the app: keep it out of the collector's
         # full passes, which otherwise cost a frame 50+ ms every few seconds.
         gc.freeze()
+        self.query_one(ControlPanel).set_class(self.size.width < ControlPanel.BESIDE, "narrow")
         self.set_interval(1 / REDRAW_HZ, self.redraw)
         self.redraw()
+
+    def on_resize(self, event: events.Resize) -> None:
+        for panel in self.query(ControlPanel):
+            panel.set_class(event.size.width < ControlPanel.BESIDE, "narrow")
 
     def redraw(self, force: bool = False) -> None:
         """Redraw only when the store, the connection state or the screen changed, and
@@ -257,8 +281,10 @@ class NeurotopApp(ControlActions, App[None]):
         self.redraw(force=True)
 
     def action_sort(self) -> None:
-        stats = self.frame.schema.stats if self.frame.schema else ()
-        cols = ["", *stats]
+        """The next column on screen: never one the user cannot see."""
+        if self.screen_name != "layers":
+            self.action_screen("layers")  # drawn now: its columns are the ones to cycle
+        cols = self.query_one(LayerTable).sortable()
         i = cols.index(self.view.sort) if self.view.sort in cols else 0
         self.view.sort = cols[(i + 1) % len(cols)]
         self.view.descending = True
@@ -328,4 +354,9 @@ class NeurotopApp(ControlActions, App[None]):
     def action_help(self) -> None:
         rows = [(keys, text) for keys, action, text in (*self.VIEW_HELP, *self.HELP)
                 if not (self.read_only and action in self.CONTROL_ACTIONS)]
-        self.push_screen(HelpScreen(rows))
+        self.push_screen(HelpScreen(rows, self.own_scalars()))
+
+    def own_scalars(self) -> tuple[str, ...]:
+        """The run's scalars the glossary has no line for: the user's ``observe`` names."""
+        sc = self.frame.schema
+        return tuple(n for n in (sc.scalars if sc else ()) if meaning(n) is None)

@@ -106,19 +106,26 @@ def log_line(ev: dict[str, Any]) -> Text | None:
 
 
 class ControlPanel(Vertical):
-    """Docked on the right; ``c`` shows or hides it."""
+    """Docked on the right; ``c`` shows or hides it. Below ``BESIDE`` columns it is
+    ``narrow`` (the knob and its value; the type scrolls into view): the screen beside it
+    keeps room enough to be read."""
 
     DEFAULT_CSS = """
     ControlPanel { dock: right; width: 56; border-left: solid $accent; display: none; }
+    ControlPanel.narrow { width: 30; }
     ControlPanel.shown { display: block; }
     ControlPanel > .title { height: 1; background: $boost; padding: 0 1; }
     ControlPanel > DataTable { height: auto; max-height: 12; }
     ControlPanel > #command-log { height: 1fr; padding: 0 1; }
     """
     EVENTS = 4 * LOG_LINES  # the last events it looks through (most are not commands)
+    BESIDE = 120  # the app's width from which the panel takes its full 56 columns
 
     def compose(self) -> ComposeResult:
-        yield Static("knobs  (enter: edit)", classes="title")
+        # Only a viewer that may change the run is told how to (replay, read-only: not).
+        read_only = getattr(self.app, "read_only", True)
+        yield Static("knobs  (read-only)" if read_only else "knobs  (enter: edit)",
+                     classes="title", id="knobs-title")
         yield DataTable(id="knob-table", cursor_type="row", zebra_stripes=True)
         yield Static("command log", classes="title")
         yield Static("", id="command-log")

@@ -23,6 +23,7 @@ from textual.widgets import Input, Static
 
 from neurotop.protocol.layerkinds import activation_mask
 from neurotop.tui.data.frame import Frame, Wants
+from neurotop.tui.data.glossary import hint
 from neurotop.tui.data.health import NEVER_NAN, UPDATE_RATIO_GUIDE, has_band, levels
 from neurotop.tui.data.view import View
 from neurotop.tui.screens.plotting import (
@@ -139,31 +140,64 @@ def mode_title(name: str, value: str, view: View, width: int) -> str:
 
 
 class AlertFeed(Panel):
-    """Alerts and everything that stopped or refused the run, newest first."""
+    """Alerts, newest first, each with what to try; below them, apart, the commands that
+    stopped or refused the run (pauses, single steps, refusals, auto-pauses): those never
+    push an alert out."""
 
     DEFAULT_CSS = "AlertFeed { width: 1fr; height: 1fr; border-top: solid $accent; }"
-    KINDS = frozenset({"alert", "paused", "refused"})
+    COMMANDS = frozenset({"paused", "refused"})
     EVENTS = 500  # the last events it looks through
 
+    @classmethod
+    def is_command(cls, e: dict) -> bool:
+        return e.get("event") in cls.COMMANDS or (
+            e.get("event") == "ack" and e.get("sender") == "auto-pause")
+
     def draw(self, frame: Frame) -> None:
-        evs = [e for e in frame.status.events[-self.EVENTS:] if e.get("event") in self.KINDS
-               or (e.get("event") == "ack" and e.get("sender") == "auto-pause")]
+        evs = frame.status.events[-self.EVENTS:]
+        alerts = [e for e in evs if e.get("event") == "alert"]
+        commands = [e for e in evs if self.is_command(e)]
         styles = level_styles(self)
-        out = Text("alerts", style="bold")  # wrapped: an alert's message says what and where
-        if not evs:
-            out.append("\n  none", style=styles[0])
-        for e in reversed(evs[-max((self.size.height or 6) - 1, 1):]):
-            kind = e.get("event")
-            out.append(f"\n@{e.get('step', '?')} ", style="dim")
-            if kind == "alert":  # "▲ dying_layer: layer 'fc1': 93% of units dead ..."
-                bad = e.get("level") == "critical"
-                out.append(f"▲ {e.get('alert', '?')}: {e.get('message') or e.get('layer', '')}",
-                           style=styles[2] if bad else styles[1])
-                continue
-            what = e.get("reason") or e.get("error") or e.get("cmd") or ""
-            out.append(f"{kind}: {what}", style=styles[2] if kind == "refused" else styles[1])
-        lines = out.wrap(self.app.console, max(self.size.width or 40, 10))
-        self.show(Text("\n").join(lines[: max(self.size.height or 6, 2)]))
+        width, height = max(self.size.width or 40, 10), max(self.size.height or 6, 2)
+        console = self.app.console
+        # The commands keep at most a third of the lines (one at least, when there are any
+        # and the feed has 5 lines); the alerts keep the rest.
+        cmd_lines = min(len(commands), max(height // 3 - 1, 1)) \
+            if commands and height >= 5 else 0
+        room = height - 1 - (cmd_lines + 1 if cmd_lines else 0)
+        out: list[Text] = []
+        shown = 0
+        for e in reversed(alerts):  # wrapped: an alert's message says what and where
+            bad = e.get("level") == "critical"
+            what = list(Text.assemble((f"@{e.get('step', '?')} ", "dim"), (
+                f"▲ {e.get('alert', '?')}: {e.get('message') or e.get('layer', '')}",
+                styles[2] if bad else styles[1])).wrap(console, width))
+            tip = list(Text(f"  try: {hint(str(e.get('alert', '')))}", "dim")
+                       .wrap(console, width))
+            if shown and len(out) + len(what) + len(tip) > room:
+                break
+            if len(what) + len(tip) > room:  # the newest shows: its message cut, not its tip
+                what = what[: max(room - len(tip), 1)]
+                what[-1].truncate(width - 1)
+                what[-1].append("…")
+            out += [*what, *tip]
+            shown += 1
+        head = Text("alerts", style="bold")
+        if len(alerts) > shown:
+            head.append(f"  +{len(alerts) - shown} more", style="dim")
+        if not alerts:
+            out.append(Text("  none", style=styles[0]))
+        lines = [head, *out[:room]]
+        if cmd_lines:
+            lines.append(Text("commands", style="bold"))
+            for e in reversed(commands[-cmd_lines:]):
+                kind = e.get("event")
+                what = e.get("reason") or e.get("error") or e.get("cmd") or ""
+                lines.append(Text.assemble((f"@{e.get('step', '?')} ", "dim"), (
+                    f"{kind}: {what}", styles[2] if kind == "refused" else styles[1]),
+                    no_wrap=True, overflow="ellipsis"))
+                lines[-1].truncate(width, overflow="ellipsis")
+        self.show(Text("\n").join(lines[:height]))
 
 
 class HeatStrip(Panel):
@@ -183,7 +217,9 @@ class HeatStrip(Panel):
             return
         layers = frame.schema.layers
         lines = max((self.size.height or 8) - 2, 1)  # the title and the time axis
-        width = max((self.size.width or 60) - self.NAME_W - 1, 4)
+        # Names take at most a third of a narrow strip (the control panel beside it).
+        name_w = min(self.NAME_W, max((self.size.width or 60) // 3, 6))
+        width = max((self.size.width or 60) - name_w - 1, 4)
         data = rows.T
         # Fractions on 0..1, anything else on its range over the window: the same value
         # is the same shade at every width (the range is taken before the time columns).
@@ -214,11 +250,11 @@ class HeatStrip(Panel):
                            nan_is_idle=view.stat in NEVER_NAN, scale=scale)
         out = [head]
         for name, line in zip(names, strip, strict=True):
-            label = name[-(self.NAME_W - 1):].ljust(self.NAME_W)
+            label = name[-(name_w - 1):].ljust(name_w)
             out.append(Text.assemble((label, "dim"), line, no_wrap=True, overflow="crop"))
         cols = min(width, data.shape[1])
         left, right = f"step {int(x[0]):,}", f"{int(x[-1]):,}"
-        out.append(Text(" " * self.NAME_W + left + right.rjust(max(cols - len(left), 1)),
+        out.append(Text(" " * name_w + left + right.rjust(max(cols - len(left), 1)),
                         style="dim", no_wrap=True, overflow="crop"))
         self.show(Text("\n").join(out))
 
@@ -266,12 +302,15 @@ class LayersPane(Vertical):
     DEFAULT_CSS = """
     LayersPane > #filter { display: none; height: 3; }
     LayersPane > #filter.shown { display: block; }
+    LayersPane > #layers-title { height: 1; padding: 0 1; text-style: bold; }
     LayersPane > LayerTable { height: 1fr; }
     """
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter layers by name glob (enter: apply, esc: clear)",
                     id="filter")
+        # Rows, sort and an active filter, always in sight (the filter box closes on enter).
+        yield Static("", id="layers-title")
         yield LayerTable(id="layers")
 
     def wants(self, view: View) -> Wants:
@@ -317,17 +356,29 @@ class DetailPane(Vertical):
         i = layers.index(view.layer)
         kinds = schema.layer_types
         kind = f"  ({kinds[i]})" if i < len(kinds) else ""
-        self.query_one("#detail-title", Static).update(Text.assemble(
-            ("layer ", "bold"), (view.layer, "bold"), kind,
-            f"  {i + 1}/{len(layers)}  ·  {view.describe()}  ·  , . previous / next layer"))
         x, rows = frame.layer
         grid = self.query_one("#detail-plots", Grid)
-        grid.styles.grid_size_columns = 3 if len(stats) > 4 else 2
+        cols = 3 if len(stats) > 4 else 2
+        grid.styles.grid_size_columns = cols
+        # As many plots as keep their axes (a plot's min-height); the rest are named as
+        # "+N more", starting from the chosen statistic (``s``) so each can be reached.
+        fit = max(grid.size.height // 5, 1) * cols if grid.size.height else len(stats)
+        order = list(range(len(stats)))
+        more = ""
+        if len(stats) > fit:
+            first = stats.index(view.stat) if view.stat in stats else 0
+            order = [(first + k) % len(stats) for k in range(fit)]
+            more = f"  ·  +{len(stats) - fit} more statistics (s: next)"
+        self.query_one("#detail-title", Static).update(Text.assemble(
+            ("layer ", "bold"), (view.layer, "bold"), kind,
+            f"  {i + 1}/{len(layers)}", more,
+            f"  ·  {view.describe()}  ·  , . previous / next layer"))
         for j in range(self.MAX_PLOTS):
             plot = self.query_one(f"#dt-plot-{j}", Plot)
-            plot.display = j < len(stats)
-            if j < len(stats):
-                plot.draw_series(x, rows[:, j] if rows.size else np.empty(0), stats[j], view)
+            plot.display = j < len(order)
+            if j < len(order):
+                k = order[j]
+                plot.draw_series(x, rows[:, k] if rows.size else np.empty(0), stats[k], view)
         self._draw_histograms(frame)
 
     def _draw_histograms(self, frame: Frame) -> None:
@@ -448,7 +499,8 @@ def ratio_chart(names: Sequence[str], pstats: Sequence[str], block: np.ndarray, 
                         no_wrap=True, overflow="crop")
     ratio = block[:, col["update_ratio"]] if "update_ratio" in col else None
     lvls = levels("update_ratio", ratio) if ratio is not None else None
-    shown = max(height - 1, 1)
+    # The header and, when some do not fit, the "+N more" line take a line each.
+    shown = height - 1 if len(names) <= height - 1 else max(height - 2, 1)
     order = np.argsort(-np.abs(np.log10(np.abs(ratio) / UPDATE_RATIO_GUIDE + 1e-30))) \
         if ratio is not None and len(names) > shown else np.arange(len(names))
     for p in order[:shown]:
@@ -473,6 +525,6 @@ def ratio_chart(names: Sequence[str], pstats: Sequence[str], block: np.ndarray, 
             line.append("".join(cells), style="dim")
         out.append_text(line)
     if len(names) > shown:
-        out.append(f"\n… {len(names) - shown} more (sorted: furthest from 1e-3 first)",
-                   style="dim")
+        out.append(f"\n+{len(names) - shown} more parameters (shown: furthest from 1e-3"
+                   " first)", style="dim")
     return out

@@ -20,7 +20,7 @@ from textual.widgets import Input, Static
 
 from neurotop.tui.data.replay_source import ReplaySource, Timeline
 from neurotop.tui.screens.app import HelpScreen, NeurotopApp
-from neurotop.tui.screens.widgets import KeyBar
+from neurotop.tui.screens.widgets import KeyBar, fit_parts
 
 
 def speed_label(speed: float) -> str:
@@ -41,20 +41,23 @@ class TimelineBar(Static):
     def draw(self, tl: Timeline) -> None:
         width = max(10, (self.size.width or 80) - 2)
         state = "▶ PLAY" if tl.playing else "⏸ PAUSE"
-        info = Text.assemble(
-            (f" {state} ", "bold black on cyan"), "  ", (speed_label(tl.speed), "bold"),
-            f"  step {tl.step:,} / {tl.last_step:,}")
-        if tl.time:
-            info.append("  " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(tl.time)))
         commands = sum(1 for _, alert in tl.markers if not alert)
         alerts = len(tl.markers) - commands
-        info.append(f"  ◆ {commands} commands", style="yellow")
-        if alerts:
-            info.append(f"  ▲ {alerts} alerts", style="red")
-        if tl.dropped:
-            info.append(f"  rec-dropped: {tl.dropped}", style="yellow")
-        if tl.problems:
-            info.append(f"  damaged: {tl.problems} (see stderr on exit)", style="red")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(tl.time)) if tl.time else ""
+        # One line, by priority (``fit_parts``): it never wraps and pushes the bar away.
+        parts = [
+            (0, Text(f" {state} ", style="bold black on cyan")),
+            (0, Text(speed_label(tl.speed), style="bold")),
+            (0, Text(f"step {tl.step:,} / {tl.last_step:,}")),
+            (1, Text(tl.landed, style="bold")),
+            (1, Text(f"▲ {alerts} alerts" if alerts else "", style="red")),
+            (2, Text(f"◆ {commands} commands", style="yellow")),
+            (1, Text(f"damaged: {tl.problems} (see stderr on exit)" if tl.problems else "",
+                     style="red")),
+            (2, Text(f"rec-dropped: {tl.dropped}" if tl.dropped else "", style="yellow")),
+            (3, Text(when)),
+        ]
+        info = fit_parts([p for p in parts if p[1].plain], width)
         cells = ["─"] * width
         cur = round(tl.fraction * (width - 1))
         for i in range(cur):
@@ -180,7 +183,7 @@ class ReplayApp(NeurotopApp):
                 ("← →", "scrub 1% (shift: 10%); click or drag the bar"),
                 ("home end", "start / end of the recording"),
                 ("- +", "playback speed (1x … max)"),
-                ("[ ]", "previous / next command or alert"),
+                ("[ ]", "previous / next command or alert (the bar names it)"),
                 ("g", "go to a step"),
                 *((keys, text) for keys, _, text in self.VIEW_HELP), ("q", "quit")]
-        self.push_screen(HelpScreen(rows))
+        self.push_screen(HelpScreen(rows, self.own_scalars()))

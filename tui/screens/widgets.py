@@ -4,6 +4,7 @@ reads the store, parses messages or talks to sockets."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -262,9 +263,14 @@ class LayerTable(ScrollView, can_focus=True):
                 Binding("home", "move(-100000)", show=False),
                 Binding("end", "move(100000)", show=False),
                 Binding("enter", "choose", show=False)]
-    SPARK_WIDTH = 24  # at least
+    SPARK_WIDTH = 24  # at least, when every column fits
+    SPARK_MIN = 10  # at least, when columns are left out for want of room
     SPARK_MAX = 160
     NUM_W = 11  # a value (10 characters at most) and a space
+    TYPE_W = 12  # the layer's class, cut with "…" past this
+    #: Rows keep their places between reorders for this long: a live table that
+    #: reshuffled at every report could not be read.
+    REORDER_S = 1.0
 
     class Chosen(Message):
         """Enter (or a click on the selected row) on a layer."""
@@ -299,12 +305,33 @@ class LayerTable(ScrollView, can_focus=True):
         self.preset = "overview"
         self.columns_chosen: tuple[str, ...] | None = COLUMN_PRESETS[self.preset]
         self._cols: list[int] = []  # indices of the shown statistics in the schema
+        self._types: tuple[str, ...] = ()  # each shown row's layer type, as drawn
+        self._type_w = 0
+        self._left_out = 0  # chosen columns the width leaves out
+        self._order_key: tuple = ()
+        self._order_at = 0.0
+        self._order_rows: list[int] = []
+        self.title = ""  # the line above the table: rows, sort, filter, what is left out
+        self._title_parts: list[str] = []
 
-    def shown(self, stats: Sequence[str]) -> list[str]:
-        """The columns to draw: the chosen ones this run has, in the schema's order."""
+    def shown(self, stats: Sequence[str], sort: str = "") -> list[str]:
+        """The columns to draw: the chosen ones this run has, in the schema's order, and
+        the sorted one (``sort``) even if not chosen: what the rows are ordered by shows."""
         chosen = self.columns_chosen
-        cols = [s for s in stats if chosen is None or s in chosen]
+        cols = [s for s in stats if chosen is None or s in chosen or s == sort]
         return cols or list(stats)
+
+    def fitting(self, cols: list[str], sort: str, width: int) -> list[str]:
+        """The columns that fit ``width`` beside the names and a short trend; the sorted
+        one always among them (in place of the last that fits)."""
+        room = width - self._name_w - self._type_w - 2 - self.SPARK_MIN
+        n = max(room // self.NUM_W, 1)
+        if len(cols) <= n:
+            return cols
+        keep = cols[:n]
+        if sort in cols and sort not in keep:
+            keep = [c for c in cols if c in keep[: n - 1] or c == sort]
+        return keep
 
     def use_preset(self, name: str) -> None:
         self.preset, self.columns_chosen = name, COLUMN_PRESETS[name]
@@ -350,13 +377,21 @@ class LayerTable(ScrollView, can_focus=True):
             self.cursor_row = self._rows.index(current)
         self.cursor_row = min(self.cursor_row, max(len(self._rows) - 1, 0))
         self._stats, self._block = stats, block
-        self._cols = [stats.index(c) for c in self.shown(stats)]
         self._labels = tuple(call_label(layers[i], schema.calls, i) for i in self._index)
         self._name_w = min(max((len(n) for n in self._labels), default=5) + 1, 40)
+        kinds = schema.layer_types if len(schema.layer_types) == len(layers) else ()
+        self._types = tuple(_cut(str(kinds[i]), self.TYPE_W - 1) for i in self._index) \
+            if kinds else ()
+        self._type_w = min(max((len(t) for t in self._types), default=3) + 1,
+                           self.TYPE_W) if kinds else 0
+        wanted = self.shown(stats, view.sort)
+        fits = self.fitting(wanted, view.sort, self.size.width or 200)
+        self._left_out = len(wanted) - len(fits)
+        self._cols = [stats.index(c) for c in fits]
         # The trend takes the room the columns leave (a wide terminal shows a longer one).
-        used = self._name_w + self.NUM_W * len(self._cols) + 2
-        self._spark_w = max(self.SPARK_WIDTH,
-                            min((self.size.width or 0) - used - 1, self.SPARK_MAX))
+        used = self._name_w + self._type_w + self.NUM_W * len(self._cols) + 2
+        spark_min = self.SPARK_MIN if self._left_out else self.SPARK_WIDTH
+        self._spark_w = max(spark_min, min((self.size.width or 0) - used - 1, self.SPARK_MAX))
         self._hist = frame.trend
         big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
         acts = np.array(activation_mask(schema.layer_types, len(layers),
@@ -364,35 +399,81 @@ class LayerTable(ScrollView, can_focus=True):
         self._levels = {j: levels(st, block[:, j], big, acts) for j, st in enumerate(stats)
                         if has_band(st)}
         self._idle = idle(stats, block)
-        heads = [f"{'layer':<{self._name_w}}"]
+        arrow = "▼" if view.descending else "▲"
+        heads = [f"{'layer' + (arrow if view.sort == 'layer' else ''):<{self._name_w}}"
+                 f"{'type' if self._type_w else '':<{self._type_w}}"]
         shown = [stats[j] for j in self._cols]
+        # Headers keep a cell for the mark: a 9-character name and its arrow both show.
         for st, head in zip(shown, abbreviate(shown, self.NUM_W - 2), strict=True):
-            arrow = ("▼" if view.descending else "▲") if st == view.sort else ""
-            heads.append(f"{head + arrow:>{self.NUM_W}}")
+            heads.append(f"{head + (arrow if st == view.sort else ''):>{self.NUM_W}}")
         self._header = "".join(heads) + f"  trend: {self.spark_stat}"
         self._spark_scale = (0.0, 1.0) if is_fraction(self.spark_stat) else None
         width = len("".join(heads)) + 2 + self._spark_w
         self.virtual_size = Size(width, len(self._rows) + 1)
         self._style_cache = None
+        self._title_parts = self._title(len(layers), view)
+        self._show_title()
         self.refresh()
 
-    @staticmethod
-    def _order(layers: Sequence[str], stats: Sequence[str], block: np.ndarray,
+    def _title(self, total: int, view: View) -> list[str]:
+        """Sort and filter in words, and what the table leaves out."""
+        n = len(self._rows)
+        parts = [f"layers {n} of {total}" if n != total else f"layers {total}"]
+        if view.sort:
+            parts.append(f"sorted by {view.sort} {'▼' if view.descending else '▲'}")
+        if view.filter:
+            parts.append(f"filter: {view.filter}")
+        if self._left_out:
+            parts.append(f"+{self._left_out} columns")
+        return parts
+
+    def _show_title(self) -> None:
+        """The title, with the rows on screen when some are not (``+N more``), into the
+        pane's title line where the table has one (the layers screen)."""
+        parts = list(self._title_parts)
+        n, visible = len(self._rows), self.visible_rows
+        if n > visible:
+            top = int(self.scroll_offset.y)
+            parts.insert(1, f"rows {top + 1}–{min(top + visible, n)}, +{n - visible} more")
+        self.title = "  ·  ".join(parts)
+        if len(self.title) > (self.size.width or 80) - 2:  # the same words, closer
+            self.title = " · ".join(parts)
+        for line in self.parent.query("#layers-title") if self.parent else ():
+            line.update(Text(self.title))
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        if self._title_parts:
+            self._show_title()
+
+    def _order(self, layers: Sequence[str], stats: Sequence[str], block: np.ndarray,
                view: View) -> list[int]:
-        shown = [i for i, n in enumerate(layers) if matches(n, view.filter)]
+        """The rows' order: the filter's layers, sorted by the view's column. Ties keep
+        their order (a stable sort of the order shown), and the rows move at most once a
+        ``REORDER_S`` unless the sort, the filter or the layers change."""
+        key = (view.sort, view.descending, view.filter, tuple(layers))
+        now = time.monotonic()
+        same = key == self._order_key
+        if same and now - self._order_at < self.REORDER_S:
+            return self._order_rows
+        shown = self._order_rows if same else \
+            [i for i, n in enumerate(layers) if matches(n, view.filter)]
         if view.sort in stats:
             v = block[shown, stats.index(view.sort)].astype(np.float64)
             v = np.where(np.isnan(v), -np.inf if view.descending else np.inf, v)
             idx = np.argsort(-v if view.descending else v, kind="stable")
             shown = [shown[k] for k in idx]
-        elif view.sort == "layer" and view.descending:
+        elif view.sort == "layer" and view.descending and not same:
             shown = shown[::-1]
-        return shown
+        self._order_key, self._order_at, self._order_rows = key, now, list(shown)
+        return self._order_rows
 
     def _row_segments(self, r: int, base: Style) -> list[Segment]:
         """One row as segments (no ``Text`` layout per cell: rows are drawn every frame)."""
         i = self._index[r]
         name = f"{self._labels[r][-(self._name_w - 1):]:<{self._name_w}}"
+        if self._type_w:
+            name += f"{self._types[r]:<{self._type_w}}"
         if self._idle[i]:  # not called in this report: nothing to judge
             dim = base + Style(dim=True)
             cells = "".join(f"{'idle' if k == 0 else '-':>{self.NUM_W}}"
@@ -452,8 +533,18 @@ class LayerTable(ScrollView, can_focus=True):
         return (f"  row {self._labels[self.cursor_row][-16:]}:"
                 f" {lo_bar}{fmt_axis(float(v.min()))}…{hi_bar}{fmt_axis(float(v.max()))}")
 
+    @property
+    def visible_rows(self) -> int:
+        """Rows on screen: the height less the header and the horizontal scrollbar the
+        virtual size will need (known now, before the layout that shows it)."""
+        height, width = self.size.height or 2, self.size.width or 80
+        vbar = self.styles.scrollbar_size_vertical if len(self._rows) + 1 > height else 0
+        hbar = self.styles.scrollbar_size_horizontal \
+            if self.virtual_size.width > width - vbar else 0
+        return max(height - 1 - hbar, 1)
+
     def _scroll_to_cursor(self) -> None:
-        visible = max(self.size.height - 1, 1)
+        visible = self.visible_rows
         sy = self.scroll_offset.y
         if self.cursor_row < sy:
             self.scroll_to(y=self.cursor_row, animate=False)
@@ -478,7 +569,7 @@ class LayerTable(ScrollView, can_focus=True):
     def on_click(self, event: events.Click) -> None:
         y = event.y
         if y == 0:
-            x = event.x + self.scroll_offset.x - self._name_w
+            x = event.x + self.scroll_offset.x - self._name_w - self._type_w
             k = x // self.NUM_W
             col = "layer" if x < 0 else (self._stats[self._cols[k]]
                                          if k < len(self._cols) else "")
@@ -491,6 +582,10 @@ class LayerTable(ScrollView, can_focus=True):
                 self.action_choose()
             self.cursor_row = r
             self.refresh()
+
+    def sortable(self) -> list[str]:
+        """What ``S`` cycles through: the model's order, then each column on screen."""
+        return ["", *(self._stats[j] for j in self._cols)]
 
     def column_names(self) -> list[str]:
         """Headers as drawn, without the sort mark (for tests and the help)."""
