@@ -222,7 +222,7 @@ def test_export_writes_documented_csv_tables(tmp_path):
     path = tmp_path / "s.ntop"
     run = write_run(path, 40, events_every=20)
     src = ReplaySource(path)
-    scalars_csv, layers_csv, events_csv = export_csv(src, tmp_path / "csv")
+    scalars_csv, layers_csv, events_csv, _ = export_csv(src, tmp_path / "csv")
     ref = reference_store(run.messages)
     rows = np.genfromtxt(scalars_csv, delimiter=",", names=True)
     assert rows.dtype.names == ("step", "time", "loss", "grad_norm", "lr")

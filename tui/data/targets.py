@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from neurotop.protocol import connfile
+from neurotop.protocol import connfile, runs
 from neurotop.tui.data import remote
 from neurotop.tui.data.client import Endpoints
 
@@ -28,8 +28,35 @@ def resolve(target: str | None, *, read_only: bool = False) -> Endpoints:
                          run_id=info.run_id, curve_server_key=info.curve_server_key, link=link)
     try:
         info = connfile.find(target)
-    except (LookupError, ValueError, OSError) as e:
+    except LookupError as e:
+        raise TargetError(ended(target) or str(e)) from None
+    except (ValueError, OSError) as e:
         raise TargetError(str(e)) from None
     key = None if read_only else info.key_bytes or None
     return Endpoints(telemetry=info.telemetry, control=info.control, key=key,
                      run_id=info.run_id, curve_server_key=info.curve_server_key)
+
+
+def ended(target: str | None) -> str:
+    """For a target no live run matches: if it names a recorded run (no target: if there
+    is a recording), that the run ended and the exact command that replays it; else ""."""
+    try:
+        if target:
+            session = runs.find_session(target)
+        else:
+            recorded = runs.session_files()
+            if not recorded:
+                return ""
+            session = max(recorded, key=lambda p: p.stat().st_mtime)
+    except (LookupError, OSError, ValueError):  # no recording of it either: the error stands
+        return ""
+    run_id = session.parent.name
+    try:  # the run id when it names this recording alone, else the file
+        arg = run_id if runs.find_session(run_id) == session else str(session)
+    except (LookupError, OSError, ValueError):
+        arg = str(session)
+    if target:
+        return (f"run {run_id} has ended (it is not live): replay its recording with:"
+                f" neurotop replay {arg}")
+    return (f"no live neurotop run on this machine (looked in {connfile.runtime_dir()}); the"
+            f" newest recording is of run {run_id}, which ended: neurotop replay {arg}")
