@@ -39,10 +39,11 @@ from neurotop.service.loop import AgentService
 from neurotop.service.recorder import open_recording
 from neurotop.service.wakeup import Wakeup
 from neurotop.training.amp import STUCK, ScalerWatch
-from neurotop.training.checkpoint import Checkpointer
 from neurotop.training.carry import StepCarry
+from neurotop.training.checkpoint import Checkpointer
 from neurotop.training.collector import LayerCollector
 from neurotop.training.compiled import EagerReports
+from neurotop.training.distributed import Job, in_job
 from neurotop.training.hooks import Call, ForwardStart, InputHook, LayerHook
 from neurotop.training.knobs import Knobs, UserKnob
 from neurotop.training.layers import select_layers
@@ -89,10 +90,14 @@ class Monitor:
                  auto_pause_timeout: float | None = None,
                  alerts: AlertRules | dict[str, Any] | None = None, snapshot: Any = None,
                  raise_on_stop: bool = False, scaler: Any = None,
-                 record: bool | str | os.PathLike | None = True, **options: Any) -> None:
+                 record: bool | str | os.PathLike | None = True, distributed: bool = True,
+                 on_alert: Callable[[dict[str, Any]], None] | None = None,
+                 **options: Any) -> None:
         check_bind(bind_host, curve)  # before any hook is registered
         rules = alert_rules(alerts)
         check_timeout(auto_pause_timeout)
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError(f"on_alert= takes a function of the alert dict, not {on_alert!r}")
         self.config = (config or Config()).replace(**options)
         curve_keys = CurveKeys.generate() if curve else None
         model, self._models = gather_models(model)
@@ -108,6 +113,14 @@ class Monitor:
                              " optimizers, leave it out (set lr then changes the groups only)")
         self.report_every = self.config.report_every
         self.run_id = run_id or os.environ.get("NEUROTOP_RUN_ID") or connfile.new_run_id()
+        key = os.urandom(32)
+        # One rank of a job (``distributed=False``: watched alone, e.g. rank 0 only): every
+        # rank runs this, which creates neurotop's gloo group; rank 0's run id and key win.
+        self.job = Job() if distributed and in_job() else None
+        if self.job is not None:
+            agreed = self.job.agree({"run_id": self.run_id, "key": key.hex()})
+            self.run_id, key = agreed["run_id"], bytes.fromhex(agreed["key"])
+        identity = self.job.identity() if self.job is not None else {}
         self.name = name or Path(sys.argv[0] or "python").stem
         self._step = 0  # training steps completed (``step`` is the public view)
         self.start_time = time.time()
@@ -136,7 +149,9 @@ class Monitor:
         self.knobs = Knobs(model, self.optimizers, scheduler=scheduler, auto_pause=auto_pause)
         auto = AutoPause(self.knobs.auto_pause, auto_pause_alerts)
         self.recorder = open_recording(record, self.run_id, self.name, self.start_time,
-                                       private=self.config.private_files)
+                                       private=self.config.private_files,
+                                       job={"rank": self.job.rank, **identity}
+                                       if self.job is not None else None)
         self.checkpointer = Checkpointer(
             model, self.optimizers, self.run_id, snapshot,
             default_dir=self.recorder.path.parent if self.recorder else "runs",
@@ -144,19 +159,21 @@ class Monitor:
         wakeup = Wakeup()  # the agent thread sleeps on it; what hands it work rings it
         self.controller = Controller(knobs=self.knobs, snapshot=self.checkpointer,
                                      raise_on_stop=raise_on_stop, notify=wakeup.ring,
-                                     auto_pause_timeout=auto_pause_timeout)
+                                     auto_pause_timeout=auto_pause_timeout, job=self.job,
+                                     control_every=self.config.control_every)
         self._start_window()
         # ``scaler=``: gradient statistics divided by its loss scale; its skipped steps
         # (before the agent thread starts: it reads ``amp`` for the schema)
         self.amp = ScalerWatch(scaler, self._is_boundary, lambda: self._step,
                                self._skipped_step) if scaler is not None else None
-        key = os.urandom(32)
         self.service = AgentService(run_id=self.run_id, key=key, controller=self.controller,
                                     wakeup=wakeup, schema=self._schema, status=self._status,
                                     bind_host=bind_host, heartbeat_s=heartbeat_s,
                                     curve=curve_keys,
                                     auto_pause=auto, detectors=Detectors(rules),
-                                    recorder=self.recorder)
+                                    recorder=self.recorder,
+                                    rank=self.job.rank if self.job else 0, identity=identity,
+                                    on_alert=on_alert)
         if self.recorder is not None:
             self.recorder.start()
         try:
@@ -188,11 +205,17 @@ class Monitor:
                 lambda: self._active and not self._watched, self._loss_scale)
         for w in self._watched:
             self._hook_optimizer(w)
+        if self.job is not None:  # rank 0 takes the job's commands: say where, on every rank
+            self.controller.leader = self.job.agree(
+                {"control": self.service.control_endpoint})["control"]
         self.connection = connfile.ConnectionInfo(
             run_id=self.run_id, name=self.name, pid=os.getpid(), start_time=self.start_time,
             telemetry=self.service.telemetry_endpoint, control=self.service.control_endpoint,
             key=key.hex(), curve_server_key=curve_keys.public if curve_keys else "",
-            run_dir=str(self.recorder.path.parent) if self.recorder else "")
+            run_dir=str(self.recorder.path.parent) if self.recorder else "",
+            rank=self.job.rank if self.job else 0,
+            world_size=self.job.world_size if self.job else 1,
+            local_rank=self.job.local_rank if self.job else 0, job_control=self.controller.leader)
         self.connection_file = connfile.write(self.connection)
         atexit.register(self.close)
         self._signals = SignalGuard(self.close)
@@ -596,5 +619,9 @@ def watch(model: Models, optimizer: Optimizers = None, **kwargs: Any) -> Monitor
     detectors' thresholds, ``auto_pause_alerts=("dying_layer",)`` pauses on more alerts,
     ``auto_pause_timeout=S`` snapshots and stops a run nobody resumes S s after an
     auto-pause; ``scaler=`` a ``torch.amp.GradScaler``: unscaled gradient statistics,
-    ``loss_scale``, ``skipped_steps``."""
+    ``loss_scale``, ``skipped_steps``; ``on_alert=fn``: ``fn(alert_dict)`` for every alert,
+    on the agent thread (keep it quick; what it raises is logged, never fatal). Under an
+    initialized ``torch.distributed`` group of several ranks, call it on every rank: they
+    join one job (one run id; commands to rank 0 land on every rank at the same step);
+    ``distributed=False`` watches this rank alone."""
     return Monitor(model, optimizer, **kwargs)

@@ -68,6 +68,10 @@ class ConnectionInfo:
     host: str = field(default_factory=socket.gethostname)
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
+    #: In a job: rank 0's control endpoint, the one that takes the job's commands (this
+    #: file's own ``control`` answers read-only requests only); empty: ``control`` does.
+    job_control: str = ""
     protocol: int = 1
     signature_scheme: str = "hmac-sha256"
     run_dir: str = ""
@@ -140,6 +144,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "key": (_hex, "hex digits"),
     "rank": (_int_in(0, 1 << 20), "an integer >= 0"),
     "world_size": (_int_in(1, 1 << 20), "an integer >= 1"),
+    "local_rank": (_int_in(0, 1 << 20), "an integer >= 0"),
     "protocol": (_int_in(0, 1 << 20), "an integer >= 0"),
 }
 

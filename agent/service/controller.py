@@ -12,6 +12,17 @@ applied deterministically from the state at the boundary, so that under
 torch.distributed the same list can be broadcast and applied by all ranks at the
 same step.
 
+Under torch.distributed (``job``: one rank of a job, ``neurotop.training.distributed``) no
+command is applied on arrival: only rank 0 takes commands (other ranks refuse them, naming
+rank 0's endpoint), and at every ``control_every``-th boundary every rank joins one small
+collective in which rank 0 sends the commands it took from its queue and every rank its
+auto-pause flag; every rank then applies the same list at that same step, so a pause holds
+them all at one boundary. While paused every rank keeps joining it (rank 0 every
+``HOLD_S``), so that ``resume``, ``step N`` and ``stop`` reach them all; an auto-pause
+raised on any rank pauses the whole job at the next check. ``snapshot``: rank 0 saves the
+whole state (DDP replicas are identical: one copy is the state), the others ack without
+writing. Acks of commands applied at a step name the ``ranks`` that applied it.
+
 A ``set`` of a knob the optimizer's step reads (``lr``, ``weight_decay``, ``grad_clip``)
 can be acked twice: ok at the boundary where it was applied, then, if the next step raised
 with it, refused with the error once the knobs rolled it back (``rolled_back: True``, the
@@ -21,6 +32,7 @@ goes on (see ``neurotop.training.knobs``).
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -32,6 +44,11 @@ from typing import Any, Protocol
 from neurotop.protocol.commands import check_args
 
 log = logging.getLogger("neurotop.agent")
+
+
+#: While a job is paused, rank 0 waits this long for a command between two checks (the
+#: other ranks wait for it in the collective).
+HOLD_S = 0.05
 
 
 class StopTraining(Exception):
@@ -48,6 +65,22 @@ class KnobTable(Protocol):
     def validate(self, knob: str, value: Any, op: str) -> None: ...
     def apply(self, knob: str, value: Any, op: str,
               rolled_back: Callable[[str, Any], None] | None = None) -> dict[str, Any]: ...
+
+
+class JobLost(RuntimeError):
+    """The job's collective failed: another rank died or hung past the group's timeout.
+    Raised from ``optimizer.step()``; the job cannot go on without its ranks."""
+
+
+class JobLink(Protocol):
+    """This rank's side of the job's collective (``training.distributed.Job``)."""
+
+    rank: int
+    world_size: int
+    capacity: int  # the bytes of commands one check carries
+
+    def exchange(self, step: int, payload: bytes,
+                 flag: bool) -> tuple[bytes, list[int], int]: ...
 
 
 #: ``snapshot(step, done)``: called at the boundary; ``done`` gets ``{"new": where}`` or
@@ -76,6 +109,9 @@ class Pending:
     sender: str
     reply: Callable[[dict[str, Any]], None]
     received: float = field(default_factory=time.time)
+    #: Raised by the agent itself (an auto-pause), not sent by a client: in a job it is a
+    #: flag for the next check on any rank, never refused as control sent to rank > 0.
+    internal: bool = False
 
 
 class Controller:
@@ -83,7 +119,8 @@ class Controller:
 
     def __init__(self, knobs: KnobTable | None = None, snapshot: TakeSnapshot | None = None,
                  raise_on_stop: bool = False, notify: Callable[[], None] = lambda: None,
-                 auto_pause_timeout: float | None = None) -> None:
+                 auto_pause_timeout: float | None = None, job: JobLink | None = None,
+                 control_every: int = 1) -> None:
         check_timeout(auto_pause_timeout)
         self.queue: queue.Queue[Pending] = queue.Queue()
         #: Events that are not acks (e.g. "paused after step N"); the agent publishes them.
@@ -104,6 +141,13 @@ class Controller:
         self._give_up_at: float | None = None  # monotonic deadline of the auto-pause held
         self._forced_stop = ""  # why the run was stopped without an operator
         self._closed = threading.Event()
+        #: One rank of a job: commands travel in its collective every ``control_every``
+        #: boundaries; ``leader`` is rank 0's control endpoint (set once agreed).
+        self.job, self.control_every, self.leader = job, control_every, ""
+        self._boundaries = 0  # boundaries seen: the same count on every rank
+        self._held: list[Pending] = []  # rank 0: taken from the queue, for the next check
+        self._flags: queue.Queue[Pending] = queue.Queue()  # this rank's auto-pauses
+        self._step_warned = False
 
     # -- agent thread ---------------------------------------------------------------------
 
@@ -128,6 +172,15 @@ class Controller:
         if self._closed.is_set():
             p.reply(self._ack(p, ok=False, step=None, error="the run has ended"))
             return
+        if self.job is not None and p.internal:
+            self._flags.put(p)
+            return
+        if self.job is not None and self.job.rank != 0:
+            where = self.leader or "see rank 0's connection file"
+            p.reply(self._ack(p, ok=False, step=None, error=(
+                f"rank {self.job.rank} takes no control commands: rank 0 takes them for the"
+                f" whole job ({where})")))
+            return
         self.queue.put(p)
 
     def describe_knobs(self) -> list[dict[str, Any]]:
@@ -144,22 +197,137 @@ class Controller:
 
     def at_boundary(self, step: int) -> None:
         """From the training thread after each optimizer step: apply, then hold while paused."""
+        if self.job is not None:
+            self._job_boundary(step)
+            return
         self._drain(step, block=False)
+        self._check_until(step)
+        while self.paused and not self._closed.is_set():
+            self._drain(step, block=True)
+            if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+                self._give_up(step)
+        self._raise_stop(step)
+
+    def _check_until(self, step: int) -> None:
+        """``step N`` ran its N steps: pause (the same step on every rank of a job)."""
         if self._until is not None and step >= self._until and not self.paused:
             n = self._until
             self._pause(step, f"stepped to {n}")
             self.events.put({"event": "paused", "step": step, "reason": self.pause_reason,
                              **self._state()})
             self.notify()
-        while self.paused and not self._closed.is_set():
-            self._drain(step, block=True)
-            if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
-                self._give_up(step)
+
+    def _raise_stop(self, step: int) -> None:
         if self.stop_requested and (self.raise_on_stop or self._forced_stop) \
                 and not self._stop_raised:
             self._stop_raised = True
             raise StopTraining(self._forced_stop
                                or f"stopped by an operator command at step {step}")
+
+    def _job_boundary(self, step: int) -> None:
+        """A job's boundary: a check every ``control_every``-th one; held while paused,
+        checking in a loop, so that every rank leaves the hold at the same check."""
+        self._boundaries += 1
+        if self._boundaries % self.control_every == 0:
+            self._check(step)
+        self._check_until(step)
+        while self.paused and not self._closed.is_set():
+            if self.job.rank == 0 and not self._held:
+                try:
+                    self._held.append(self.queue.get(timeout=HOLD_S))
+                except queue.Empty:
+                    pass
+            self._check(step)
+        self._raise_stop(step)
+
+    def _check(self, step: int) -> None:
+        """One collective: rank 0's decided commands and every rank's auto-pause flag reach
+        every rank, which applies them here, at this same step."""
+        batch = self._take_batch() if self.job.rank == 0 else []
+        payload = json.dumps([[p.req_id, p.cmd, p.args, p.sender] if p else ["", "give_up"]
+                              for p in batch], separators=(",", ":")).encode() if batch else b""
+        mine: list[Pending] = []  # this rank's auto-pauses since the last check
+        while True:
+            try:
+                mine.append(self._flags.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            data, flagged, step0 = self.job.exchange(step, payload, bool(mine))
+        except JobLost as e:
+            log.error("%s", e)
+            self.events.put({"event": "job_lost", "step": step, "error": str(e)})
+            self.notify()
+            for p in [*batch, *self._held, *mine]:
+                if p is not None:
+                    p.reply(self._ack(p, ok=False, step=None, error=str(e)))
+            self._held = []
+            raise
+        if step0 != step and not self._step_warned:
+            self._step_warned = True
+            log.warning("neurotop: rank %d is at step %d where rank 0 is at %d: the ranks count"
+                        " steps differently (acks name each rank's own step)",
+                        self.job.rank, step, step0)
+        for i, item in enumerate(json.loads(data) if data else []):
+            if item[1] == "give_up":
+                self._give_up(step)
+                continue
+            p = batch[i] if self.job.rank == 0 else Pending(*item, reply=self._publish_ack)
+            self._apply_one(p, step)
+        if flagged:
+            who = ", ".join(map(str, flagged))
+            reason = f"auto-pause on rank {who}"
+            if mine:
+                reason += ": " + mine[0].args.get("reason", "").removeprefix("auto-pause: ")
+            p = mine[0] if mine else Pending("auto-job", "pause", {}, "auto-pause",
+                                             self._publish_ack, internal=True)
+            p.args = {"reason": reason[:200]}
+            self._apply_one(p, step)
+            for other in mine[1:]:
+                other.reply(self._ack(other, ok=True, step=step, old="paused", new="paused"))
+
+    def _take_batch(self) -> list[Pending | None]:
+        """Rank 0: what the next check carries, in arrival order, as much as fits (None: the
+        auto-pause nobody resumed timed out; rank 0's clock decides it for the job)."""
+        batch: list[Pending | None] = []
+        size = 2
+        if self.paused and self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+            self._give_up_at = None
+            batch.append(None)
+            size += 16
+        while True:
+            if self._held:
+                p = self._held.pop(0)
+            else:
+                try:
+                    p = self.queue.get_nowait()
+                except queue.Empty:
+                    return batch
+            n = len(json.dumps([p.req_id, p.cmd, p.args, p.sender])) + 1
+            if size + n <= self.job.capacity:
+                batch.append(p)
+                size += n
+            elif not batch:  # larger alone than a check carries
+                p.reply(self._ack(p, ok=False, step=None, error=(
+                    f"{p.cmd} is too large to send to every rank ({n} bytes;"
+                    f" at most {self.job.capacity - 2})")))
+            else:
+                self._held.insert(0, p)
+                return batch
+
+    def _apply_one(self, p: Pending, step: int) -> None:
+        try:
+            ack = self._apply(p, step)
+        except Exception as e:  # a bug (refusals are acks): log it, but never stop training
+            log.exception("applying %s at step %d failed", p.cmd, step)
+            ack = self._ack(p, ok=False, step=None, error=f"{p.cmd} failed: {e!r}")
+        if ack is not None:
+            p.reply(ack)
+
+    def _publish_ack(self, ack: dict[str, Any]) -> None:
+        """A rank > 0's ack of a command rank 0 sent: telemetry only (no requester here)."""
+        self.events.put({"event": "ack", **ack})
+        self.notify()
 
     def close(self) -> None:
         """Release a paused loop and refuse what is still queued."""
@@ -178,13 +346,7 @@ class Controller:
                 p = self.queue.get(timeout=0.05) if block else self.queue.get_nowait()
             except queue.Empty:
                 return
-            try:
-                ack = self._apply(p, step)
-            except Exception as e:  # a bug (refusals are acks): log it, but never stop training
-                log.exception("applying %s at step %d failed", p.cmd, step)
-                ack = self._ack(p, ok=False, step=None, error=f"{p.cmd} failed: {e!r}")
-            if ack is not None:
-                p.reply(ack)
+            self._apply_one(p, step)
             block = False
 
     def _pause(self, step: int, reason: str) -> None:
@@ -249,6 +411,8 @@ class Controller:
             self.paused, self.paused_at, self.pause_reason, self._until = False, None, "", None
             self._give_up_at = None
             return self._ack(p, ok=True, step=step, old=old, new="stopping")
+        if p.cmd == "snapshot" and self.job is not None and self.job.rank != 0:
+            return self._ack(p, ok=True, step=step, new=None, saved_by=0)
         if p.cmd == "snapshot" and self.snapshot is not None:
             def done(result: dict[str, Any]) -> None:
                 ok = "error" not in result
@@ -267,6 +431,9 @@ class Controller:
 
     def _ack(self, p: Pending, *, ok: bool, step: int | None, old: Any = None, new: Any = None,
              error: str | None = None, **extra: Any) -> dict[str, Any]:
+        if self.job is not None and ok and step is not None:
+            # applied at this step by every rank: the collective that carried it completed
+            extra["ranks"] = list(range(self.job.world_size))
         return {"id": p.req_id, "cmd": p.cmd, "args": p.args, "ok": ok, "step": step,
                 "old": old, "new": new, "error": error, "sender": p.sender,
                 "pause_reason": self.pause_reason, **self._state(), **extra}

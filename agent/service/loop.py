@@ -30,6 +30,7 @@ from neurotop.service.finalize import Report
 from neurotop.service.gate import Gate, Refusal, Request
 from neurotop.service.history import HistoryServer
 from neurotop.service.recorder import Recorder
+from neurotop.service.system import SystemSampler
 from neurotop.service.wakeup import Wakeup
 
 log = logging.getLogger("neurotop.agent")
@@ -54,11 +55,14 @@ class AgentService(threading.Thread):
                  bind_host: str = "127.0.0.1", rank: int = 0, heartbeat_s: float = 0.5,
                  schema_every_s: float = 5.0, max_queued_reports: int = 64,
                  curve: CurveKeys | None = None, auto_pause: AutoPause | None = None,
-                 detectors: Detectors | None = None, recorder: Recorder | None = None) -> None:
+                 detectors: Detectors | None = None, recorder: Recorder | None = None,
+                 identity: dict[str, Any] | None = None,
+                 on_alert: Callable[[dict[str, Any]], None] | None = None) -> None:
         check_bind(bind_host, curve is not None)
         super().__init__(name="neurotop-agent", daemon=True)
         self._curve = curve
         self.run_id, self.rank = run_id, rank
+        self._identity = identity or {}  # a job's rank: world_size, local_rank, host
         self.controller = controller
         self.wakeup = wakeup
         self.gate = Gate(key)
@@ -72,6 +76,9 @@ class AgentService(threading.Thread):
         self._events: list[dict[str, Any]] = []  # audit events, published before the acks
         self.auto_pause = auto_pause
         self.detectors = detectors
+        self.on_alert = on_alert
+        self._on_alert_failed: set[tuple[str, str]] = set()  # (alert, exception) logged
+        self.system = SystemSampler()  # host and GPU metrics, sampled per heartbeat
         self._internal = 0
         self._halt = threading.Event()
         self._ready = threading.Event()
@@ -115,6 +122,7 @@ class AgentService(threading.Thread):
         try:
             self._serve()
         finally:
+            self.system.close()
             self.wakeup.close()  # its only reader is gone; a late ring now fails quietly
 
     def _serve(self) -> None:
@@ -185,7 +193,8 @@ class AgentService(threading.Thread):
             if now >= next_hb:
                 self._publish(pub, {"kind": wire.HEARTBEAT, "control": self.control_endpoint,
                                     "dropped": self.dropped, "rejected": self.gate.rejected,
-                                    **self._status(), **self.controller.heartbeat()})
+                                    **self._status(), **self.controller.heartbeat(),
+                                    "system": self.system.sample()})
                 self._hb_sent_at = now
                 next_hb = now + self.heartbeat_s
 
@@ -195,11 +204,13 @@ class AgentService(threading.Thread):
         self._send_replies(pub, router)
         self._publish(pub, {"kind": wire.HEARTBEAT, "control": self.control_endpoint,
                             "dropped": self.dropped, "rejected": self.gate.rejected,
-                            **self._status(), "state": "ended"})
+                            **self._status(), "state": "ended",
+                            "system": self.system.sample()})
 
     def _publish(self, pub: zmq.Socket, header: dict[str, Any],
                  arrays: list[np.ndarray] | tuple = ()) -> None:
-        header.update(run=self.run_id, rank=self.rank, seq=self._seq, t=time.time())
+        header.update(run=self.run_id, rank=self.rank, **self._identity, seq=self._seq,
+                      t=time.time())
         self._seq += 1
         if self.recorder is not None and header["kind"] == wire.HEARTBEAT:
             header["rec_dropped"] = self.recorder.dropped
@@ -288,8 +299,29 @@ class AgentService(threading.Thread):
                 "neurotop alert %s (%s) at step %d: %s", alert.name, alert.level, alert.step,
                 alert.message)
         self._events.append(alert.event())
+        self._tell_outside(alert)
         if self.auto_pause is not None:
             self._maybe_auto_pause(self.auto_pause.alert(alert, self.controller.resumes))
+
+    def _tell_outside(self, alert: Alert) -> None:
+        """The alert, with the run, rank and time, to scripts: a line of the alert log
+        beside the session file, then ``watch(on_alert=fn)``. ``fn`` runs on this thread;
+        what it raises is logged once per alert and exception type, and the agent goes on."""
+        record = {**alert.event(), "run": self.run_id, "rank": self.rank, **self._identity,
+                  "t": time.time()}
+        if self.recorder is not None and self.recorder.alerts is not None:
+            self.recorder.alerts.write(record)
+        if self.on_alert is None:
+            return
+        try:
+            self.on_alert(record)
+        except (Exception, SystemExit) as e:  # the user's code: even sys.exit() ends no agent
+            key = (alert.name, type(e).__name__)
+            if key not in self._on_alert_failed:
+                self._on_alert_failed.add(key)
+                log.exception("neurotop: on_alert raised %s on a %s alert (logged once per"
+                              " alert and exception type; the agent goes on)",
+                              type(e).__name__, alert.name)
 
     def _maybe_auto_pause(self, reason: str | None) -> None:
         """Queue the auto-pause as an ordinary command; its ack goes to telemetry only."""
@@ -298,7 +330,8 @@ class AgentService(threading.Thread):
             log.warning("%s", reason)
             self.controller.submit(Pending(f"auto-{self._internal}", "pause",
                                            {"reason": reason[:200]}, "auto-pause",
-                                           lambda ack: self._queue_reply(None, ack)))
+                                           lambda ack: self._queue_reply(None, ack),
+                                           internal=True))
 
     def _queue_reply(self, ident: bytes | None, ack: dict[str, Any],
                      publish: bool = True) -> None:

@@ -9,7 +9,10 @@ seconds (from then on they survive a ``kill -9``) and the disk every ``fsync_s``
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import numbers
 import os
 import queue
 import socket
@@ -24,6 +27,8 @@ from neurotop.protocol.sessionfile import NOTE, SessionWriter
 log = logging.getLogger("neurotop.recorder")
 
 _IDLE = object()
+#: Beside the session file: every alert the run raises, one JSON object per line.
+ALERT_LOG = "alerts.jsonl"
 
 
 class Recorder(threading.Thread):
@@ -45,6 +50,7 @@ class Recorder(threading.Thread):
         self.dropped = 0
         self.error = ""
         self.flushed_size = self._writer.flushed  # a record boundary; readers may read up to it
+        self.alerts: AlertLog | None = None  # set by ``open_recording``
 
     # -- the agent thread ---------------------------------------------------------------
 
@@ -71,6 +77,8 @@ class Recorder(threading.Thread):
         self._q.put(None)
         if self.is_alive():
             self.join(timeout)
+        if self.alerts is not None:
+            self.alerts.close()
 
     # -- the recorder thread ------------------------------------------------------------
 
@@ -132,8 +140,51 @@ class Recorder(threading.Thread):
             log.warning("neurotop: could not finish the session file %s: %s", self.path, e)
 
 
+class AlertLog:
+    """``alerts.jsonl`` beside the session file (``alerts-r<r>.jsonl`` for rank r > 0): one
+    JSON object per alert, flushed per line, so that ``tail -f | jq`` and schedulers see
+    each alert as it fires. Written from the agent thread: alerts are rare (one per
+    incident). Strict JSON: a non-finite number is written as null."""
+
+    def __init__(self, path: Path, *, private: bool) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600 if private else 0o666)
+        if private:  # a file left by an earlier run with this id keeps its mode otherwise
+            os.fchmod(fd, 0o600)
+        self.path = path
+        self._f = os.fdopen(fd, "a", encoding="utf-8")
+
+    def write(self, alert: dict[str, Any]) -> None:
+        if self._f.closed:
+            return
+        try:
+            self._f.write(json.dumps(_finite(alert), allow_nan=False, default=str) + "\n")
+            self._f.flush()
+        except OSError as e:
+            log.warning("neurotop: no more alerts in %s: %s", self.path, e)
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError as e:
+            log.warning("neurotop: could not close %s: %s", self.path, e)
+
+
+def _finite(v: Any) -> Any:
+    """``v`` with non-finite floats (a NaN alert value) as None: JSON has no NaN."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    return v
+
+
 def open_recording(record: bool | str | os.PathLike | None, run_id: str, name: str,
-                   start_time: float, *, private: bool = True) -> Recorder | None:
+                   start_time: float, *, private: bool = True,
+                   job: dict[str, Any] | None = None) -> Recorder | None:
     """A recorder for ``<root>/<run_id>/session.ntop``, its file created, its thread not yet
     started: its owner (the ``Monitor``) starts it and ``close``s (joins) it.
 
@@ -142,27 +193,36 @@ def open_recording(record: bool | str | os.PathLike | None, run_id: str, name: s
     writable (a clear error otherwise); when the default one is not, the run goes on
     unrecorded with a warning. ``private``: the run directory is 0700 and the session
     file 0600 (a recording tells what the run trains on), as the connection files are;
-    otherwise the umask decides.
+    otherwise the umask decides. ``job``: this process is one rank of a job (``rank``,
+    ``world_size``, ...): every rank records into the job's run directory, rank r > 0 to
+    ``session-r<r>.ntop``, and only rank 0's file is registered (one job, one entry).
+    Beside the session file, the alert log (``AlertLog``), private likewise.
     """
     if record is None or record is False:
         return None
     root = runs.runs_root() if record is True else Path(record)
     meta = {"run_id": run_id, "name": name, "start_time": start_time,
             "host": socket.gethostname(), "pid": os.getpid(),
-            "protocol": wire.PROTOCOL_VERSION}
+            "protocol": wire.PROTOCOL_VERSION, **(job or {})}
+    rank = (job or {}).get("rank", 0)
     try:
         run_dir = root / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         if private:  # before the file exists: nobody else can open it while it is 0644
             os.chmod(run_dir, 0o700)
-        rec = Recorder(run_dir / runs.SESSION_FILE, meta)
+        file = runs.SESSION_FILE.replace(".ntop", f"-r{rank}.ntop") if rank else runs.SESSION_FILE
+        rec = Recorder(run_dir / file, meta)
         if private:
             os.chmod(rec.path, 0o600)
+        rec.alerts = AlertLog(run_dir / (ALERT_LOG.replace(".jsonl", f"-r{rank}.jsonl")
+                                         if rank else ALERT_LOG), private=private)
     except OSError as e:
         if record is not True:
             raise OSError(f"neurotop cannot record to {root}: {e}") from None
         log.warning("neurotop: not recording this run (cannot write %s: %s)", root, e)
         return None
+    if rank:
+        return rec
     try:
         runs.register(run_id, rec.path, name=name, start_time=start_time)
     except OSError as e:
