@@ -14,8 +14,12 @@ resident memory after 1M steps, cold start to the first frame.
    reports its resident set (VmRSS).
 4. Cold start: a child process that starts the app and exits after its first frame;
    wall time from spawn to exit, median of 3.
+5. ``neurotop demo``'s first frame: the real command in a real terminal (tmux, 120x40),
+   from spawn until the pane shows the status bar (``STARTING`` while the demo still
+   imports torch, or ``LIVE``), median of 3; needs tmux.
 
-Last line: ``frame_ms_p50=A frame_ms_p95=B cpu_pct=C rss_mb_1m=D cold_start_s=E``.
+Last line: ``frame_ms_p50=A frame_ms_p95=B cpu_pct=C rss_mb_1m=D cold_start_s=E
+demo_first_frame_s=F``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -190,6 +196,33 @@ def child_cold() -> None:
     app.run(headless=True)
 
 
+def demo_first_frame() -> float:
+    """Seconds from starting ``neurotop demo`` in tmux to its first drawn status bar."""
+    if shutil.which("tmux") is None or shutil.which("neurotop") is None:
+        print("  demo first frame: skipped (needs tmux and the neurotop command)")
+        return float("nan")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, NEUROTOP_RUNTIME_DIR=f"{tmp}/rt", NEUROTOP_RUNS_DIR=f"{tmp}/runs")
+        sock = f"neurotop-bench-{os.getpid()}"
+
+        def tmux(*args: str) -> str:
+            return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True,
+                                  env=env, timeout=20).stdout
+        try:
+            t = time.perf_counter()
+            tmux("new-session", "-d", "-s", "ui", "-x", "120", "-y", "40", "neurotop", "demo")
+            while time.perf_counter() - t < 60:
+                screen = tmux("capture-pane", "-p", "-t", "ui")
+                if " STARTING " in screen or " LIVE " in screen:
+                    return time.perf_counter() - t
+                time.sleep(0.02)
+            return float("nan")
+        finally:
+            tmux("send-keys", "-t", "ui", "q")
+            time.sleep(1)
+            tmux("kill-server")
+
+
 def run_child(*args: str) -> str:
     return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                           cwd=ROOT, check=True).stdout
@@ -231,8 +264,11 @@ def main() -> None:
         colds.append(time.perf_counter() - t)
     cold = statistics.median(colds)
     print(f"  cold start to first frame: {', '.join(f'{c:.2f}' for c in colds)} s")
+    demos = [demo_first_frame() for _ in range(3)]
+    demo = statistics.median(demos)
+    print(f"  neurotop demo to its first frame: {', '.join(f'{d:.2f}' for d in demos)} s")
     print(f"frame_ms_p50={p50:.1f} frame_ms_p95={p95:.1f} cpu_pct={cpu:.1f} "
-          f"rss_mb_1m={float(mem[1]):.0f} cold_start_s={cold:.2f}")
+          f"rss_mb_1m={float(mem[1]):.0f} cold_start_s={cold:.2f} demo_first_frame_s={demo:.2f}")
 
 
 if __name__ == "__main__":

@@ -89,3 +89,29 @@ def test_demo_in_tmux_pause_resume_quit_leaves_nothing(tmux, runtime_dir):
     wait_until(lambda: "ui" not in tmux.tmux("list-sessions"), timeout=15, what="the UI to exit")
     wait_until(lambda: not connfile.pid_alive(demo.pid), timeout=15, what="the demo to exit")
     assert not connfile.conn_path(demo.run_id).exists(), "the demo left its connection file"
+
+
+def test_demo_at_80x24_draws_at_once_and_every_screen_keeps_help_and_quit(tmux, runtime_dir):
+    """The UI draws before the demo has imported torch, saying what it waits for; then at
+    80x24 every screen keeps the status bar and, in the footer, ``? help`` and ``q quit``."""
+    neurotop = shutil.which("neurotop")
+    tmux.tmux("new-session", "-d", "-s", "ui", "-x", "80", "-y", "24",
+              "-e", f"NEUROTOP_RUNTIME_DIR={runtime_dir}", neurotop, "demo")
+    first = wait_until(lambda: next((s for s in [tmux.screen()]
+                                     if "STARTING" in s or "LIVE" in s), None),
+                       timeout=60, what="the first frame")
+    if "STARTING" in first:  # torch still importing: the bar says so (a fast one is LIVE)
+        assert "starting the demo" in first and "conn: waiting" in first
+    wait_until(lambda: "LIVE" in tmux.screen(), timeout=60, what="the UI showing LIVE")
+    for key, marks in SCREENS:
+        tmux.tmux("send-keys", "-t", "ui", key)
+        wait_until(lambda marks=marks: marks[0] in tmux.screen(), what=f"the screen of {key!r}")
+        if key == "?":  # the help is a dialog over the screen, closed with esc
+            tmux.tmux("send-keys", "-t", "ui", "Escape")
+            wait_until(lambda: "neurotop — keys" not in tmux.screen(), what="the help to close")
+            time.sleep(0.5)  # a key right after ESC would read as alt+key
+        lines = tmux.screen().rstrip("\n").split("\n")
+        assert "LIVE" in lines[0] and "alert" in lines[0] and "conn: live" in lines[0], lines[0]
+        assert "? help" in lines[-1] and "q quit" in lines[-1], f"{key!r}: {lines[-1]!r}"
+    tmux.tmux("send-keys", "-t", "ui", "q")
+    wait_until(lambda: "ui" not in tmux.tmux("list-sessions"), timeout=15, what="the UI to exit")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from neurotop.protocol.sessionfile import (
 )
 from neurotop.tui.data import remote
 from neurotop.tui.data.children import die_with_parent, log_tail, open_log
-from neurotop.tui.data.client import CommandError, LiveClient
+from neurotop.tui.data.client import CommandError, Endpoints, LiveClient, RunGone
 from neurotop.tui.data.targets import TargetError, resolve
 
 #: Where ``demo`` and ``export --parquet`` send a user who lacks what they need.
@@ -55,9 +56,13 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
 
 def _run_ui(endpoints, read_only: bool) -> None:
+    _show(LiveClient(endpoints, backfill=True), read_only)
+
+
+def _show(client: LiveClient, read_only: bool) -> None:
     from neurotop.tui.screens.app import NeurotopApp  # textual loads only for commands that draw
 
-    client = LiveClient(endpoints, backfill=True).start()
+    client.start()
     try:
         NeurotopApp(client, read_only=read_only).run()
     finally:
@@ -478,39 +483,43 @@ def cmd_demo(args: argparse.Namespace) -> None:
         _die(f"cannot create the demo's log file: {e}")
     print(f"neurotop: the demo's output goes to {log}", file=sys.stderr)
     proc = _spawn_demo(script, args.demo_args, run_id, log)
+    # The UI draws at once and says what it waits for; it connects once the demo listens.
+    client = LiveClient.pending(_demo_endpoints(proc, run_id, log, timeout=60),
+                                "starting the demo (importing torch)…", backfill=True)
     try:
-        info = _wait_for_run(proc, run_id, log, timeout=60)
-        try:
-            endpoints = resolve(info.run_id)
-        except TargetError as e:
-            _die(str(e))
-        _run_ui(endpoints, read_only=False)
+        _show(client, read_only=False)
     finally:
         _stop_child(proc)
+    if client.gone:
+        _die(f"{client.gone}:\n{log_tail(log)}")
     if proc.returncode not in (0, -signal.SIGINT):
         _die(f"the demo exited with code {proc.returncode}; the end of {log}:\n"
              f"{log_tail(log)}", 1)
     print(f"neurotop: the demo's output is in {log}", file=sys.stderr)
 
 
-def _wait_for_run(proc: subprocess.Popen, run_id: str, log: Path,
-                  timeout: float) -> connfile.ConnectionInfo:
-    """Wait for the demo's connection file, showing progress; explain if the demo died."""
+def _demo_endpoints(proc: subprocess.Popen, run_id: str, log: Path,
+                    timeout: float) -> Callable[[], Endpoints | None]:
+    """What the pending client polls: the demo's endpoints once its connection file is
+    there; ``RunGone`` (the UI closes, the command says why) if it exits first or does
+    not start in time."""
     path = connfile.conn_path(run_id)
     deadline = time.monotonic() + timeout
-    print("neurotop: starting the demo (importing torch)", end="", flush=True, file=sys.stderr)
-    while not path.exists():
+
+    def find() -> Endpoints | None:
         if proc.poll() is not None:
-            print(file=sys.stderr)
-            _die(f"the demo exited with code {proc.returncode} before it started"
-                 f" (its output: {log}):\n{log_tail(log)}")
-        if time.monotonic() > deadline:
-            print(file=sys.stderr)
-            _die(f"the demo did not start within {timeout:.0f} s")
-        print(".", end="", flush=True, file=sys.stderr)
-        time.sleep(0.25)
-    print(file=sys.stderr)
-    return connfile.read(path)
+            raise RunGone(f"the demo exited with code {proc.returncode} before it started;"
+                          f" its output: {log}")
+        if not path.exists():
+            if time.monotonic() > deadline:
+                raise RunGone(f"the demo did not start within {timeout:.0f} s; its output:"
+                              f" {log}")
+            return None
+        try:
+            return resolve(run_id)
+        except TargetError as e:
+            raise RunGone(str(e)) from e
+    return find
 
 
 def version() -> str:

@@ -12,6 +12,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 
 class CommandError(RuntimeError):
     """A command was rejected by the run, or no ack came in time."""
+
+
+class RunGone(RuntimeError):
+    """A run a pending client waited for will not start (its process exited)."""
 
 
 @dataclass
@@ -60,6 +65,9 @@ class LiveClient:
         """``backfill``: first load the run's history from its session file (a viewer
         attaching late sees the whole run); needs the control key."""
         self.endpoints = endpoints
+        self._find: Callable[[], Endpoints | None] | None = None
+        #: Why a pending client's run never started (``RunGone``); "" otherwise.
+        self.gone = ""
         self.store = store or RunStore()
         self.store.status.control = endpoints.key is not None and endpoints.control is not None
         self._backfill = Backfill(self) if backfill and self.can_control else None
@@ -69,6 +77,19 @@ class LiveClient:
         self._thread = threading.Thread(target=self._run, name="neurotop-client", daemon=True)
         self._sender = sender_id()
 
+    @classmethod
+    def pending(cls, find: Callable[[], Endpoints | None], starting: str, *,
+                backfill: bool = False) -> LiveClient:
+        """A client of a local run that is not listening yet (``neurotop demo`` while the
+        demo imports torch), so the UI can draw at once: the socket thread polls ``find``
+        until it returns the run's endpoints (they must carry its key: the run is ours to
+        control) or raises ``RunGone`` (then ``gone`` says why, and the UI closes); until
+        then the status bar says ``starting``."""
+        client = cls(Endpoints(telemetry="", control="", key=b""), backfill=backfill)
+        client._find = find
+        client.store.status.starting = starting
+        return client
+
     @property
     def can_control(self) -> bool:
         return self.store.status.control
@@ -77,8 +98,6 @@ class LiveClient:
         if self.endpoints.link is not None:
             self.endpoints.link.attach(self.store)
         self._thread.start()
-        if self.can_control:
-            self.command("schema").add_done_callback(self._on_schema_reply)
         return self
 
     def close(self) -> None:
@@ -115,7 +134,27 @@ class LiveClient:
 
     # -- the socket thread ------------------------------------------------------------------
 
+    def _wait_for_run(self) -> bool:
+        """A pending client's endpoints, polled every 0.1 s; False if it never came."""
+        while self._find is not None and not self._halt.is_set():
+            try:
+                found = self._find()
+            except RunGone as e:
+                self.gone = str(e)
+                self.store.set_status(starting=self.gone)
+                return False
+            if found is not None:
+                self.endpoints, self._find = found, None
+                self.store.set_status(control=found.key is not None and bool(found.control))
+                return True
+            self._halt.wait(0.1)
+        return not self._halt.is_set()
+
     def _run(self) -> None:
+        if not self._wait_for_run():
+            return
+        if self.can_control:
+            self.command("schema").add_done_callback(self._on_schema_reply)
         ctx = zmq.Context()
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)

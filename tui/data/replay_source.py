@@ -73,6 +73,8 @@ def describe_event(event: dict[str, Any]) -> str:
 class ReplaySource:
     """Plays a session file into a store; looks like a ``LiveClient`` that cannot control."""
 
+    gone = ""  # a recording is there from the start (``LiveClient.gone``)
+
     def __init__(self, path: str | Path) -> None:
         self.reader = SessionReader(path)  # a clear error now, before any UI starts
         self.path = Path(path)

@@ -130,6 +130,9 @@ class RunState:
     rec_dropped: int = 0  # messages the run's recorder dropped (from heartbeats)
     replay: bool = False  # showing a recorded session, not a live run
     backfill: str = ""  # a late attach's backfill: its progress, then what went wrong
+    #: What a viewer of a run not listening yet waits for (``neurotop demo`` while the demo
+    #: imports torch), or why it stopped waiting; shown until the first message.
+    starting: str = ""
     events: list[dict[str, Any]] = field(default_factory=list)
     #: Alerts raised by the run's detectors so far, by level ("warn", "critical").
     alerts: dict[str, int] = field(default_factory=dict)

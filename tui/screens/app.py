@@ -173,7 +173,11 @@ class NeurotopApp(ControlActions, App[None]):
 
     def redraw(self, force: bool = False) -> None:
         """Redraw only when the store, the connection state or the screen changed, and
-        only what the visible screen shows."""
+        only what the visible screen shows. A run that will never start (its process
+        exited first) closes the UI: the command then says why, with the run's output."""
+        if self.client.gone:
+            self.exit()
+            return
         key = (self.store.version, self.store.connection() + self.pending, self.stop_acked,
                self.screen_name, self.size)
         if (key == self._drawn and not force) or not self.query(StatusBar):

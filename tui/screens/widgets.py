@@ -131,11 +131,13 @@ class StatusBar(Static):
             mode = Text(" LIVE ", style="bold black on green")
         elif conn == "replay":
             mode = Text(" REPLAY ", style="bold black on cyan")
+        elif conn == "waiting" and s.starting:
+            mode = Text(" STARTING ", style="bold white on dark_orange")
         else:
             mode = Text(f" {conn.upper()} ", style="bold white on dark_orange")
         name = s.run_name or s.run_id or "neurotop"
         rate = "paused" if s.state == "paused" else (
-            "-" if conn == "ended" else f"{s.steps_per_s:.1f}")
+            "-" if conn in ("ended", "waiting") else f"{s.steps_per_s:.1f}")
         crit = s.alerts.get("critical", 0)
         n_alerts = sum(s.alerts.values())
         mode_parts: list[tuple[int, Text]] = [
@@ -160,6 +162,8 @@ class StatusBar(Static):
             mode_parts[0], mode_parts[1],
             (self.INFO, Text(rate_text)),
             (self.TROUBLE, Text(s.link, style="bold red")),
+            (self.MUST, Text(_cut(s.starting, max(room + len(name), 24))
+                             if conn == "waiting" else "", style="italic")),
             (self.TROUBLE, Text(reason, style="bold red" if auto else "yellow")),
             (self.TROUBLE, Text(pending, style="italic")),
             mode_parts[2], mode_parts[3],
