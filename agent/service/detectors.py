@@ -20,8 +20,8 @@ value and the alerts name the step it came at.
 
 Implemented: E1 massive activation, E2 dying layer, E3 explode/vanish (including non-finite
 values, global grad-norm spikes and a GradScaler that keeps skipping steps) and E8 loss
-spike. The other rows of section E need
-inputs the engine does not measure (logits, test accuracy, Hessians, attention maps).
+spike; with a head (``watch(head=)``, ``observe(logits=)``), E4 softmax collapse and E12
+overconfidence.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ _RANK = {WARN: 1, CRITICAL: 2}
 ALERTS: dict[str, str] = {
     "nonfinite": "E3", "massive_activation": "E1", "massive_growth": "E1",
     "dying_layer": "E2", "dead_jump": "E2", "explode_vanish": "E3", "grad_spike": "E3",
-    "loss_spike": "E8", "amp_skipping": "E3",
+    "loss_spike": "E8", "amp_skipping": "E3", "softmax_collapse": "E4",
+    "overconfidence": "E12",
 }
 
 
@@ -134,6 +135,16 @@ class AlertRules:
     #: rules judge each report's worst step since the previous report (``CARRY_SCALARS``),
     #: against the history of those worst values, and name that step.
     warmup: int = 10
+    #: E4 (with a head: ``watch(head=)`` or ``observe(logits=)``): critical as soon as a
+    #: row's softmax is exactly one-hot in the loss dtype (``head.collapse_frac`` > 0);
+    #: warn, ``persist`` reports in a row, when the 90th percentile of the top-1 margin
+    #: passes this fraction of the dtype's onset ln(2/eps) (float32 16.6, bfloat16 5.5),
+    #: below which no row can collapse.
+    margin_warn: float = 1.0
+    #: E12: mean output entropy below this fraction of ln(classes) ``persist`` reports in
+    #: a row, while the loss is still above the same level ("early in training": a model
+    #: sure of answers it has not learnt; once the loss is as low, confidence is earned).
+    overconf_entropy: float = 0.05
     #: Weight of the newest report in the running averages.
     ema: float = 0.1
     #: Alert names never to raise.
@@ -237,6 +248,7 @@ class Detectors:
             self._gain(step, col, layers, schema, found)
         self._spikes(step, values, found)
         self._skipping(step, values, found)
+        self._head(step, values, schema.get("head") or {}, found)
         self._reports += 1
         return self._settle(found)
 
@@ -262,9 +274,12 @@ class Detectors:
             v = values.get(name)
             if v is None:
                 continue
+            # The carry saw every step's value and none was non-finite: a NaN here is a
+            # value not measured at the report (an optimizer attached after its step).
+            clean = at == -1
             if math.isfinite(v):
                 self._seen_finite.add(name)
-            elif math.isinf(v) or name in self._seen_finite:
+            elif math.isinf(v) or (name in self._seen_finite and not clean):
                 alerts.append(Alert("nonfinite", CRITICAL, f"non-finite {name} ({v})", step,
                                     value=v))
         bad = np.zeros(len(layers), dtype=bool)
@@ -479,6 +494,40 @@ class Detectors:
                 "amp_skipping", WARN, f"the GradScaler skipped {missed:.0f} of the last"
                 f" {missed + stepped:.0f} steps ({frac:.0%}; loss scale {scale:.3g})", step,
                 value=frac), r.persist)
+
+    def _head(self, step: int, values: dict[str, float], head: dict[str, Any],
+              found: dict[tuple[str, str], _Condition]) -> None:
+        """E4 softmax collapse and E12 overconfidence, from the head statistics."""
+        r, name = self.rules, str(head.get("name", "logits"))
+        dtype, onset = head.get("dtype", "float32"), float(head.get("margin_onset", math.nan))
+        sc, m90 = values.get("head.collapse_frac", math.nan), values.get("head.margin_p90",
+                                                                          math.nan)
+        zero = values.get("head.zero_loss_frac", math.nan)
+        zeros = f"; {zero:.1%} of the rows have a loss of exactly 0" if zero > 0 else ""
+        if sc > 0:
+            self._add(found, Alert(
+                "softmax_collapse", CRITICAL,
+                f"head {name!r}: {sc:.1%} of the rows have a softmax that is exactly one-hot"
+                f" in {dtype}{zeros}: their gradient is 0 and only the logits' scale still"
+                f" grows; try: add weight decay (`set weight_decay 0.1`) or a float64 loss",
+                step, name, sc), 1)
+        elif m90 >= r.margin_warn * onset:
+            self._add(found, Alert(
+                "softmax_collapse", WARN,
+                f"head {name!r}: 10% of the rows have a top-1 margin of {m90:.3g} or more,"
+                f" past {onset:.3g} where a {dtype} softmax can round to one-hot; try: add"
+                f" weight decay (`set weight_decay 0.1`)", step, name, m90), r.persist)
+        classes = float(head.get("classes", 0))
+        entropy, loss = values.get("head.entropy", math.nan), values.get("loss", math.nan)
+        low = r.overconf_entropy * math.log(classes) if classes > 1 else math.nan
+        if entropy < low and loss > low:
+            self._add(found, Alert(
+                "overconfidence", WARN,
+                f"head {name!r}: mean output entropy {entropy:.3g} nats is under"
+                f" {r.overconf_entropy:g} x ln {classes:.0f} while the loss is {loss:.3g}:"
+                f" the model is sure of answers it has not learnt; try: lower lr, label"
+                f" smoothing, or a softmax temperature above 1", step, name, entropy),
+                r.persist)
 
     # -- incidents ---------------------------------------------------------------------
 
