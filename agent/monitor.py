@@ -31,6 +31,7 @@ from neurotop.service.detectors import AlertRules, Detectors, alert_rules
 from neurotop.service.finalize import (
     AMP_SCALARS,
     BUILTIN_SCALARS,
+    HEAD_SCALARS,
     HOST_SCALARS,
     PendingReport,
     Report,
@@ -44,6 +45,7 @@ from neurotop.training.checkpoint import Checkpointer
 from neurotop.training.collector import LayerCollector
 from neurotop.training.compiled import EagerReports
 from neurotop.training.distributed import Job, in_job
+from neurotop.training.head import HeadHook, HeadStats, head_add
 from neurotop.training.hooks import Call, ForwardStart, InputHook, LayerHook
 from neurotop.training.knobs import Knobs, UserKnob
 from neurotop.training.layers import select_layers
@@ -92,7 +94,7 @@ class Monitor:
                  raise_on_stop: bool = False, scaler: Any = None,
                  record: bool | str | os.PathLike | None = True, distributed: bool = True,
                  on_alert: Callable[[dict[str, Any]], None] | None = None,
-                 **options: Any) -> None:
+                 head: str | nn.Module | None = None, **options: Any) -> None:
         check_bind(bind_host, curve)  # before any hook is registered
         rules = alert_rules(alerts)
         check_timeout(auto_pause_timeout)
@@ -137,6 +139,8 @@ class Monitor:
             [(n, p) for n, p in model.named_parameters() if p.requires_grad],
             self.config.param_stats, self.config.sample)
         self._observed: dict[str, Any] = {}
+        self._head, self._head_structure = self._head_of(head), 0  # before any thread starts
+        self._head_hooked = head is not None
         self._carry = StepCarry()  # loss and grad norm of every step, on the device
         self._observed_window: dict[str, list[Any]] = {}  # every call in a report step
         self._user_scalars: list[str] = []
@@ -189,6 +193,7 @@ class Monitor:
         self._measure = torch.compiler.disable(self.collector.on_output)
         self._count = torch.compiler.disable(self._count_samples)
         self._forward_started = torch.compiler.disable(self.collector.forward_started)
+        self._head_add = torch.compiler.disable(lambda out: head_add(self._head, out))
         self._structure = 0  # the collector's ``structure`` the schema was built from
         # Module-level hook classes: a deep copy or a pickle of the model gets inert ones.
         roots = {s.name: self._root_of(s.name) for s in self._specs}
@@ -200,6 +205,10 @@ class Monitor:
         # model's training forwards, sparing a second graph break under torch.compile.
         self._handles += [m.register_forward_pre_hook(ForwardStart(self, m))
                           for m in self._models[0 if self._measure_eval else 1:]]
+        if head is not None:
+            module = head if isinstance(head, nn.Module) else self.model.get_submodule(head)
+            self._handles.append(module.register_forward_hook(
+                HeadHook(self, self._root_of(self._head.name))))
         if not self._watched:  # gradients as accumulated, for ``step()``
             self._handles += self._manual_stats.accumulate_hooks(
                 lambda: self._active and not self._watched, self._loss_scale)
@@ -215,7 +224,8 @@ class Monitor:
             run_dir=str(self.recorder.path.parent) if self.recorder else "",
             rank=self.job.rank if self.job else 0,
             world_size=self.job.world_size if self.job else 1,
-            local_rank=self.job.local_rank if self.job else 0, job_control=self.controller.leader)
+            local_rank=self.job.local_rank if self.job else 0, job_control=self.controller.leader,
+            relays=[self.service.relay.endpoint] if self.service.relay else [])
         self.connection_file = connfile.write(self.connection)
         atexit.register(self.close)
         self._signals = SignalGuard(self.close)
@@ -224,8 +234,14 @@ class Monitor:
 
     # -- user API -----------------------------------------------------------------------
 
-    def observe(self, loss: torch.Tensor | float | None = None, **scalars: Any) -> None:
+    def observe(self, loss: torch.Tensor | float | None = None, *,
+                logits: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                **scalars: Any) -> None:
         """Hand over this step's loss (a tensor is fine: it is not read until the report).
+        ``logits`` (``[..., classes]``, without ``watch(head=)``) and ``targets`` (class
+        indices, one per row of the head's logits in this step's calls) feed the head
+        statistics (``neurotop.training.head``); read on report steps only, dropped on the
+        others. ``train_acc`` and ``test_acc`` are user scalars the detectors read by name.
         Called several times in one optimizer step (once per micro-batch under gradient
         accumulation), the report gets the mean of that step's values, reduced on the
         device at the report; on other steps only the last value is kept. Every loss is
@@ -233,6 +249,20 @@ class Monitor:
         report carries the window's largest and its first non-finite one, with their steps."""
         if loss is not None:
             scalars["loss"] = loss
+        if logits is not None and self._head_hooked:
+            raise ValueError("observe(logits=) is for runs without watch(head=...): the"
+                             " head's hook reads them already")
+        if logits is not None and self._head is None:
+            self._head = HeadStats("logits")
+            self._schema_id += 1
+        if targets is not None and self._head is None:
+            raise ValueError("observe(targets=) needs the head's logits: watch(head=NAME)"
+                             " or observe(logits=..., targets=...)")
+        if self._active and self._head is not None:
+            if logits is not None:
+                self._head.add(logits)
+            if targets is not None:
+                self._head.add_targets(targets)
         for k, v in scalars.items():
             if k not in BUILTIN_SCALARS and k not in self._user_scalars:
                 self._user_scalars.append(k)
@@ -445,6 +475,8 @@ class Monitor:
         elif self._active:
             self.collector.discard()
             self._observed_window.clear()
+            if self._head is not None:
+                self._head.discard()
             for w in self._watched:
                 w.stats.discard()
         elif n + 1 >= STUCK and (n + 1 - STUCK) % every == 0:
@@ -454,6 +486,23 @@ class Monitor:
             self._start_window()
         self._sync_hooks()
         self.controller.at_boundary(self.step)
+
+    def _head_of(self, head: str | nn.Module | None) -> HeadStats | None:
+        """``watch(head=)``: a module of the model, or its ``named_modules()`` path."""
+        if head is None:
+            return None
+        if isinstance(head, nn.Module):
+            name = next((n for n, m in self.model.named_modules() if m is head), None)
+            if name is None:
+                raise ValueError("head= must be a module of the watched model")
+            return HeadStats(name)
+        if not isinstance(head, str):
+            raise TypeError(f"head= takes a module or its name, not {head!r}")
+        try:
+            self.model.get_submodule(head)
+        except AttributeError:
+            raise ValueError(f"head={head!r}: no such module in the model") from None
+        return HeadStats(head)
 
     def _root_of(self, layer: str) -> nn.Module:
         """The user's model a layer belongs to (whose train/eval mode counts)."""
@@ -473,6 +522,9 @@ class Monitor:
         parts, meta = self.collector.pack(dev, self._loss_scale())
         if self.collector.structure != self._structure:  # activations or calls changed
             self._structure = self.collector.structure
+            self._schema_id += 1
+        if self._head is not None and self._head.structure != self._head_structure:
+            self._head_structure = self._head.structure  # classes or loss dtype changed
             self._schema_id += 1
         pblock = self._param_block(dev)
         if pblock is not None:
@@ -521,6 +573,8 @@ class Monitor:
             out["loss_scale"] = self.amp.scale()
             out["skipped_steps"] = float(self.amp.skipped)
         out.update(self._carry.take())
+        if self._head is not None:
+            out.update(self._head.take(dev))
         out["steps_per_s"] = rate
         out["samples_per_s"] = rate * self._samples if self._samples else float("nan")
         if dev.type == "cuda":
@@ -531,8 +585,9 @@ class Monitor:
     def _scalar_names(self) -> list[str]:
         per_opt = [f"grad_norm.{w.name}" for w in self._watched] if len(self._watched) > 1 else []
         amp = AMP_SCALARS if self.amp is not None else ()
-        return [*BUILTIN_SCALARS, *self._user_scalars, *self.optimizers.lr_names(), *per_opt,
-                *amp, *HOST_SCALARS]
+        head = HEAD_SCALARS if self._head is not None else ()
+        return [*BUILTIN_SCALARS, *self._user_scalars, *head, *self.optimizers.lr_names(),
+                *per_opt, *amp, *HOST_SCALARS]
 
     def _param_block(self, dev: torch.device) -> torch.Tensor | None:
         """This window's ``[params x PARAM_STATS]``: each optimizer's rows from its first
@@ -579,6 +634,7 @@ class Monitor:
                 "hist_layers": [s.name for s in self._specs if s.hist],
                 "hist_edges": hist_edges(c.hist_exponents).tolist(),
                 "hist_every": c.hist_every, "report_every": self.report_every,
+                "head": self._head.schema() if self._head is not None else None,
                 "config": c.to_dict(), "start_time": self.start_time, "pid": os.getpid()}
 
     def _param_names(self) -> list[str]:
@@ -619,9 +675,11 @@ def watch(model: Models, optimizer: Optimizers = None, **kwargs: Any) -> Monitor
     detectors' thresholds, ``auto_pause_alerts=("dying_layer",)`` pauses on more alerts,
     ``auto_pause_timeout=S`` snapshots and stops a run nobody resumes S s after an
     auto-pause; ``scaler=`` a ``torch.amp.GradScaler``: unscaled gradient statistics,
-    ``loss_scale``, ``skipped_steps``; ``on_alert=fn``: ``fn(alert_dict)`` for every alert,
-    on the agent thread (keep it quick; what it raises is logged, never fatal). Under an
-    initialized ``torch.distributed`` group of several ranks, call it on every rank: they
-    join one job (one run id; commands to rank 0 land on every rank at the same step);
-    ``distributed=False`` watches this rank alone."""
+    ``loss_scale``, ``skipped_steps``; ``head="lm_head"`` (a module or its path): its
+    logits' softmax-collapse fraction, margin, entropy (``HEAD_SCALARS``, report steps only;
+    ``observe(targets=y)`` adds the zero-loss fraction); ``on_alert=fn``: ``fn(alert_dict)``
+    for every alert, on the agent thread (keep it quick; what it raises is logged, never
+    fatal). Under an initialized ``torch.distributed`` group of several ranks, call it on
+    every rank: they join one job (one run id; commands to rank 0 land on every rank at the
+    same step); ``distributed=False`` watches this rank alone."""
     return Monitor(model, optimizer, **kwargs)

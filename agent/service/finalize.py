@@ -38,6 +38,12 @@ CARRY_SCALARS = ("loss_max", "loss_max_step", "loss_nonfinite_step", "grad_norm_
 #: (measured on the host).
 BUILTIN_SCALARS = ("loss", "grad_norm", "first_nonfinite", *CARRY_SCALARS)
 HOST_SCALARS = ("steps_per_s", "samples_per_s", "mem_device", "mem_device_peak", "mem_host")
+#: With a head (``watch(head=...)`` or ``observe(logits=...)``, ``neurotop.training.head``),
+#: after the user's scalars: the fraction of rows whose softmax is one-hot in the loss dtype
+#: (E4), the top-1 minus top-2 logit margin's quantiles, the mean output entropy (nats) and,
+#: with ``observe(targets=...)``, the fraction of rows whose loss is exactly 0.
+HEAD_SCALARS = ("head.collapse_frac", "head.margin_p10", "head.margin_p50", "head.margin_p90",
+                "head.entropy", "head.zero_loss_frac")
 #: With ``watch(scaler=...)``, after the learning rates: the GradScaler's loss scale at the
 #: report step (the one its backward used) and the steps it skipped since ``watch``.
 AMP_SCALARS = ("loss_scale", "skipped_steps")

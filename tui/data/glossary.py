@@ -45,6 +45,12 @@ STATISTICS: dict[str, tuple[str, str]] = {
     "mem_device": ("device memory allocated", "flat after warm-up"),
     "mem_device_peak": ("peak device memory", "below the device's"),
     "mem_host": ("resident host memory", "flat; rising: a leak"),
+    "head.collapse_frac": ("rows with a one-hot softmax", "0 (> 0: collapse, E4)"),
+    "head.margin_p10": ("top-1 minus top-2 logit, p10", "below the dtype's onset"),
+    "head.margin_p50": ("top-1 minus top-2 logit, p50", "below the dtype's onset"),
+    "head.margin_p90": ("top-1 minus top-2 logit, p90", "fp32 < 16.6, bf16 < 5.5"),
+    "head.entropy": ("mean output entropy, nats", "falls with the loss"),
+    "head.zero_loss_frac": ("rows whose loss is exactly 0", "0"),
     "loss_scale": ("GradScaler's loss scale", "steady; falling: overflows"),
     "skipped_steps": ("steps GradScaler skipped", "a few early, then flat"),
 }
@@ -61,6 +67,8 @@ ALERT_HINTS: dict[str, str] = {
     "grad_spike": "clip gradients or lower lr; check that batch",
     "loss_spike": "lower lr or clip gradients; check that batch",
     "amp_skipping": "loss scale overflows: lower lr, or use bf16",
+    "softmax_collapse": "add weight decay: `set weight_decay 0.1`",
+    "overconfidence": "lower lr; label smoothing; temperature > 1",
 }
 
 #: What the feed says for an alert this table does not know (a newer agent's).
