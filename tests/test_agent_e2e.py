@@ -94,7 +94,8 @@ def test_control_refuses_wrong_key_and_unknown_commands(start_run):
         wait_until(lambda: owner.store.status.step > 3, what="steps")
         s = owner.store.status.step
         wait_until(lambda: owner.store.status.step > s + 3, what="training still running")
-        assert owner.store.status.state == "running"
+        # a heartbeat says so within SUBSCRIBE_RESEND_S of subscribing (coalesced)
+        wait_until(lambda: owner.store.status.state == "running", what="state running")
     finally:
         intruder.close()
         owner.close()
