@@ -626,6 +626,7 @@ class Monitor:
         return {"schema_id": self._schema_id, "run_name": self.name, "layers": self._layers,
                 "layer_types": [s.type_name for s in self._specs],
                 "blocks": [s.name for s in self._specs if s.kind == "block"],
+                "models": list(self.model.keys()) if len(self._models) > 1 else [],
                 "activations": list(self.collector.activations),
                 "calls": list(self.collector.calls),
                 "stats": list(c.stats), "scalars": self._scalar_names(),

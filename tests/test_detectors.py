@@ -190,6 +190,26 @@ def test_explode_vanish_from_the_depth_profile():
     assert det.check(1, exploding, ok, blocks) == []
 
 
+def test_explode_vanish_judges_each_model_of_a_gan_on_its_own():
+    """Two watched models (a GAN) are two networks: G's layers and D's do not form one
+    chain, so a signal that differs between them is no drift; a drift within one is."""
+    layers = [f"{m}.{n}" for m in ("G", "D") for n in ("fc0", "fc1", "fc2", "fc3")]
+    schema = {"layers": layers, "layer_types": ["Linear"] * 8, "blocks": [], "stats": STATS,
+              "scalars": SCHEMA["scalars"], "models": ["G", "D"]}
+    col = STATS.index("grad_rms")
+    b = np.zeros((8, len(STATS)), np.float32)
+    b[:, STATS.index("rms")] = 1.0
+    b[:4, col], b[4:, col] = 1e-6, 1e-2  # G's loss is not D's: 10,000x apart, each flat
+    ok = scalars()
+    det = Detectors(AlertRules(persist=1))
+    assert det.check(1, b, ok, schema) == []
+    assert det.check(1, b, ok, dict(schema, models=[])) != []  # as one stack it would fire
+    b[4:, col] = 1e-2 * 6.0 ** -np.arange(4)[::-1]  # D's own signal vanishes towards its input
+    [alert] = [a for a in Detectors(AlertRules(persist=1)).check(1, b, ok, schema)
+               if a.level == "warn"]
+    assert "(D.fc0 .. D.fc3)" in alert.message
+
+
 def test_rules_are_validated_and_can_be_switched_off():
     with pytest.raises(AlertRulesError, match="unknown alert rule.*'dead_limit'"):
         alert_rules({"dead_limit": 0.5})

@@ -391,10 +391,15 @@ class Detectors:
         """Criticality: the chain's activation RMS and backprop signal should neither grow
         nor shrink layer after layer. The activation rule skips residual blocks, whose
         stream grows by design."""
+        for model, (chain, what) in _chains(layers, schema).items():
+            if len(chain) >= self.rules.gain_min_layers:
+                self._gain_of(step, col, layers, chain, what, model, found)
+
+    def _gain_of(self, step: int, col: dict[str, np.ndarray], layers: list[str],
+                 chain: list[int], what: str, model: str,
+                 found: dict[tuple[str, str], _Condition]) -> None:
+        """``_gain`` on one model's chain (``model``: "" for a single model)."""
         r = self.rules
-        chain, what = _chain(layers, schema)
-        if len(chain) < r.gain_min_layers:
-            return
         checks = [("grad_rms", "backprop signal RMS(dL/dh)")]
         if what != "blocks":
             checks.append(("rms", "activation RMS"))
@@ -415,7 +420,7 @@ class Detectors:
                     "explode_vanish", WARN,
                     f"{label} {trend} {math.exp(abs(g)):.2f}x per layer, {span:.3g}x over"
                     f" {len(chain)} {what} ({layers[chain[0]]} .. {layers[chain[-1]]})",
-                    step, "", g), r.persist, key=stat)
+                    step, "", g), r.persist, key=f"{stat}{model}")
             if stat == "grad_rms":
                 span = float(v[0] / v[-1])
                 if not 1 / r.signal_span <= span <= r.signal_span:
@@ -423,7 +428,7 @@ class Detectors:
                         "explode_vanish", CRITICAL,
                         f"backprop signal at {layers[chain[0]]} is {span:.3g}x the one at"
                         f" {layers[chain[-1]]}", step, "", span),
-                        r.persist, key="span")
+                        r.persist, key=f"span{model}")
 
     def _spikes(self, step: int, values: dict[str, float],
                 found: dict[tuple[str, str], _Condition]) -> None:
@@ -570,6 +575,24 @@ def _worst(values: dict[str, float], name: str, step: int) -> tuple[float, int]:
 def _scalars(scalars: np.ndarray, schema: dict[str, Any]) -> dict[str, float]:
     names = list(schema.get("scalars", []))
     return {n: float(scalars[i]) for i, n in enumerate(names) if i < len(scalars)}
+
+
+def _chains(layers: list[str], schema: dict[str, Any]) -> dict[str, tuple[list[int], str]]:
+    """Each watched model's chain (``_chain``): a GAN's generator and discriminator are two
+    networks, each with its own depth profile, not one stack (``models``: the schema's
+    model names when there are several; their layers are named ``MODEL.path``)."""
+    models = [m for m in schema.get("models") or [] if isinstance(m, str)]
+    if len(models) < 2:
+        return {"": _chain(layers, schema)}
+    out = {}
+    for m in models:
+        keep = [i for i, n in enumerate(layers) if n.startswith(f"{m}.")]
+        sub = {"blocks": [b for b in schema.get("blocks", []) if b.startswith(f"{m}.")],
+               "layer_types": [schema.get("layer_types", [""] * len(layers))[i] for i in keep]
+               if len(schema.get("layer_types", [])) == len(layers) else []}
+        chain, what = _chain([layers[i] for i in keep], sub)
+        out[m] = ([keep[i] for i in chain], what)
+    return out
 
 
 def _chain(layers: list[str], schema: dict[str, Any]) -> tuple[list[int], str]:
