@@ -166,7 +166,7 @@ def test_one_job_pause_set_resume_and_stop_land_on_every_rank_at_one_step(start_
     assert r0.world_size == r1.world_size == 2 and r1.local_rank == 1
     assert r1.telemetry != r0.telemetry and r1.job_control == r0.job_control == r0.control
     listed = json.loads(neurotop("ls", "--json").stdout)
-    assert sorted(r["rank"] for r in listed if r["run_id"] == r0.run_id) == [0, 1]
+    assert [r["ranks"] for r in listed if r["run_id"] == r0.run_id] == [[0, 1]]  # one row
     with Subscriber(r1.telemetry) as sub:  # every message names its rank in the job
         h = sub.ready(60).msgs[0].header
     assert (h["run"], h["rank"], h["world_size"], h["local_rank"]) == (r0.run_id, 1, 2, 1)

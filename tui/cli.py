@@ -124,19 +124,38 @@ def _when(t: object) -> float:
     return float(t) if ok and 0 <= t < 1e11 else 0.0
 
 
+def job_rows(live: list[connfile.ConnectionInfo]) -> list[dict]:
+    """One row per run, newest first: a job's is its lowest rank's connection file (rank 0
+    on the head node: the job's control and relays) with ``ranks``, every rank seen, and
+    ``nodes``, their hosts; ``telemetry`` is its first relay, the one endpoint to watch."""
+    jobs: dict[str, list[connfile.ConnectionInfo]] = {}
+    for r in live:
+        jobs.setdefault(r.run_id, []).append(r)
+    rows = []
+    for members in jobs.values():
+        head = min(members, key=lambda m: m.rank)
+        row = {k: v for k, v in vars(head).items() if k != "key"}
+        row.update(ranks=sorted(m.rank for m in members),
+                   nodes=sorted({m.host for m in members}))
+        if head.relays:
+            row["telemetry"] = head.relays[0]
+        rows.append(row)
+    return rows
+
+
 def list_runs() -> list[dict]:
-    """Live runs (newest first), then recorded sessions of runs that ended (newest first)."""
+    """Live runs (newest first; a job is one row), then recorded sessions of runs that ended
+    (newest first)."""
     rows: list[dict] = []
     live_ids = set()
-    for r in connfile.live_runs():
-        row = {k: v for k, v in vars(r).items() if k != "key"}
-        session = Path(r.run_dir) / runs.SESSION_FILE if r.run_dir else None
+    for row in job_rows(connfile.live_runs()):
+        session = Path(row["run_dir"]) / runs.SESSION_FILE if row["run_dir"] else None
         summary = _session_summary(session) if session and session.is_file() else None
         row.update(state="live", session=str(session) if summary else "",
                    **{k: summary[k] if summary else None
                       for k in ("steps", "size", "duration_s", "loss")})
         rows.append(row)
-        live_ids.add(r.run_id)
+        live_ids.add(row["run_id"])
     ended = [s for p in runs.session_files() if (s := _session_summary(p)) is not None]
     for s in sorted(ended, key=lambda s: s["start_time"], reverse=True):
         if s["run_id"] not in live_ids:
@@ -176,9 +195,8 @@ def _finite(x: object) -> bool:
 def cmd_ls(args: argparse.Namespace) -> None:
     if args.target:
         live, where = _remote_runs(args.target)
-        rows = [{**{k: v for k, v in vars(r).items() if k != "key"}, "state": "live",
-                 "session": "", "steps": None, "size": None, "duration_s": None,
-                 "loss": None} for r in live]
+        rows = [{**r, "state": "live", "session": "", "steps": None, "size": None,
+                 "duration_s": None, "loss": None} for r in job_rows(live)]
         empty = f"no live runs {where}"
     else:
         rows = list_runs()
@@ -198,6 +216,9 @@ def cmd_ls(args: argparse.Namespace) -> None:
         steps = "-" if r["steps"] is None else str(r["steps"])
         loss = "-" if r["loss"] is None else f"{r['loss']:.4g}"
         where = r["telemetry"] if r["state"] == "live" else r["session"]
+        if len(r.get("ranks", ())) > 1:  # a job: one row, its ranks and nodes after
+            nodes = len(r["nodes"])
+            where += f"  (job: {len(r['ranks'])} ranks, {nodes} node{'s' * (nodes > 1)})"
         print(f"{r['run_id']:<24} {str(r['name'])[:16]:<16} {started:<19}"
               f" {_span(r['duration_s']):>8} {steps:>9} {loss:>9}"
               f" {_size(r['size']):>9}  {r['state']:<7} {where}")
@@ -223,35 +244,51 @@ def _report_problems(source) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    source = _open_session(args.file)
-    print(f"neurotop: loading {source.path} ({_size(source.reader.size)})", file=sys.stderr)
-    source.start()
-    if args.step is not None:
-        source.seek_step(args.step).result(10)
-    from neurotop.tui.screens.replay_app import ReplayApp
-
+    sources = []
     try:
-        ReplayApp(source).run()
+        for target in args.file:  # every one opened (a clear error) before any loads
+            sources.append(_open_session(target))
+        for source in sources:
+            print(f"neurotop: loading {source.path} ({_size(source.reader.size)})",
+                  file=sys.stderr)
+            if len(ranks := runs.rank_sessions(source.path)) > 1:
+                print(f"neurotop: a job of {len(ranks)} ranks (ranks {', '.join(map(str, ranks))}"
+                      f" in {source.path.parent}): this is rank 0; replay rank r with"
+                      f" neurotop replay {source.path.parent}/session-r<r>.ntop, export writes"
+                      " every rank", file=sys.stderr)
+            source.start()
+        if args.step is not None:
+            sources[0].seek_step(args.step).result(10)
+        from neurotop.tui.data.compare import Comparison
+        from neurotop.tui.screens.replay_app import ReplayApp
+
+        ReplayApp(sources[0], Comparison(sources) if len(sources) > 1 else None).run()
     finally:
-        source.close()
-        _report_problems(source)
+        for source in sources:
+            source.close()
+            _report_problems(source)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from neurotop.tui.data.export import export_csv, export_parquet
+    from neurotop.tui.data.export import export_csv, export_job, export_parquet
 
     if args.parquet is not None and importlib.util.find_spec("pyarrow") is None:
         _die(NEEDS_PYARROW)
     out, export = (args.csv, export_csv) if args.csv is not None else (args.parquet,
                                                                          export_parquet)
     source = _open_session(args.file)
+    # A job's run directory: every rank's session, in tables with a ``rank`` column.
+    sources = {0: source} | {rank: _open_session(str(p)) for rank, p
+                             in runs.rank_sessions(source.path).items() if rank}
     try:
-        paths = export(source, out)
+        paths = export_job(sources, out, export) if len(sources) > 1 else export(source, out)
     except OSError as e:
         _die(f"cannot write {out}: {e}")
     finally:
-        source.close()
-    _report_problems(source)
+        for s in sources.values():
+            s.close()
+    for s in sources.values():
+        _report_problems(s)
     for p in paths:
         print(p)
 
@@ -297,7 +334,7 @@ CTL_COMMANDS = ("pause", "resume", "step", "set", "knobs", "snapshot", "stop")
 CTL_USAGE = ("usage: neurotop ctl TARGET COMMAND [ARG ...] [--json] [--timeout S]; commands:"
              " pause, resume, step N, set KNOB VALUE, knobs, snapshot, stop")
 ACK_FIELDS = ("id", "cmd", "ok", "step", "old", "new", "until", "applied_to", "pinned",
-              "knobs")
+              "knobs", "ranks")
 
 
 def ctl_args(command: str, words: list[str]) -> dict:
@@ -599,8 +636,11 @@ def _main(argv: list[str] | None) -> None:
     c.add_argument("--timeout", type=float, default=10.0)
     c.set_defaults(func=cmd_ctl)
 
-    r = sub.add_parser("replay", help="replay a recorded session in the same UI, with a timeline")
-    r.add_argument("file", help="a session file, a run directory, or a recorded run's id")
+    r = sub.add_parser("replay", help="replay a recorded session in the same UI, with a timeline;"
+                       " several: compare them")
+    r.add_argument("file", nargs="+", help="a session file, a run directory, or a recorded"
+                   " run's id; more than one overlays them, aligned by step (the first is"
+                   " the reference)")
     r.add_argument("--step", type=int, help="open at this step (default: the end)")
     r.set_defaults(func=cmd_replay)
 

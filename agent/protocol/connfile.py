@@ -72,6 +72,10 @@ class ConnectionInfo:
     #: In a job: rank 0's control endpoint, the one that takes the job's commands (this
     #: file's own ``control`` answers read-only requests only); empty: ``control`` does.
     job_control: str = ""
+    #: In a job: the node relays' telemetry endpoints (``neurotop.service.relay``), in the
+    #: file of each node's local rank 0, that node's first. A viewer of the job subscribes
+    #: to these, not to each rank's ``telemetry``.
+    relays: list[str] = field(default_factory=list)
     protocol: int = 1
     signature_scheme: str = "hmac-sha256"
     run_dir: str = ""
@@ -132,6 +136,10 @@ def _time(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _texts(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= 1 << 16 and all(isinstance(x, str) for x in v)
+
+
 def _hex(v: Any) -> bool:
     return isinstance(v, str) and re.fullmatch(r"(?:[0-9a-fA-F]{2})*", v) is not None
 
@@ -146,6 +154,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "world_size": (_int_in(1, 1 << 20), "an integer >= 1"),
     "local_rank": (_int_in(0, 1 << 20), "an integer >= 0"),
     "protocol": (_int_in(0, 1 << 20), "an integer >= 0"),
+    "relays": (_texts, "a list of strings"),
 }
 
 
@@ -234,11 +243,12 @@ def find(target: str | None) -> ConnectionInfo:
 
 def pick(runs: list[ConnectionInfo], target: str | None, where: str) -> ConnectionInfo:
     """The run ``target`` names among ``runs`` (newest first; ``None``: the newest); ``where``
-    ends the error messages (which machine, which directory)."""
+    ends the error messages (which machine, which directory). A job's lowest rank here (rank
+    0 on its head node): the one whose file names the job's control and relay."""
     if not target:
         if not runs:
             raise LookupError(f"no live neurotop run {where}")
-        return runs[0]
+        return min((r for r in runs if r.run_id == runs[0].run_id), key=lambda r: r.rank)
     hits = [r for r in runs if r.run_id == target] or [
         r for r in runs if r.run_id.startswith(target) or r.run_id.endswith(target)]
     if not hits:

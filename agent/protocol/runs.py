@@ -98,6 +98,20 @@ def find_session(target: str) -> Path:
                       + ", ".join(h.parent.name for h in hits))
 
 
+def rank_sessions(session: Path) -> dict[int, Path]:
+    """The session files of every rank recorded beside ``session`` in one run directory
+    (a job's: rank 0's ``session.ntop``, rank r's ``session-r<r>.ntop``), by rank; a run
+    of one process: ``{0: session}``."""
+    found = {0: session}
+    if session.name != SESSION_FILE:
+        return found
+    for p in session.parent.glob("session-r*.ntop"):
+        digits = p.name[len("session-r"):-len(".ntop")]
+        if digits.isdigit() and int(digits) > 0 and p.is_file():
+            found[int(digits)] = p
+    return dict(sorted(found.items()))
+
+
 def _regular(p: Path) -> Path:
     """``p`` if it is a regular file: opening a FIFO would block, reading a device (such as
     ``/dev/zero``) would never end. ``OSError`` or ``ValueError`` otherwise."""

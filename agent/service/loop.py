@@ -30,6 +30,7 @@ from neurotop.service.finalize import Report
 from neurotop.service.gate import Gate, Refusal, Request
 from neurotop.service.history import HistoryServer
 from neurotop.service.recorder import Recorder
+from neurotop.service.relay import Relay
 from neurotop.service.system import SystemSampler
 from neurotop.service.wakeup import Wakeup
 
@@ -87,6 +88,8 @@ class AgentService(threading.Thread):
         self._schema_sent_at = self._hb_sent_at = -SUBSCRIBE_RESEND_S  # time.monotonic()
         self.dropped = 0
         self.telemetry_endpoint = self.control_endpoint = ""
+        #: Local rank 0 of a job hosts its node's relay (``neurotop.service.relay``).
+        self.relay: Relay | None = None
         self._error: BaseException | None = None
 
     # -- called from the training thread ------------------------------------------------
@@ -122,6 +125,8 @@ class AgentService(threading.Thread):
         try:
             self._serve()
         finally:
+            if self.relay is not None:
+                self.relay.stop()
             self.system.close()
             self.wakeup.close()  # its only reader is gone; a late ring now fails quietly
 
@@ -145,6 +150,9 @@ class AgentService(threading.Thread):
                 self._curve.make_server(router)
             port = router.bind_to_random_port(f"tcp://{self._bind_host}")
             self.control_endpoint = f"tcp://{self._bind_host}:{port}"
+            if self._identity.get("world_size", 1) > 1 and \
+                    self._identity.get("local_rank") == 0:
+                self._start_relay()
         except BaseException as e:  # reported to the starting thread
             self._error = e
             self._ready.set()
@@ -158,6 +166,18 @@ class AgentService(threading.Thread):
             pub.close()
             router.close()
             ctx.term()
+
+    def _start_relay(self) -> None:
+        """The node's relay; without it (its socket could not bind) each rank's own
+        telemetry still serves viewers, so the job goes on and the log says why."""
+        relay = Relay(self.run_id, own=self.telemetry_endpoint, host=self._identity.get("host"),
+                      own_curve=self._curve.public if self._curve else "")
+        try:
+            relay.start()
+        except RuntimeError as e:
+            log.warning("%s; viewers connect to each rank instead", e)
+            return
+        self.relay = relay
 
     def _loop(self, pub: zmq.Socket, router: zmq.Socket) -> None:
         poller = zmq.Poller()

@@ -4,9 +4,9 @@ it plants, what it writes down for the test to check against, and how ``watch`` 
 Models (``--model``): ``relu`` (default), ``Linear(16, 32) ReLU Linear(32, 32) Tanh
 Linear(32, 4)`` with five planted dead units (rows of the first layer that can never be
 positive); ``dropout``, ``Linear ReLU Dropout Linear ReLU Dropout Linear`` (64 wide), for the
-dropout knob. Either way, SGD (lr 0.05, weight decay 1e-4) on seeded data labelled by a
-fixed linear teacher, a user knob ``temperature`` that divides the logits, and layer ``1``
-a ReLU.
+dropout knob. Either way, SGD (lr 0.05, or ``--lr``; weight decay 1e-4) on seeded data
+labelled by a fixed linear teacher, a user knob ``temperature`` that divides the logits, and
+layer ``1`` a ReLU.
 
 What it plants: ``--massive`` (relu model) gives one unit of layer ``2`` a bias of 300, a
 massive activation; ``--nan-at STEP`` writes NaN into three elements of layer ``2``'s
@@ -68,10 +68,11 @@ def main() -> None:
     p.add_argument("--dump", type=Path)
     p.add_argument("--dump-steps", type=int, default=30)
     p.add_argument("--config", default="{}", help="neurotop.watch options as JSON")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD's learning rate")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = build(args.model, args.massive)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(1)
     teacher = torch.randn(16, 4, generator=gen)
     step = 0

@@ -40,7 +40,8 @@ class RunGone(RuntimeError):
 class Endpoints:
     """Where a run listens, and its key (``None``: watch only, no control).
     ``curve_server_key``: the run's CURVE public key when it binds with CURVE; ``link``:
-    the ssh tunnel these endpoints go through, closed with the client."""
+    the ssh tunnel these endpoints go through, closed with the client. ``rank``: telemetry
+    is a job's node relay (every rank's messages): only this rank's reach the store."""
 
     telemetry: str
     control: str | None = None
@@ -48,6 +49,7 @@ class Endpoints:
     run_id: str = ""
     curve_server_key: str = ""
     link: SshLink | None = None
+    rank: int | None = None
 
 
 def sender_id() -> str:
@@ -76,6 +78,8 @@ class LiveClient:
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="neurotop-client", daemon=True)
         self._sender = sender_id()
+        #: From a relay: every rank whose messages came (the store holds ``endpoints.rank``'s).
+        self.ranks_seen: set[int] = set()
 
     @classmethod
     def pending(cls, find: Callable[[], Endpoints | None], starting: str, *,
@@ -195,6 +199,16 @@ class LiveClient:
             ctx.destroy(0)
 
     def _on_telemetry(self, frames: list[bytes]) -> None:
+        if self.endpoints.rank is not None:
+            try:
+                rank = wire.decode_header(frames[0]).get("rank", 0)
+            except wire.WireError as e:
+                self.store.note_error(f"undecodable telemetry: {e}")
+                return
+            if isinstance(rank, int):
+                self.ranks_seen.add(rank)
+            if rank != self.endpoints.rank:
+                return
         if self._backfill is not None and self._backfill.hold(frames):
             return
         try:

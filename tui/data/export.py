@@ -11,6 +11,8 @@ Unix seconds), then one column per scalar of the run's schema, in its order.
 (anything else, as JSON).
 ``system``: one row per recorded heartbeat with system metrics: ``step``, ``time``,
 ``state``, then ``SYSTEM_COLUMNS``, then ``GPU_COLUMNS`` for each GPU as ``gpu<i>_<name>``.
+A job's run directory (``session.ntop`` and ``session-r<r>.ntop``: ``export_job``) gives
+the same tables with a first column ``rank``, every rank's rows, rank by rank.
 CSV floats are written in the shortest form that reads back as
 the same float32, missing values as ``nan``; Parquet keeps float32 (``time``: float64) and
 writes missing event fields as nulls. README "Exports" lists the columns.
@@ -21,7 +23,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,67 @@ SYSTEM_COLUMNS = ("cpu_pct", "host_cpu_pct", "cpus", "rss", "mem_total", "mem_av
                   "no_gpu")
 GPU_COLUMNS = ("name", "util", "mem_used", "mem_total", "power_w", "temp_c")
 _log = logging.getLogger(__name__)
+
+
+def export_job(sources: dict[int, ReplaySource], out: Path,
+               export: Callable[[ReplaySource, Path], list[Path]]) -> list[Path]:
+    """Every rank's tables (``export``: ``export_csv`` or ``export_parquet``) as one set, a
+    ``rank`` column first. The ranks of a DDP job share their schema; a rank whose table
+    has other columns than the first rank's is written beside it as ``<table>-r<rank>``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory(dir=out, prefix=".ranks-") as tmp:
+        per_rank = {rank: export(src, Path(tmp) / f"r{rank}") for rank, src in sources.items()}
+        first = per_rank[min(per_rank)]
+        for i, table in enumerate(first):
+            parts = {rank: paths[i] for rank, paths in per_rank.items()}
+            merge = _merge_csv if table.suffix == ".csv" else _merge_parquet
+            written += merge(parts, out / table.name)
+    return written
+
+
+def _merge_csv(parts: dict[int, Path], dest: Path) -> list[Path]:
+    """One CSV of ``parts`` (rank: table), ``rank`` first; rows as written, re-quoted only
+    where a field needs it."""
+    written, header = [dest], None
+    with open(dest, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        for rank, path in parts.items():
+            with open(path, newline="") as src:
+                rows = csv.reader(src)
+                columns = next(rows)
+                if header is None:
+                    header = columns
+                    w.writerow(["rank", *columns])
+                if columns == header:
+                    w.writerows([rank, *row] for row in rows)
+                    continue
+                written.append(dest.with_name(f"{dest.stem}-r{rank}{dest.suffix}"))
+                with open(written[-1], "w", newline="") as g:
+                    other = csv.writer(g, lineterminator="\n")
+                    other.writerow(["rank", *columns])
+                    other.writerows([rank, *row] for row in rows)
+    return written
+
+
+def _merge_parquet(parts: dict[int, Path], dest: Path) -> list[Path]:
+    """One Parquet table of ``parts`` (rank: table), an int32 ``rank`` column first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables: dict[int, Any] = {}
+    for rank, path in parts.items():
+        t = pq.read_table(path)
+        tables[rank] = t.add_column(0, "rank", pa.array(np.full(len(t), rank, np.int32)))
+    first = tables[min(tables)]
+    same = [t for t in tables.values() if t.schema.equals(first.schema)]
+    pq.write_table(pa.concat_tables(same), dest)
+    written = [dest]
+    for rank, t in tables.items():
+        if not t.schema.equals(first.schema):
+            written.append(dest.with_name(f"{dest.stem}-r{rank}{dest.suffix}"))
+            pq.write_table(t, written[-1])
+    return written
 
 
 def _quote(name: str) -> str:

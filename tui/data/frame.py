@@ -94,6 +94,22 @@ class Wants:
 
 
 @dataclass(frozen=True, eq=False)
+class RunOverlay:
+    """One run of a comparison (``tui/data/compare.py``): its series of the frame's
+    ``Wants`` and the knob changes it recorded, for the plots to draw over each other."""
+
+    name: str
+    scalars: Mapping[str, Series]
+    knobs: tuple[tuple[int, str], ...]  # (step, "lr=0.1") of each applied ``set``
+    #: The wanted layer's statistics over the run (its ``stats``), if the run has a layer
+    #: of that name; else empty.
+    layer: Series
+    stats: tuple[str, ...]
+    reference: bool  # the first run named: the layers table's difference is from it
+    selected: bool  # the run whose header and layers the frame is
+
+
+@dataclass(frozen=True, eq=False)
 class Frame:
     """The run at one moment, as one redraw shows it. Nothing in it is shared with the
     store: the arrays are copies and ``status`` is a copy whose ``events`` are the last
@@ -117,3 +133,5 @@ class Frame:
     histogram: dict[str, Any] | None  # its latest histograms: step, edges, act, grad
     hist_series: Series  # steps and ``[reports x bins]`` of its activations' histograms
     param_series: Series  # steps and ``[params x reports]``
+    #: Every run of a comparison, in the order named (empty: one run).
+    runs: tuple[RunOverlay, ...] = ()

@@ -143,6 +143,7 @@ class RunState:
     rss: float | None = None  # the training process's resident memory, bytes
     mem_total: float | None = None  # the host's memory, bytes
     mem_available: float | None = None
+    cpus: float | None = None  # the host's CPU count: ``cpu_pct`` goes up to 100 x this
     #: One dict per visible GPU: ``index``, ``name``, ``uuid`` and the ``GPU_FIELDS``.
     gpus: tuple[dict[str, Any], ...] = ()
     no_gpu: str = ""  # why there are no GPU metrics ("no pynvml ...", "no NVIDIA device ...")
@@ -166,8 +167,9 @@ def _system(s: RunState, v: Any) -> None:
     if not isinstance(v, dict) or not isinstance(v.get("gpus", []), list) \
             or not all(isinstance(g, dict) for g in v.get("gpus", [])):
         raise ValueError("field 'system': not a map with a list of GPU maps")
-    s.cpu_pct, s.host_cpu_pct, s.rss, s.mem_total, s.mem_available = (
-        _number(v, k) for k in ("cpu_pct", "host_cpu_pct", "rss", "mem_total", "mem_available"))
+    s.cpu_pct, s.host_cpu_pct, s.rss, s.mem_total, s.mem_available, s.cpus = (
+        _number(v, k) for k in ("cpu_pct", "host_cpu_pct", "rss", "mem_total", "mem_available",
+                                "cpus"))
     s.gpus = tuple({"index": _field(g, "index", int, i), "name": str(g.get("name", "")),
                     "uuid": str(g.get("uuid", "")), **{k: _number(g, k) for k in GPU_FIELDS}}
                    for i, g in enumerate(v.get("gpus", [])))

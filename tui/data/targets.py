@@ -15,7 +15,9 @@ def resolve(target: str | None, *, read_only: bool = False) -> Endpoints:
     """A run id (or prefix), a connection file, ``tcp://host:port`` (telemetry, watch only),
     ``ssh://[user@]host[:port][/RUN]`` (through an ssh tunnel, closed with the client), or
     nothing (the newest live run on this machine). ``read_only`` drops the key, and over
-    ssh does not forward the control port at all."""
+    ssh does not forward the control port at all. A job (its lowest rank's connection file
+    lists relays): its node relay's telemetry and rank 0's control; over ssh, the head
+    rank's own telemetry (``ipc://`` is not forwarded)."""
     if target and target.startswith("tcp://"):
         return Endpoints(telemetry=target)
     if target and target.startswith("ssh://"):
@@ -33,6 +35,10 @@ def resolve(target: str | None, *, read_only: bool = False) -> Endpoints:
     except (ValueError, OSError) as e:
         raise TargetError(str(e)) from None
     key = None if read_only else info.key_bytes or None
+    if info.relays:  # a job: one connection to the node's relay, the store keeps this rank
+        return Endpoints(telemetry=info.relays[0], control=info.job_control or info.control,
+                         key=key, run_id=info.run_id, curve_server_key=info.curve_server_key,
+                         rank=info.rank)
     return Endpoints(telemetry=info.telemetry, control=info.control, key=key,
                      run_id=info.run_id, curve_server_key=info.curve_server_key)
 

@@ -22,11 +22,13 @@ from textual.widget import Widget
 from textual.widgets import Input, Static
 
 from neurotop.protocol.layerkinds import activation_mask
+from neurotop.tui.data.compare import DELTA
 from neurotop.tui.data.frame import Frame, Wants
 from neurotop.tui.data.glossary import hint
 from neurotop.tui.data.health import NEVER_NAN, UPDATE_RATIO_GUIDE, has_band, levels
 from neurotop.tui.data.view import View
 from neurotop.tui.screens.plotting import (
+    LABEL_W,
     Lines,
     Series,
     braille_plot,
@@ -37,6 +39,7 @@ from neurotop.tui.screens.plotting import (
     value_scale,
     window,
 )
+from neurotop.tui.screens.system_panel import SystemPanel
 from neurotop.tui.screens.widgets import LayerTable, fmt, level_styles
 
 
@@ -98,10 +101,13 @@ class Plot(Panel):
 
 
     def draw_several(self, named: list[tuple[str, np.ndarray, np.ndarray]], title: str,
-                     view: View) -> None:
-        """Several series of one quantity (each optimizer's learning rate), each its own
-        colour, named with its latest value in the title (``lr  G 2e-4 · D 1e-4``); the
-        view's window and scale, and no smoothing (each line is a schedule)."""
+                     view: View, marks: Sequence[tuple[int, int]] = (),
+                     whole_names: bool = False) -> None:
+        """Several series of one quantity (each optimizer's learning rate, or each run of a
+        comparison), each its own colour, named with its latest value in the title
+        (``lr  G 2e-4 · D 1e-4``); the view's window and scale, and no smoothing (each line
+        is a schedule). ``marks``: ``(step, series)`` ticks ``▲`` on the x axis in that
+        series' colour (a run's knob changes)."""
         w, h = self.size.width or 40, self.size.height or 8
         t = self.app.current_theme
         colours = [c for c in (t.primary, t.warning, t.success, t.secondary, t.error) if c]
@@ -109,10 +115,12 @@ class Plot(Panel):
         for k, (name, x, y) in enumerate(named):
             x, y = window(x, view.last, y)
             series.append(Series(x, y, f"bold {colours[k % len(colours)]}"))
-            short = name.split(".", 1)[1] if "." in name else name
+            short = name.split(".", 1)[1] if "." in name and not whole_names else name
             legend.append(f"{short} {fmt(float(y[-1])) if len(y) else '-'}")
         head = mode_title(title, " · ".join(legend), view, w - 1)
         out = braille_plot(series, w, h, head, view.log_y)
+        if marks:
+            out.lines[-1] = axis_marks(out.lines[-1], series, marks, w)
         runs, rest = [], head[: max(w, 1)]  # each legend entry in its line's colour
         for entry, s in zip(legend, series, strict=True):
             before, found, rest = rest.partition(entry)
@@ -122,6 +130,30 @@ class Plot(Panel):
             runs += [(before, "bold"), (entry, s.style)]
         out.lines[0] = [r for r in runs + [(rest, "bold")] if r[0]]
         self.show(out)
+
+
+def axis_marks(axis: list[tuple[str, str]], series: list[Series],
+               marks: Sequence[tuple[int, int]], width: int) -> list[tuple[str, str]]:
+    """The x axis line of ``braille_plot`` with a ``▲`` at each ``(step, series)`` mark
+    within the plotted steps, in that series' style."""
+    xs = [s.x for s in series if len(s.x)]
+    if not xs:
+        return axis
+    x0, x1 = min(float(x[0]) for x in xs), max(float(x[-1]) for x in xs)
+    plot_w = max(width - LABEL_W, 4)
+    cells = list("".join(text for text, _ in axis).ljust(LABEL_W + plot_w))
+    styles = ["dim"] * len(cells)
+    for step, k in marks:
+        if x0 <= step <= x1:
+            i = LABEL_W + round((step - x0) / max(x1 - x0, 1) * (plot_w - 1))
+            cells[i], styles[i] = "▲", series[k].style
+    out: list[tuple[str, str]] = []
+    for c, st in zip(cells, styles, strict=True):
+        if out and out[-1][1] == st:
+            out[-1] = (out[-1][0] + c, st)
+        else:
+            out.append((c, st))
+    return out
 
 
 def mode_title(name: str, value: str, view: View, width: int) -> str:
@@ -157,6 +189,10 @@ class AlertFeed(Panel):
         evs = frame.status.events[-self.EVENTS:]
         alerts = [e for e in evs if e.get("event") == "alert"]
         commands = [e for e in evs if self.is_command(e)]
+        if frame.runs:  # a comparison: every run's knob changes, by step
+            knobs = [{"event": "set", "step": step, "cmd": f"{r.name} {what}"}
+                     for r in frame.runs for step, what in r.knobs]
+            commands = sorted(commands + knobs, key=lambda e: e.get("step") or 0)
         styles = level_styles(self)
         width, height = max(self.size.width or 40, 10), max(self.size.height or 6, 2)
         console = self.app.console
@@ -276,6 +312,7 @@ class OverviewPane(Vertical):
         with Horizontal():
             yield HeatStrip(id="heat")
             yield AlertFeed(id="alerts")
+        yield SystemPanel(id="system")  # GPUs and host, where the screen has room
 
     def wants(self, view: View) -> Wants:
         return Wants(scalars=tuple(names for _, names in self.PLOTS), envelope=not view.smooth,
@@ -283,10 +320,15 @@ class OverviewPane(Vertical):
 
     def draw(self, frame: Frame, view: View) -> None:
         none = (np.empty(0), np.empty(0))
+        marks = [(step, k) for k, run in enumerate(frame.runs) for step, _ in run.knobs]
         for i, (title, names) in enumerate(self.PLOTS):
             shown = frame.schema.scalars_named(*names) if frame.schema else ()
             plot = self.query_one(f"#ov-plot-{i}", Plot)
-            if len(shown) > 1:  # one learning rate per optimizer
+            if frame.runs:  # a comparison: each run's line (its first of these scalars)
+                plot.draw_several([(run.name, *next(
+                    (v for n, v in run.scalars.items() if n.split(".")[0] in names), none))
+                    for run in frame.runs], title, view, marks, whole_names=True)
+            elif len(shown) > 1:  # one learning rate per optimizer
                 plot.draw_several([(n, *(frame.scalars.get(n) or none)) for n in shown],
                                   title, view)
             else:
@@ -294,6 +336,43 @@ class OverviewPane(Vertical):
                 plot.draw_series(*(frame.scalars.get(name) or none), name or title, view)
         self.query_one(HeatStrip).draw(frame, view)
         self.query_one(AlertFeed).draw(frame)
+        self.query_one(SystemPanel).draw(frame)
+
+
+class RunsTable(LayerTable):
+    """The layers table, which in a comparison also shows the selected run's difference
+    from the reference (the ``Δ`` column, next to its statistic) and names both runs."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._versus = ""
+
+    def shown(self, stats: Sequence[str], sort: str = "") -> list[str]:
+        deltas = [s for s in stats if s.startswith(DELTA)]
+        cols = super().shown([s for s in stats if s not in deltas], sort)
+        for d in deltas:
+            base = d.removeprefix(DELTA)
+            cols.insert(cols.index(base) + 1 if base in cols else 0, d)
+        return cols
+
+    def fitting(self, cols: list[str], sort: str, width: int) -> list[str]:
+        """As many columns, but never without the difference and its statistic."""
+        keep = super().fitting(cols, sort, width)
+        pair = [c for c in cols if c.startswith(DELTA) or DELTA + c in cols]
+        if all(c in keep for c in pair):
+            return keep
+        rest = [c for c in keep if c not in pair][: max(len(keep) - len(pair), 0)]
+        return [c for c in cols if c in rest or c in pair]
+
+    def draw(self, frame: Frame, view: View) -> None:
+        sel = [r.name for r in frame.runs if r.selected]
+        ref = [r.name for r in frame.runs if r.reference]
+        self._versus = f"run {sel[0]}, Δ from {ref[0]} (r: next run)" if sel and ref else ""
+        super().draw(frame, view)
+
+    def _title(self, total: int, view: View) -> list[str]:
+        parts = super()._title(total, view)
+        return [*parts, self._versus] if self._versus else parts
 
 
 class LayersPane(Vertical):
@@ -311,7 +390,7 @@ class LayersPane(Vertical):
                     id="filter")
         # Rows, sort and an active filter, always in sight (the filter box closes on enter).
         yield Static("", id="layers-title")
-        yield LayerTable(id="layers")
+        yield RunsTable(id="layers")
 
     def wants(self, view: View) -> Wants:
         return self.query_one(LayerTable).wants(view)
@@ -373,10 +452,16 @@ class DetailPane(Vertical):
             ("layer ", "bold"), (view.layer, "bold"), kind,
             f"  {i + 1}/{len(layers)}", more,
             f"  ·  {view.describe()}  ·  , . previous / next layer"))
+        marks = [(step, r) for r, run in enumerate(frame.runs) for step, _ in run.knobs]
         for j in range(self.MAX_PLOTS):
             plot = self.query_one(f"#dt-plot-{j}", Plot)
             plot.display = j < len(order)
-            if j < len(order):
+            if j < len(order) and frame.runs:  # a comparison: the layer of each run
+                st = stats[order[j]]
+                plot.draw_several([(run.name, run.layer[0], run.layer[1][:, run.stats.index(st)])
+                                   if st in run.stats else (run.name, np.empty(0), np.empty(0))
+                                   for run in frame.runs], st, view, marks, whole_names=True)
+            elif j < len(order):
                 k = order[j]
                 plot.draw_series(x, rows[:, k] if rows.size else np.empty(0), stats[k], view)
         self._draw_histograms(frame)

@@ -3,7 +3,9 @@
 ``ReplayApp`` is ``NeurotopApp`` with a ``ReplaySource`` in place of the live client:
 the same store, widgets and redraw timer. It adds the timeline (play/pause, speed,
 seek, scrub, jump between commands and alerts) and has no control: ``space`` plays and
-pauses the playback, not the run.
+pauses the playback, not the run. Given a ``Comparison`` (``neurotop replay A B``), it draws
+several recordings overlaid, the timeline being the reference's; ``r`` selects the run whose
+header and layers show.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
+from neurotop.tui.data.compare import Comparison
 from neurotop.tui.data.replay_source import ReplaySource, Timeline
 from neurotop.tui.screens.app import HelpScreen, NeurotopApp
 from neurotop.tui.screens.widgets import KeyBar, fit_parts
@@ -123,12 +126,29 @@ class ReplayApp(NeurotopApp):
         Binding("left_square_bracket", "marker(-1)", "prev event"),
         Binding("right_square_bracket", "marker(1)", "next event"),
         Binding("g", "goto", "go to step"),
+        Binding("r", "next_run", "next run"),  # comparing runs: whose header and layers
     ]
 
-    def __init__(self, source: ReplaySource) -> None:
+    def __init__(self, source: ReplaySource, compare: Comparison | None = None) -> None:
+        """``compare``: several runs overlaid (``source`` its reference, whose timeline
+        the bar shows and the other runs follow); the screens read it as their store."""
         super().__init__(source, read_only=True)  # type: ignore[arg-type]
         self.source = source
+        self.compare = compare
+        if compare is not None:
+            self.store = compare  # type: ignore[assignment]  # a store's reading face
+            self.frame = compare.frame()
         self._timeline_drawn: Timeline | None = None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "next_run":
+            return self.compare is not None
+        return super().check_action(action, parameters)
+
+    def action_next_run(self) -> None:
+        if self.compare is not None:
+            self.notify(f"run: {self.compare.select_next()}", timeout=2)
+            self.redraw(force=True)
 
     def compose(self) -> ComposeResult:
         for w in super().compose():
@@ -143,6 +163,8 @@ class ReplayApp(NeurotopApp):
                         markup=False)
 
     def redraw(self, force: bool = False) -> None:
+        if self.compare is not None:  # the other runs to the reference's step, if it moved
+            self.compare.align()
         super().redraw(force)
         tl = self.source.timeline()
         if tl != self._timeline_drawn or force:
@@ -185,5 +207,7 @@ class ReplayApp(NeurotopApp):
                 ("- +", "playback speed (1x … max)"),
                 ("[ ]", "previous / next command or alert (the bar names it)"),
                 ("g", "go to a step"),
+                *((("r", "comparing runs: the next run's header and layers (Δ from the"
+                        " first)"),) if self.compare is not None else ()),
                 *((keys, text) for keys, _, text in self.VIEW_HELP), ("q", "quit")]
         self.push_screen(HelpScreen(rows, self.own_scalars()))

@@ -28,6 +28,7 @@ from neurotop.tui.data.frame import Frame, Wants
 from neurotop.tui.data.health import has_band, idle, levels
 from neurotop.tui.data.view import View, matches
 from neurotop.tui.screens.plotting import BLOCKS, fmt_axis, is_fraction, sparkline
+from neurotop.tui.screens.system_panel import status_part
 
 
 def fmt(v: float) -> str:
@@ -104,7 +105,8 @@ def _cut(text: str, room: int) -> str:
 
 class StatusBar(Static):
     """Run state, step, alerts and connection always; then the pause reason, the run's
-    name, throughput and connection details as the width allows (``fit_parts``)."""
+    name, throughput, connection details and GPU (or CPU) use as the width allows
+    (``fit_parts``)."""
 
     DEFAULT_CSS = "StatusBar { height: 1; background: $boost; padding: 0 1; }"
     #: Priorities: 0 always shows; higher numbers leave first when the line is too narrow.
@@ -176,6 +178,9 @@ class StatusBar(Static):
                              style="yellow")),
             (self.INFO, Text(s.backfill, style="italic")),
             (self.DECOR, Text("" if s.control else "read-only", style="dim")),
+            # The first to leave a narrow line, before the rank and read-only (those say
+            # what this view is); the overview's system panel has the same and more.
+            (self.DECOR, status_part(s) or Text()),
         ]
         return [p for p in parts if p[1].plain]
 
