@@ -25,6 +25,7 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "runtime"
     monkeypatch.setenv("NEUROTOP_RUNTIME_DIR", str(d))
     monkeypatch.setenv("NEUROTOP_RUNS_DIR", str(tmp_path / "runs"))  # recordings stay here
+    monkeypatch.setenv("NEUROTOP_SESSIONS_DIR", str(tmp_path / "sessions"))  # and their notes
     return d
 
 

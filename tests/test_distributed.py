@@ -120,8 +120,11 @@ def start_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
     def start(nproc: int, *args: str) -> Job:
         out = tmp_path / f"torchrun-{len(jobs)}.out"
         log_dir = tmp_path / f"steps-{len(jobs)}"
+        # --monitor-interval: torchrun's own check of its workers, which ends the job on a
+        # lost rank, comes after neurotop's report of it (torchrun's default is 0.1 s)
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={nproc}", str(SCRIPT), "--log-dir", str(log_dir), *args]
+                f"--nproc-per-node={nproc}", "--monitor-interval=2", str(SCRIPT),
+                "--log-dir", str(log_dir), *args]
         with out.open("wb") as f:
             proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
