@@ -217,6 +217,13 @@ def test_overview_snapshot(snap_compare, request, utc, case, size):
 
     async def ready(pilot) -> None:
         await until(pilot, lambda: app.store.status.step == STEPS, what="the recording")
+        last, quiet = -1, 0
+        for _ in range(100):  # the heartbeats after the last report are in: 4 quiet ticks
+            if quiet >= 4:
+                break
+            await pilot.pause(0.1)
+            quiet, last = (quiet + 1, last) if app.store.version == last else (0,
+                                                                             app.store.version)
 
     try:
         assert snap_compare(app, terminal_size=size, run_before=ready)

@@ -52,7 +52,7 @@ SCREENS = [("1", ("loss", "heat: ", "alerts")), ("2", ("layer", "trend: ")),
 def walk_every_screen(tmux: Tmux) -> None:
     for key, marks in SCREENS:
         tmux.tmux("send-keys", "-t", "ui", key)
-        wait_until(lambda marks=marks: all(m in tmux.screen() for m in marks),
+        wait_until(lambda marks=marks: all(m in tmux.screen() for m in marks), timeout=30,
                    what=f"the screen of {key!r} showing {marks}")
         if key != "?":  # the help is a dialog over the screen (its glossary fills it)
             assert "LIVE" in tmux.screen(), "the status bar left"
