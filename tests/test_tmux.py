@@ -44,7 +44,7 @@ def tmux(runtime_dir):
 
 #: A screen's key, and what a person sees on it (with the demo still training).
 SCREENS = [("1", ("loss", "heat: ", "alerts")), ("2", ("layer", "trend: ")),
-           ("3", ("layer ", "previous / next layer", "histogram")),
+           ("3", ("layer ", "previous / next layer", "activations, step")),
            ("4", ("parameter",)), ("5", ("knobs", "command log")),
            ("?", ("neurotop — keys", "overview, layers, layer detail"))]
 
