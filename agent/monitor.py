@@ -340,7 +340,8 @@ class Monitor:
             raise RuntimeError(f"the step boundary is {self._boundary.name}'s optimizer.step();"
                                " mon.step() would count each step twice")
         self._manual_steps = True
-        self._carry.update("grad_norm", self._manual_stats.step_norm(), self._step + 1)
+        if not self._watched:  # else each optimizer's pre-step hook gave the carry its norm
+            self._carry.update("grad_norm", self._manual_stats.step_norm(), self._step + 1)
         self._at_boundary()
 
     def close(self) -> None:

@@ -4,7 +4,6 @@ screens, as a person compares them (Pilot), and as they look (snapshots)."""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,15 +201,6 @@ def steady_copy(src: Path, dst: Path) -> Path:
                                  step=-1 if h.get("step") is None else int(h["step"]), t=t)
         writer.close({"dropped": 0}, t=T0 + step / 20)
     return dst
-
-
-@pytest.fixture
-def utc(monkeypatch):
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ deterministic recorded run (``tests/helpers/sessions.py``: seeded data, fixed ti
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from neurotop.tui.data.replay_source import ReplaySource
@@ -21,15 +19,6 @@ def session(tmp_path_factory):
     path = tmp_path_factory.mktemp("snap") / "dash.ntop"
     write_dashboard_run(path, 400)
     return path
-
-
-@pytest.fixture
-def utc(monkeypatch):
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def snapshot(snap_compare, session, screen: str, size: tuple[int, int],

@@ -244,19 +244,27 @@ def test_a_nan_on_rank_1_pauses_all_four_ranks_at_one_step(start_job):
     assert job.proc.wait(60) == 0, job.output()[-3000:]
 
 
+def job_lost_after(job, c0, sig: int, seconds: float) -> tuple[int, list[dict], float]:
+    """Pause the job, send ``sig`` to rank 1, and collect rank 0's ``job_lost`` events:
+    (the paused step, the events, seconds from the signal to the first)."""
+    held = c0.command("pause").result(30)["step"]
+    wait_until(lambda: paused_at(c0) == held, timeout=30, what="rank 0 paused")
+    with Subscriber(job.ranks[0].telemetry) as sub:
+        sub.ready(30)
+        os.kill(job.ranks[1].pid, sig)
+        t0 = time.monotonic()
+        lost = sub.collect(seconds, until=lambda m: m.kind == wire.EVENT
+                           and m.header.get("event") == "job_lost")
+    waited = time.monotonic() - t0
+    return held, [m.header for m in lost if m.header.get("event") == "job_lost"], waited
+
+
 @slow
 def test_a_killed_rank_is_reported_and_the_others_do_not_hang(start_job):
     job = start_job(2, "--step-sleep", "0.02", "--config", json.dumps({"control_every": 1}))
     c0 = job.client(0)
     try:
-        held = c0.command("pause").result(30)["step"]
-        wait_until(lambda: paused_at(c0) == held, timeout=30, what="rank 0 paused")
-        with Subscriber(job.ranks[0].telemetry) as sub:
-            sub.ready(30)
-            os.kill(job.ranks[1].pid, signal.SIGKILL)
-            lost = sub.collect(30, until=lambda m: m.kind == wire.EVENT
-                               and m.header.get("event") == "job_lost")
-        events = [m.header for m in lost if m.header.get("event") == "job_lost"]
+        held, events, _ = job_lost_after(job, c0, signal.SIGKILL, 30)
         assert events and events[0]["step"] == held, "rank 0 did not report the lost rank"
         assert "rank 0 of 2 lost the job" in events[0]["error"]
     finally:
@@ -280,17 +288,8 @@ def test_a_hung_rank_is_reported_after_the_job_timeout(start_job, monkeypatch):
     monkeypatch.setenv("NEUROTOP_JOB_TIMEOUT_S", "5")
     job = start_job(2, "--step-sleep", "0.02", "--config", json.dumps({"control_every": 1}))
     c0 = job.client(0)
-    try:
-        held = c0.command("pause").result(30)["step"]
-        wait_until(lambda: paused_at(c0) == held, timeout=30, what="rank 0 paused")
-        with Subscriber(job.ranks[0].telemetry) as sub:
-            sub.ready(30)
-            os.kill(job.ranks[1].pid, signal.SIGSTOP)  # alive, but never joins the check
-            t0 = time.monotonic()
-            lost = sub.collect(60, until=lambda m: m.kind == wire.EVENT
-                               and m.header.get("event") == "job_lost")
-        waited = time.monotonic() - t0
-        events = [m.header for m in lost if m.header.get("event") == "job_lost"]
+    try:  # SIGSTOP: alive, but never joins the check
+        _, events, waited = job_lost_after(job, c0, signal.SIGSTOP, 60)
         assert events and "hung for over 5 s" in events[0]["error"]
         assert 4 < waited < 40
     finally:

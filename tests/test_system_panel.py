@@ -7,7 +7,6 @@ sends (two fake GPUs; no GPU and why; an older agent that sends none)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,15 +79,6 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real training process's recording: its heartbeats carry its real host metrics."""
     return record_run(tmp_path_factory.mktemp("recorded"), "--steps", "60", "--step-sleep",
                       "0.03", "--config", '{"heartbeat_s": 0.2}')
-
-
-@pytest.fixture
-def utc(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def lines_with(app: ReplayApp, word: str) -> list[str]:

@@ -5,8 +5,6 @@ the recorded run of ``tests/helpers/ux_sessions.py``."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from neurotop.tui.data.replay_source import ReplaySource
@@ -25,15 +23,6 @@ def session(tmp_path_factory):
     path = tmp_path_factory.mktemp("uxsnap") / "ux.ntop"
     write_ux_run(path)
     return path
-
-
-@pytest.fixture
-def utc(monkeypatch):
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 @pytest.mark.parametrize("size", [(120, 40), (80, 24)], ids=["120x40", "80x24"])
