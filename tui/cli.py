@@ -461,14 +461,28 @@ def _spawn_demo(script: Path, extra: list[str], run_id: str,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
 
+#: How long a demo gets to close its recording after SIGINT before it is killed: a few
+#: seconds on an idle machine; a loaded one (CI on 2 cores) needed more than 5.
+DEMO_CLOSE_S = 30.0
+
+
 def _stop_child(proc: subprocess.Popen) -> None:
+    """SIGINT (the demo finishes its step and closes its session file), then SIGKILL only
+    if it has not exited after ``DEMO_CLOSE_S``: killing it early would lose the recording's
+    end."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(5)
+            proc.wait(3)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            print("neurotop: waiting for the demo to close its recording…", file=sys.stderr)
+            try:
+                proc.wait(DEMO_CLOSE_S - 3)
+            except subprocess.TimeoutExpired:
+                print(f"neurotop: the demo did not exit {DEMO_CLOSE_S:.0f} s after SIGINT;"
+                      " killed it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
 
 
 def demos() -> dict[str, tuple[Path, str]]:
