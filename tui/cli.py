@@ -334,7 +334,7 @@ CTL_COMMANDS = ("pause", "resume", "step", "set", "knobs", "snapshot", "stop")
 CTL_USAGE = ("usage: neurotop ctl TARGET COMMAND [ARG ...] [--json] [--timeout S]; commands:"
              " pause, resume, step N, set KNOB VALUE, knobs, snapshot, stop")
 ACK_FIELDS = ("id", "cmd", "ok", "step", "old", "new", "until", "applied_to", "pinned",
-              "knobs", "ranks")
+              "knobs", "ranks", "reset", "units_reset", "notes")
 
 
 def ctl_args(command: str, words: list[str]) -> dict:

@@ -199,6 +199,20 @@ class LayerCollector:
         """Drop this window's samples (the scaler skipped the step they were for)."""
         self._new_window()
 
+    def dead_units(self, i: int) -> torch.Tensor | None:
+        """Layer ``i``'s units never positive over the last ``dead_window`` reports (a bool
+        mask on the device; a unit with no number in the window is not dead), or None before
+        a report measured them. For ``reset_dead`` (``neurotop.training.unit_reset``)."""
+        if self._ring is None or not self._units[i]:
+            return None
+        w = self._ring[:, i, : self._units[i]]
+        return (w.nan_to_num(nan=float("-inf")).amax(0) <= 0) & ~w.isnan().all(0)
+
+    def restart_units(self, i: int, idx: torch.Tensor) -> None:
+        """Forget the past maxima of layer ``i``'s units ``idx`` (just re-initialized)."""
+        if self._ring is not None and self._units[i]:
+            self._ring[:, i, idx.to(self._ring.device)] = float("nan")
+
     def _grad_hook(self, i: int):
         def hook(g: torch.Tensor) -> None:
             self.on_grad(i, g)

@@ -29,6 +29,8 @@ heartbeat) and validates requests. Built in:
   glob. A forward hook registers ``out.register_hook(g -> g + lambda * sign(out) / B)``
   (B = ``out.shape[0]``), which equals adding ``lambda * sum|out| / B`` to the loss
   without touching the user's loss code. 0 removes it.
+- ``orthograd``, ``topk[GLOB]``, ``temperature[GLOB]``, ``reset_dead[GLOB]``: the knobs of
+  METRICS.md F from the papers (``neurotop.training.research_knobs``).
 - ``auto_pause``: pause on non-finite loss, gradients or activations (decided by the
   agent thread from each report; see ``neurotop.service.autopause``).
 - user knobs: ``mon.knob("temperature", 1.0, min=0.1, max=10)``.
@@ -578,7 +580,11 @@ class Knobs:
         if self.dropout is not None:
             knobs.append(self.dropout)
         knobs += [self.l1, self.auto_pause]
-        self._builtin = {k.name for k in knobs}
+        from neurotop.training.research_knobs import research_knobs  # they import this
+        self.research = research_knobs(model, named, optimizer)  # orthograd, topk, ...
+        self.orthograd = self.research[0]
+        knobs += self.research
+        self._builtin = {k.name for k in knobs if not getattr(k, "yields_to_user", False)}
         self._knobs: dict[str, Knob] = {k.name: k for k in knobs}
         self._trials: list[_Trial] = []  # training thread only
         self._took: set[int] = set()  # optimizers (id) whose step was taken, this call
@@ -605,7 +611,9 @@ class Knobs:
                              f"{', '.join(sorted(self._builtin))})")
         with self._lock:
             k = self._knobs.get(name)
-            if k is None:
+            if k is None or getattr(k, "yields_to_user", False):  # the script's own wins
+                if k is not None:
+                    k.close()
                 k = self._knobs[name] = UserKnob(name, default, doc, min, max)
             elif not isinstance(k, UserKnob) or _kind(default) != k.type:
                 raise TypeError(f"knob {name!r} exists as a {k.type}")
@@ -697,6 +705,8 @@ class Knobs:
             out["pinned"] = k.holds() and all(t in k.pins for t in targets)
         if k.selector:
             out["applied_to"] = targets
+        if hasattr(k, "outcome"):  # an action (reset_dead): what it did, for the ack
+            out.update(k.outcome())
         return out
 
     def optimizers_changed(self) -> None:
@@ -717,10 +727,13 @@ class Knobs:
         self.lr.at_pre_step()
         if self.wd is not None:
             self.wd.at_pre_step()
+        self.orthograd.at_pre_step(optimizer)  # an optimizer attached since it was set
         self.clip.at_pre_step(optimizer)
 
     def close(self) -> None:
         self.l1.close()
+        for k in self.research:
+            k.close()
         if self.dropout is not None:
             self.dropout.close()
         self._trials.clear()
