@@ -33,6 +33,7 @@ from neurotop.protocol.sessionfile import (
 from neurotop.tui.data import remote
 from neurotop.tui.data.children import die_with_parent, log_tail, open_log
 from neurotop.tui.data.client import CommandError, Endpoints, LiveClient, RunGone
+from neurotop.tui.data.ranks import JobClient
 from neurotop.tui.data.targets import TargetError, resolve
 
 #: Where ``demo`` and ``export --parquet`` send a user who lacks what they need.
@@ -48,25 +49,44 @@ def _die(msg: str, code: int = 2) -> None:
 
 
 def cmd_attach(args: argparse.Namespace) -> None:
+    compare = _recorded(args.compare)  # a bad file fails first, as in replay
     try:
         endpoints = resolve(args.target, read_only=args.read_only)
     except TargetError as e:
         _die(str(e))
-    _run_ui(endpoints, read_only=args.read_only)
+    _run_ui(endpoints, read_only=args.read_only, compare=compare)
 
 
-def _run_ui(endpoints, read_only: bool) -> None:
-    _show(LiveClient(endpoints, backfill=True), read_only)
+def _run_ui(endpoints, read_only: bool, compare: list | None = None) -> None:
+    _show(JobClient(endpoints, backfill=True), read_only, compare)  # a job: every rank
 
 
-def _show(client: LiveClient, read_only: bool) -> None:
+def _show(client: LiveClient, read_only: bool, compare: list | None = None) -> None:
     from neurotop.tui.screens.app import NeurotopApp  # textual loads only for commands that draw
 
     client.start()
     try:
-        NeurotopApp(client, read_only=read_only).run()
+        if compare:  # --compare: the recorded runs overlaid (tui/data/live_compare.py)
+            from neurotop.tui.screens.live_compare_app import LiveCompareApp
+            LiveCompareApp(client, compare, read_only=read_only).run()
+        else:
+            NeurotopApp(client, read_only=read_only).run()
     finally:
         client.close()
+        for source in compare or ():
+            source.close()
+            _report_problems(source)
+
+
+def _recorded(targets: list[str] | None) -> list:
+    """The sessions ``--compare`` names, each opened (``replay``'s one-line errors) before
+    any loads, then loaded once: a recording does not grow."""
+    sources = [_open_session(target) for target in targets or ()]
+    for source in sources:
+        print(f"neurotop: loading {source.path} ({_size(source.reader.size)})",
+              file=sys.stderr)
+        source.load()
+    return sources
 
 
 def _session_summary(path: Path) -> dict | None:
@@ -244,14 +264,18 @@ def _report_problems(source) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    sources = []
+    sources, job = [], None
     try:
         for target in args.file:  # every one opened (a clear error) before any loads
             sources.append(_open_session(target))
         for source in sources:
             print(f"neurotop: loading {source.path} ({_size(source.reader.size)})",
                   file=sys.stderr)
-            if len(ranks := runs.rank_sessions(source.path)) > 1:
+            if len(ranks := runs.rank_sessions(source.path)) > 1 and len(args.file) == 1:
+                print(f"neurotop: a job of {len(ranks)} ranks (ranks {', '.join(map(str, ranks))}"
+                      f" in {source.path.parent}): r shows the next rank, R all of them",
+                      file=sys.stderr)
+            elif len(ranks) > 1:
                 print(f"neurotop: a job of {len(ranks)} ranks (ranks {', '.join(map(str, ranks))}"
                       f" in {source.path.parent}): this is rank 0; replay rank r with"
                       f" neurotop replay {source.path.parent}/session-r<r>.ntop, export writes"
@@ -262,11 +286,26 @@ def cmd_replay(args: argparse.Namespace) -> None:
         from neurotop.tui.data.compare import Comparison
         from neurotop.tui.screens.replay_app import ReplayApp
 
-        ReplayApp(sources[0], Comparison(sources) if len(sources) > 1 else None).run()
+        job = _job_replay(sources[0]) if len(sources) == 1 else None
+        ReplayApp(sources[0], Comparison(sources) if len(sources) > 1 else None,
+                  ranks=job).run()
     finally:
+        if job is not None:
+            job.close()
         for source in sources:
             source.close()
             _report_problems(source)
+
+
+def _job_replay(source):
+    """A job's recording (one file per rank beside ``source``): every rank's source, each
+    following ``source``'s cursor; None for one process's."""
+    from neurotop.tui.data.ranks import ReplayRanks
+
+    try:
+        return ReplayRanks.beside(source)
+    except (OSError, ValueError) as e:  # ValueError: also SessionFormatError
+        _die(str(e))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -523,6 +562,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
             _die(f"no demo {args.name!r} (demos: {', '.join(shipped) or 'none'}; see"
                  " neurotop demo --list)")
         script = shipped[args.name][0]
+    if args.no_ui and args.compare:
+        _die("--compare overlays recordings on the UI: not with --no-ui")
     if args.no_ui:
         print(f"neurotop: starting {script.name}; attach from another terminal with:"
               "  neurotop attach", flush=True)
@@ -533,12 +574,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except OSError as e:
         _die(f"cannot create the demo's log file: {e}")
     print(f"neurotop: the demo's output goes to {log}", file=sys.stderr)
+    compare = _recorded(args.compare)  # before the demo starts: a bad file fails first
     proc = _spawn_demo(script, args.demo_args, run_id, log)
     # The UI draws at once and says what it waits for; it connects once the demo listens.
-    client = LiveClient.pending(_demo_endpoints(proc, run_id, log, timeout=60),
+    client = JobClient.pending(_demo_endpoints(proc, run_id, log, timeout=60),
                                 "starting the demo (importing torch)…", backfill=True)
     try:
-        _show(client, read_only=False)
+        _show(client, read_only=False, compare=compare)
     finally:
         _stop_child(proc)
     if client.gone:
@@ -614,6 +656,10 @@ def _main(argv: list[str] | None) -> None:
     a.add_argument("target", nargs="?", help="run id or prefix, connection file,"
                    " ssh://[user@]host[:port][/RUN], or tcp://host:port")
     a.add_argument("--read-only", action="store_true", help="watch only; no control")
+    a.add_argument("--compare", nargs="+", metavar="FILE", help="overlay recorded sessions"
+                   " (session files, run directories or recorded run ids) on the live run's"
+                   " plots, aligned by step; the layers table's Δ column is from the first"
+                   " (put TARGET before --compare)")
     a.set_defaults(func=cmd_attach)
 
     d = sub.add_parser("demo", help="run a CPU demo training with the UI attached",
@@ -628,6 +674,8 @@ def _main(argv: list[str] | None) -> None:
     d.add_argument("--script", type=Path, metavar="PATH",
                    help="run this training script (one that calls neurotop.watch) instead")
     d.add_argument("--no-ui", action="store_true", help="run headless and print how to attach")
+    d.add_argument("--compare", nargs="+", metavar="FILE", help="overlay recorded sessions on"
+                   " the demo's plots, as attach --compare (before the demo's own arguments)")
     d.add_argument("demo_args", nargs=argparse.REMAINDER,
                    help="anything else is passed to the demo script (e.g. --steps 500)")
     d.set_defaults(func=cmd_demo)

@@ -10,7 +10,7 @@ The other runs follow the reference's cursor, so scrubbing moves every run to th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -124,18 +124,32 @@ class Comparison:
         """The selected run's latest report with one more column: ``stat`` less the
         reference's, for the layers of the same name (NaN for a layer it lacks)."""
         ref = self.reference.store.frame()
-        sc, rsc = frame.schema, ref.schema
-        if sc is None or frame.latest is None or rsc is None or ref.latest is None:
+        rsc, latest = ref.schema, ref.latest
+        if rsc is None or latest is None:
             return frame
-        stat = sc.stat_or_default(stat.removeprefix(DELTA))
-        if stat not in sc.stats or stat not in rsc.stats:
-            return frame
-        mine = frame.latest[:, sc.stats.index(stat)].astype(np.float64)
-        theirs = np.full(len(sc.layers), np.nan)
-        where = {n: i for i, n in enumerate(rsc.layers)}
-        for i, n in enumerate(sc.layers):
-            if n in where:
-                theirs[i] = ref.latest[where[n], rsc.stats.index(stat)]
-        block = np.column_stack([frame.latest, (mine - theirs).astype(frame.latest.dtype)])
-        return replace(frame, schema=replace(sc, stats=(*sc.stats, DELTA + stat)),
-                       latest=block)
+        return with_difference(frame, stat, rsc.layers, lambda s: latest[
+            :, rsc.stats.index(s)] if s in rsc.stats else None)
+
+
+def with_difference(frame: Frame, stat: str, ref_layers: Sequence[str],
+                    ref_values: Callable[[str], np.ndarray | None]) -> Frame:
+    """``frame``'s latest report with one more column: ``stat`` less the reference's
+    (``ref_values(stat)``: one value per layer of ``ref_layers``, None where it does not
+    report ``stat``), for the layers of the same name (NaN for a layer it lacks). Shared by
+    replay's ``Comparison`` and the live one (``live_compare.py``)."""
+    sc = frame.schema
+    if sc is None or frame.latest is None:
+        return frame
+    stat = sc.stat_or_default(stat.removeprefix(DELTA))
+    ref = ref_values(stat) if stat in sc.stats else None
+    if ref is None:
+        return frame
+    mine = frame.latest[:, sc.stats.index(stat)].astype(np.float64)
+    theirs = np.full(len(sc.layers), np.nan)
+    where = {n: i for i, n in enumerate(ref_layers)}
+    for i, n in enumerate(sc.layers):
+        if n in where:
+            theirs[i] = ref[where[n]]
+    block = np.column_stack([frame.latest, (mine - theirs).astype(frame.latest.dtype)])
+    return replace(frame, schema=replace(sc, stats=(*sc.stats, DELTA + stat)),
+                   latest=block)

@@ -113,6 +113,13 @@ class RunState:
     run_id: str = ""
     run_name: str = ""
     rank: int = 0
+    #: A job's size and this rank's host (from its heartbeats; 1 and "" outside a job).
+    world_size: int = 1
+    host: str = ""
+    #: What the status bar says of a job (``4 ranks, 1 node``; "" outside one), and whether
+    #: the all-ranks view is shown: set by ``tui/data/ranks.py`` on the frames it makes.
+    job: str = ""
+    all_ranks: bool = False
     step: int = 0
     state: str = "connecting"  # connecting | running | paused | ended
     paused_at: int | None = None
@@ -283,6 +290,8 @@ class RunStore:
         h, s = msg.header, self.status
         s.run_id = str(h.get("run", s.run_id))
         s.rank = _field(h, "rank", int, s.rank)
+        s.world_size = _field(h, "world_size", int, s.world_size)
+        s.host = str(h.get("host") or s.host)
         s.step = _field(h, "step", int)
         s.state = _field(h, "state", str)
         s.paused_at = h.get("paused_at")

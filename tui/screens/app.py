@@ -22,10 +22,12 @@ from textual.widgets import ContentSwitcher, DataTable, Input, Static
 from neurotop.tui.data.client import CommandError, LiveClient
 from neurotop.tui.data.frame import Frame, Wants
 from neurotop.tui.data.glossary import ALERT_HINTS, STATISTICS, meaning
+from neurotop.tui.data.ranks import Ranks
 from neurotop.tui.data.store import RunStore
 from neurotop.tui.data.view import WINDOW_STEPS, View
 from neurotop.tui.screens.control_panel import CommandDone, ControlActions, ControlPanel
 from neurotop.tui.screens.dashboard import DetailPane, GradientsPane, LayersPane, OverviewPane
+from neurotop.tui.screens.ranks_view import RanksPane
 from neurotop.tui.screens.widgets import ColumnPicker, KeyBar, LayerTable, StatusBar
 
 REDRAW_HZ = 5  # a busy screen at 200 layers costs ~40 ms: 5 Hz stays under 30 % of a core
@@ -85,7 +87,8 @@ class NeurotopApp(ControlActions, App[None]):
         Binding("6", "help", show=False),
         Binding("slash", "filter", "filter", show=False),
         Binding("S", "sort", "sort", show=False),
-        Binding("R", "reverse_sort", show=False),
+        Binding("R", "all_ranks", show=False),  # a single-process run: reverse the sort
+        Binding("r", "next_rank", show=False),
         Binding("m", "toggle_smooth", "smooth", show=False),
         Binding("a", "toggle_window", "window", show=False),
         Binding("escape", "back", show=False),
@@ -117,7 +120,10 @@ class NeurotopApp(ControlActions, App[None]):
                  ("l", "toggle_log", "log scale of the plots"),
                  ("m", "toggle_smooth", "smoothing of the plots"),
                  ("a", "toggle_window", f"window: the last {WINDOW_STEPS:,} steps / all"),
-                 ("S, R", "sort", "layers: sort by the next column / reverse the order"),
+                 ("S, R", "sort", "layers: sort by the next column / reverse (in a job: R"
+                  " below)"),
+                 ("r", "next_rank", "a job: the next rank's data on every screen"),
+                 ("R", "all_ranks", "a job: all ranks (their spread, step time); R: back"),
                  ("o", "pick_columns", "layers: choose the columns"),
                  ("p", "next_preset", "layers: next column preset (overview, activations, …)"),
                  ("/", "filter", "layers: filter by name glob (esc clears)"),
@@ -137,10 +143,18 @@ class NeurotopApp(ControlActions, App[None]):
             ("X", "stop_run", "stop the run gracefully (asks to confirm)"),
             ("q", "quit", "quit (the run goes on)"))
 
-    def __init__(self, client: LiveClient, *, read_only: bool = False) -> None:
+    def __init__(self, client: LiveClient, *, read_only: bool = False,
+                 ranks: Ranks | None = None) -> None:
+        """``ranks``: a job's ranks (else the client's own, a ``JobClient``'s): the app
+        reads them as its store, the selected rank's data."""
         super().__init__()
         self.client = client
         self.store: RunStore = client.store
+        self.ranks: Ranks | None = ranks if ranks is not None else getattr(client, "ranks", None)
+        if self.ranks is not None:
+            self.store = self.ranks  # type: ignore[assignment]  # a store's reading face
+        self.note = ""  # a passing word in the status line ("not a distributed job")
+        self._before_ranks = "overview"
         self.read_only = read_only or not client.can_control
         self.pending = ""
         self.view = View()
@@ -155,7 +169,7 @@ class NeurotopApp(ControlActions, App[None]):
             ControlPanel(id="controls"),
             ContentSwitcher(OverviewPane(id="overview"), LayersPane(id="layers-pane"),
                             DetailPane(id="detail"), GradientsPane(id="gradients"),
-                            id="main", initial="overview"),
+                            RanksPane(id="ranks"), id="main", initial="overview"),
             id="body")
         yield KeyBar(id="keys")
 
@@ -178,23 +192,25 @@ class NeurotopApp(ControlActions, App[None]):
         if self.client.gone:
             self.exit()
             return
-        key = (self.store.version, self.store.connection() + self.pending, self.stop_acked,
+        key = (self.store.version, self.store.connection() + self.pending + self.note,
+               self.stop_acked,
                self.screen_name, self.size)
         if (key == self._drawn and not force) or not self.query(StatusBar):
             return  # nothing new, or the app is closing and its widgets are gone
         kind = {"overview": OverviewPane, "layers": LayersPane, "detail": DetailPane,
-                "gradients": GradientsPane}.get(self.screen_name)
+                "gradients": GradientsPane, "ranks": RanksPane}.get(self.screen_name)
         pane = self.query_one(kind) if kind is not None else None
         wants = pane.wants(self.view) if pane is not None else Wants()
         if self.query_one(ControlPanel).has_class("shown"):
             wants = replace(wants, events=max(wants.events, ControlPanel.EVENTS))
         self.frame = frame = self.store.frame(wants)
-        self._drawn = (frame.version, frame.connection + self.pending, self.stop_acked,
+        self._drawn = (frame.version, frame.connection + self.pending + self.note,
+                       self.stop_acked,
                        self.screen_name, self.size)
         if frame.schema is not None:  # the store chose the series' statistic alike
             self.view.stat = frame.schema.stat_or_default(self.view.stat)
         with self.batch_update():
-            self.query_one(StatusBar).draw(frame, self.pending, self.stop_acked)
+            self.query_one(StatusBar).draw(frame, self.pending or self.note, self.stop_acked)
             if pane is not None:
                 pane.draw(frame, self.view)
             self.draw_controls(frame)
@@ -282,6 +298,8 @@ class NeurotopApp(ControlActions, App[None]):
             if name == "layers":
                 self.query_one(LayerTable).focus()
         self.screen_name = name
+        if self.ranks is not None and self.ranks.all_view != (name == "ranks"):
+            self.ranks.toggle_all()
         self.redraw(force=True)
 
     def action_sort(self) -> None:
@@ -354,6 +372,37 @@ class NeurotopApp(ControlActions, App[None]):
             i = layers.index(self.view.layer) if self.view.layer in layers else 0
             self.view.layer = layers[(i + step) % len(layers)]
             self.redraw(force=True)
+
+    def is_job(self) -> bool:
+        """Whether this is a distributed job; if not, says so in the status line."""
+        if self.ranks is not None and self.ranks.is_job:
+            return True
+        self.note = "not a distributed job"
+        self.set_timer(3, self._clear_note)
+        self.redraw(force=True)
+        return False
+
+    def _clear_note(self) -> None:
+        self.note = ""
+        self.redraw(force=True)
+
+    def action_next_rank(self) -> None:
+        """``r``: the next rank's data on every screen (rank 0 after the last)."""
+        if self.is_job() and self.ranks is not None:
+            self.notify(f"rank {self.ranks.select_next()}", timeout=2)
+            self.redraw(force=True)
+
+    def action_all_ranks(self) -> None:
+        """``R``: the all-ranks view, or back to the screen before it. In a single-process
+        run (no ranks) ``R`` reverses the layers' sort, as it always did."""
+        if self.ranks is None or not self.ranks.is_job:
+            self.action_reverse_sort()
+            return
+        if self.screen_name == "ranks":
+            self.action_screen(self._before_ranks)
+        else:
+            self._before_ranks = self.screen_name
+            self.action_screen("ranks")
 
     def action_help(self) -> None:
         rows = [(keys, text) for keys, action, text in (*self.VIEW_HELP, *self.HELP)

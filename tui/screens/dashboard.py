@@ -367,7 +367,9 @@ class RunsTable(LayerTable):
     def draw(self, frame: Frame, view: View) -> None:
         sel = [r.name for r in frame.runs if r.selected]
         ref = [r.name for r in frame.runs if r.reference]
-        self._versus = f"run {sel[0]}, Δ from {ref[0]} (r: next run)" if sel and ref else ""
+        # A live comparison (attach --compare) keeps the live run selected: no ``r`` there.
+        key = " (r: next run)" if hasattr(self.app, "action_next_run") else ""
+        self._versus = f"run {sel[0]}, Δ from {ref[0]}{key}" if sel and ref else ""
         super().draw(frame, view)
 
     def _title(self, total: int, view: View) -> list[str]:

@@ -11,6 +11,7 @@ header and layers show.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from rich.text import Text
 from textual import events
@@ -21,6 +22,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
 from neurotop.tui.data.compare import Comparison
+from neurotop.tui.data.ranks import Ranks
 from neurotop.tui.data.replay_source import ReplaySource, Timeline
 from neurotop.tui.screens.app import HelpScreen, NeurotopApp
 from neurotop.tui.screens.widgets import KeyBar, fit_parts
@@ -129,26 +131,34 @@ class ReplayApp(NeurotopApp):
         Binding("r", "next_run", "next run"),  # comparing runs: whose header and layers
     ]
 
-    def __init__(self, source: ReplaySource, compare: Comparison | None = None) -> None:
+    def __init__(self, source: ReplaySource, compare: Comparison | None = None,
+                 ranks: Ranks | None = None) -> None:
         """``compare``: several runs overlaid (``source`` its reference, whose timeline
-        the bar shows and the other runs follow); the screens read it as their store."""
-        super().__init__(source, read_only=True)  # type: ignore[arg-type]
+        the bar shows and the other runs follow); the screens read it as their store.
+        ``ranks``: a job's recording, every rank's (``ReplayRanks``, ``source`` rank 0's)."""
+        super().__init__(source, read_only=True, ranks=ranks)  # type: ignore[arg-type]
         self.source = source
         self.compare = compare
+        # ``r`` (the next run, or without a comparison the next rank) stays out of the key
+        # bar, as it always was drawn; the help lists it.
+        keys = self._bindings.key_to_bindings
+        keys["r"] = [replace(b, show=False) for b in keys.get("r", [])]
         if compare is not None:
             self.store = compare  # type: ignore[assignment]  # a store's reading face
             self.frame = compare.frame()
         self._timeline_drawn: Timeline | None = None
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "next_run":
-            return self.compare is not None
+        if action == "next_run":  # without a comparison, ``r`` is the next rank
+            return True
         return super().check_action(action, parameters)
 
     def action_next_run(self) -> None:
         if self.compare is not None:
             self.notify(f"run: {self.compare.select_next()}", timeout=2)
             self.redraw(force=True)
+        else:
+            self.action_next_rank()
 
     def compose(self) -> ComposeResult:
         for w in super().compose():

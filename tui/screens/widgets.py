@@ -160,7 +160,11 @@ class StatusBar(Static):
         lost = s.missed + s.remote_dropped
         parts = [
             (self.INFO, Text(name, style="bold")),
-            (self.DECOR, Text(f"rank {s.rank}", style="dim")),
+            # A job: its size and the rank shown (``4 ranks, 1 node · rank 2``, or ``all
+            # ranks`` in the all-ranks view); one process: its rank, dim.
+            (self.INFO, Text(f"{s.job} · {'all ranks' if s.all_ranks else f'rank {s.rank}'}",
+                             style="bold")) if s.job else (self.DECOR, Text(f"rank {s.rank}",
+                                                                           style="dim")),
             mode_parts[0], mode_parts[1],
             (self.INFO, Text(rate_text)),
             (self.TROUBLE, Text(s.link, style="bold red")),
