@@ -99,6 +99,15 @@ class Config:
     #: benchmarks/distributed_overhead.py), so 10 keeps it under 1 % of a step of 8 ms or
     #: more; 1 makes a pause land within one step.
     control_every: int = 10
+    #: The curvature probe (``mon.probe_batch(x, y)`` or ``mon.probe(fn)``; see
+    #: ``neurotop.training.curvature``) runs at every N-th step boundary (0: only on a
+    #: ``probe`` command). 20 power iterations cost some 40 training steps, the default
+    #: probe of an AdamW run some 140 (benchmarks/probe_cost.py): take N in the hundreds or
+    #: more, a multiple of ``report_every`` (its scalars go out in the next report).
+    probe_every: int = 0
+    #: The layer (a ``named_modules()`` path or glob: its first match) whose output on the
+    #: probe batch gives E11's effective rank and, with class labels, NC1; None: no layer.
+    features: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("layers", "layer_types", "exclude", "stats", "hist_layers"):
@@ -117,6 +126,9 @@ class Config:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _int_at_least("dead_window", self.dead_window, 1)
         _int_at_least("control_every", self.control_every, 1)
+        _int_at_least("probe_every", self.probe_every, 0)
+        if self.features is not None and not (isinstance(self.features, str) and self.features):
+            raise ConfigError(f"features must be a module path or glob, got {self.features!r}")
         _int_at_least("hist_every", self.hist_every, 0)
         _int_at_least("batch_dim", self.batch_dim, 0)
         for name in ("sample", "hist_sample"):

@@ -11,6 +11,7 @@ reads a device value back to the host. See ``neurotop.config.Config`` for the op
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ from neurotop.service.finalize import (
     Report,
 )
 from neurotop.service.loop import AgentService
+from neurotop.service.rank_rules import RankJudge, RankRules, rank_rules
 from neurotop.service.recorder import open_recording
 from neurotop.service.wakeup import Wakeup
 from neurotop.training.amp import STUCK, ScalerWatch
@@ -44,7 +46,8 @@ from neurotop.training.carry import StepCarry
 from neurotop.training.checkpoint import Checkpointer
 from neurotop.training.collector import LayerCollector
 from neurotop.training.compiled import EagerReports
-from neurotop.training.distributed import Job, in_job
+from neurotop.training.curvature import PROBE_SCALARS, CurvatureProbe, LossFn
+from neurotop.training.distributed import JOB_SCALARS, Job, in_job
 from neurotop.training.head import HeadHook, HeadStats, head_add
 from neurotop.training.hooks import Call, ForwardStart, InputHook, LayerHook
 from neurotop.training.knobs import Knobs, UserKnob
@@ -94,9 +97,12 @@ class Monitor:
                  raise_on_stop: bool = False, scaler: Any = None,
                  record: bool | str | os.PathLike | None = True, distributed: bool = True,
                  on_alert: Callable[[dict[str, Any]], None] | None = None,
-                 head: str | nn.Module | None = None, **options: Any) -> None:
+                 rank_alerts: RankRules | dict[str, Any] | None = None,
+                 head: str | nn.Module | None = None, probe_loss: LossFn | None = None,
+                 **options: Any) -> None:
         check_bind(bind_host, curve)  # before any hook is registered
         rules = alert_rules(alerts)
+        ranks = rank_rules(rank_alerts)
         check_timeout(auto_pause_timeout)
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert= takes a function of the alert dict, not {on_alert!r}")
@@ -141,6 +147,9 @@ class Monitor:
         self._observed: dict[str, Any] = {}
         self._head, self._head_structure = self._head_of(head), 0  # before any thread starts
         self._head_hooked = head is not None
+        self._probe = CurvatureProbe(  # the curvature probe: idle until given a batch
+            model, lambda: self._boundary.optimizer if self._boundary is not None else None,
+            every=self.config.probe_every, features=self.config.features, loss_fn=probe_loss)
         self._carry = StepCarry()  # loss and grad norm of every step, on the device
         self._observed_window: dict[str, list[Any]] = {}  # every call in a report step
         self._user_scalars: list[str] = []
@@ -164,7 +173,11 @@ class Monitor:
         self.controller = Controller(knobs=self.knobs, snapshot=self.checkpointer,
                                      raise_on_stop=raise_on_stop, notify=wakeup.ring,
                                      auto_pause_timeout=auto_pause_timeout, job=self.job,
-                                     control_every=self.config.control_every)
+                                     control_every=self.config.control_every,
+                                     probe=self._probe_command)
+        # A job's rank rules: every check carries each rank's vitals (``RankVitals``)
+        self._vitals = self.job.watch_health(self._models, RankJudge(ranks, rules.off),
+                                             self.controller) if self.job is not None else None
         self._start_window()
         # ``scaler=``: gradient statistics divided by its loss scale; its skipped steps
         # (before the agent thread starts: it reads ``amp`` for the schema)
@@ -205,6 +218,9 @@ class Monitor:
         # model's training forwards, sparing a second graph break under torch.compile.
         self._handles += [m.register_forward_pre_hook(ForwardStart(self, m))
                           for m in self._models[0 if self._measure_eval else 1:]]
+        if self._vitals is not None:  # its ready span ends where the model's forward begins
+            self._handles.append(self._models[0].register_forward_pre_hook(
+                Call(torch.compiler.disable(lambda m, a: self._vitals.forward()))))
         if head is not None:
             module = head if isinstance(head, nn.Module) else self.model.get_submodule(head)
             self._handles.append(module.register_forward_hook(
@@ -217,6 +233,11 @@ class Monitor:
         if self.job is not None:  # rank 0 takes the job's commands: say where, on every rank
             self.controller.leader = self.job.agree(
                 {"control": self.service.control_endpoint})["control"]
+        relays = [self.service.relay.endpoint] if self.service.relay else []
+        if self.job is not None:  # every node's relay, in the file of each node's local rank 0
+            every = [r for r in self.job.gather(relays[0] if relays else "") if r]
+            relays = [*relays, *[r for r in dict.fromkeys(every) if r not in relays]] \
+                if relays else []
         self.connection = connfile.ConnectionInfo(
             run_id=self.run_id, name=self.name, pid=os.getpid(), start_time=self.start_time,
             telemetry=self.service.telemetry_endpoint, control=self.service.control_endpoint,
@@ -225,7 +246,7 @@ class Monitor:
             rank=self.job.rank if self.job else 0,
             world_size=self.job.world_size if self.job else 1,
             local_rank=self.job.local_rank if self.job else 0, job_control=self.controller.leader,
-            relays=[self.service.relay.endpoint] if self.service.relay else [])
+            relays=relays, node=self.job.node if self.job else "")
         self.connection_file = connfile.write(self.connection)
         atexit.register(self.close)
         self._signals = SignalGuard(self.close)
@@ -270,10 +291,40 @@ class Monitor:
             v = v.detach() if isinstance(v, torch.Tensor) else float(v)
             if k == "loss":
                 self._carry.update(k, v, self._step + 1)
+                if self._vitals is not None:
+                    self._vitals.loss = v
             if self._active:
                 self._observed_window.setdefault(k, []).append(v)
             else:
                 self._observed[k] = v
+
+    def probe_batch(self, x: torch.Tensor, y: torch.Tensor | None = None, *, iters: int = 20,
+                    trace: int = 10, precond: bool = True) -> None:
+        """A fixed batch for the curvature probe (``neurotop.training.curvature``), kept
+        detached on the model's device: its loss is ``watch(probe_loss=fn)``'s ``fn(model(x),
+        y)``, by default cross-entropy for integer labels, mean squared error for float
+        targets. The probe runs every ``probe_every`` steps (0: only on a ``probe``
+        command); with ``watch(features="layer")`` it also measures E11 on that layer. Its
+        cost: ``iters`` power iterations (``lambda_max``; with Adam as many again for the
+        preconditioned sharpness unless ``precond=False``) and ``trace`` Hutchinson vectors,
+        one Hessian-vector product (about 2 training steps) each."""
+        first = not self._probe.ready
+        self._probe.set_cost(iters, trace, precond)
+        self._probe.set_batch(x, y)
+        if first:
+            self._schema_id += 1  # the probe's scalars join the report
+
+    def probe(self, fn: Callable[[], torch.Tensor], *, iters: int = 20, trace: int = 10,
+              precond: bool = True) -> None:
+        """The curvature probe's loss as a closure: ``fn()`` runs the model on a fixed batch
+        and returns the scalar loss (graph attached, no ``backward``), called at a step
+        boundary with the run's state put back afterwards. Replaces a ``probe_batch``; the
+        cost arguments as there."""
+        first = not self._probe.ready
+        self._probe.set_cost(iters, trace, precond)
+        self._probe.set_closure(fn)
+        if first:
+            self._schema_id += 1
 
     @property
     def paused(self) -> bool:
@@ -404,6 +455,8 @@ class Monitor:
     def _at_boundary(self) -> None:
         """The end of a training step: report, open the next window, apply commands."""
         self._step += 1
+        if self._probe.due(self._step):
+            self._run_probe(self._step)
         if self._active:
             self._report()
         self._active = self._step % self.report_every == 0
@@ -411,7 +464,41 @@ class Monitor:
         if self._active:
             self._start_window()
         self._sync_hooks()
+        if self._vitals is not None:
+            self._vitals.boundary_started()
         self.controller.at_boundary(self._step)
+        if self._vitals is not None:
+            self._vitals.boundary_ended()
+
+    def _run_probe(self, step: int) -> dict[str, torch.Tensor] | None:
+        """The curvature probe, with the monitor's hooks off (its forward is not a training
+        forward). A scheduled probe that fails is logged and the schedule stopped, so that
+        training goes on; ``_probe_command`` lets the error through to the ack."""
+        active, self._active = self._active, False
+        try:
+            return self._probe.run(step)
+        except (RuntimeError, TypeError, ValueError) as e:
+            if self._probe.every:
+                self._probe.every = 0
+                logging.getLogger("neurotop.agent").warning(
+                    "neurotop: the curvature probe failed at step %d (%s); probe_every"
+                    " is off, a `probe` command tries again", step, e)
+                return None
+            raise
+        finally:
+            self._active = active
+
+    def _probe_command(self, step: int) -> dict[str, float]:
+        """The ``probe`` command (controller, at a boundary): run it, answer its scalars."""
+        if not self._probe.ready:
+            raise ValueError("this run has no probe batch: call mon.probe_batch(x, y) or"
+                             " mon.probe(fn) in the script")
+        every, self._probe.every = self._probe.every, 0  # a failure is the ack's, not logged
+        try:
+            out = self._run_probe(step) or {}
+        finally:
+            self._probe.every = every
+        return {k: float(v) for k, v in out.items() if k in PROBE_SCALARS}
 
     def _start_window(self) -> None:
         every = self.config.hist_every
@@ -574,9 +661,12 @@ class Monitor:
             out["loss_scale"] = self.amp.scale()
             out["skipped_steps"] = float(self.amp.skipped)
         out.update(self._carry.take())
+        out.update(self._probe.take())
         if self._head is not None:
             out.update(self._head.take(dev))
         out["steps_per_s"] = rate
+        if self._vitals is not None:  # a job's rank: its own ready time (the straggler signal)
+            out["ready_ms"] = self._vitals.take_ready_ms()
         out["samples_per_s"] = rate * self._samples if self._samples else float("nan")
         if dev.type == "cuda":
             out["mem_device"] = float(torch.cuda.memory_allocated(dev))
@@ -587,8 +677,9 @@ class Monitor:
         per_opt = [f"grad_norm.{w.name}" for w in self._watched] if len(self._watched) > 1 else []
         amp = AMP_SCALARS if self.amp is not None else ()
         head = HEAD_SCALARS if self._head is not None else ()
+        head = (*head, *PROBE_SCALARS) if self._probe.ready else head
         return [*BUILTIN_SCALARS, *self._user_scalars, *head, *self.optimizers.lr_names(),
-                *per_opt, *amp, *HOST_SCALARS]
+                *per_opt, *amp, *HOST_SCALARS, *(JOB_SCALARS if self._vitals else ())]
 
     def _param_block(self, dev: torch.device) -> torch.Tensor | None:
         """This window's ``[params x PARAM_STATS]``: each optimizer's rows from its first
@@ -637,6 +728,7 @@ class Monitor:
                 "hist_edges": hist_edges(c.hist_exponents).tolist(),
                 "hist_every": c.hist_every, "report_every": self.report_every,
                 "head": self._head.schema() if self._head is not None else None,
+                "probe": self._probe.schema() if self._probe.ready else None,
                 "config": c.to_dict(), "start_time": self.start_time, "pid": os.getpid()}
 
     def _param_names(self) -> list[str]:
@@ -679,9 +771,13 @@ def watch(model: Models, optimizer: Optimizers = None, **kwargs: Any) -> Monitor
     auto-pause; ``scaler=`` a ``torch.amp.GradScaler``: unscaled gradient statistics,
     ``loss_scale``, ``skipped_steps``; ``head="lm_head"`` (a module or its path): its
     logits' softmax-collapse fraction, margin, entropy (``HEAD_SCALARS``, report steps only;
-    ``observe(targets=y)`` adds the zero-loss fraction); ``on_alert=fn``: ``fn(alert_dict)``
+    ``observe(targets=y)`` adds the zero-loss fraction); ``probe_loss=fn``: the curvature
+    probe's loss ``fn(model(x), y)`` on ``mon.probe_batch(x, y)`` (``probe_every=N``,
+    ``features="layer"``; ``neurotop.training.curvature``); ``on_alert=fn``: ``fn(alert_dict)``
     for every alert, on the agent thread (keep it quick; what it raises is logged, never
     fatal). Under an initialized ``torch.distributed`` group of several ranks, call it on
     every rank: they join one job (one run id; commands to rank 0 land on every rank at the
-    same step); ``distributed=False`` watches this rank alone."""
+    same step; ``rank_alerts=RankRules(...)`` or a dict sets the straggler and rank-divergence
+    thresholds, ``neurotop.service.rank_rules``); ``distributed=False`` watches this rank
+    alone."""
     return Monitor(model, optimizer, **kwargs)

@@ -11,8 +11,10 @@ every ``Config.control_every`` boundaries). Each mode warms up, then times chunk
 ``control_every`` steps (each chunk holds exactly one check, and one report step of the
 default ``report_every``); a step's time is its chunk's / ``control_every``, and a mode's
 figure is the median over its chunks. It also times the check's collective alone
-(``Job.exchange`` with nothing to send). Rank 0 prints; the last line is
-``control_check_ratio=R step_ms=S``: control / agent, and the step time with control.
+(``Job.exchange`` with nothing to send), bare and with the rank vitals that ``watch()``
+carries in a job (this rank's row: step timings, loss, the DDP fingerprint). Rank 0
+prints; the last line is ``control_check_ratio=R step_ms=S``: control / agent, and the step
+time with control.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def bench(args: argparse.Namespace) -> None:
     from torch import nn
 
     import neurotop
+    from neurotop.service.controller import Controller
+    from neurotop.service.rank_rules import RankJudge
     from neurotop.training.distributed import Job
 
     torch.set_num_threads(1)
@@ -86,12 +90,20 @@ def bench(args: argparse.Namespace) -> None:
     for _ in range(n):
         job.exchange(0, b"", False)
     check_s = (time.perf_counter() - t0) / n
+    # and with the rank rules' vitals (what ``watch()`` in a job carries: the row, the table)
+    job.watch_health([model], RankJudge(), Controller())
+    t0 = time.perf_counter()
+    for _ in range(n):
+        job.exchange(0, b"", False)
+    vitals_s = (time.perf_counter() - t0) / n
     if rank == 0:
         ms = {m: statistics.median(v) * 1e3 for m, v in per_step.items()}
         for m in MODES:
             print(f"{m:>8}: {ms[m]:.3f} ms/step (median of {len(per_step[m])} chunks)")
         print(f"control check alone: {check_s * 1e6:.0f} us per check, every {every} steps:"
               f" {check_s * 1e3 / every / ms['agent'] * 100:.2f} % of an agent step")
+        print(f"with the rank vitals: {vitals_s * 1e6:.0f} us per check"
+              f" (+{(vitals_s - check_s) * 1e6:.0f} us)")
         print(f"control_check_ratio={ms['control'] / ms['agent']:.4f} step_ms={ms['control']:.3f}",
               flush=True)
     dist.destroy_process_group()

@@ -147,7 +147,8 @@ def _when(t: object) -> float:
 def job_rows(live: list[connfile.ConnectionInfo]) -> list[dict]:
     """One row per run, newest first: a job's is its lowest rank's connection file (rank 0
     on the head node: the job's control and relays) with ``ranks``, every rank seen, and
-    ``nodes``, their hosts; ``telemetry`` is its first relay, the one endpoint to watch."""
+    ``nodes``, their nodes (``host``, or ``host/node id``: two torchruns on one host are two
+    nodes); ``telemetry`` is its first relay, the one endpoint to watch."""
     jobs: dict[str, list[connfile.ConnectionInfo]] = {}
     for r in live:
         jobs.setdefault(r.run_id, []).append(r)
@@ -156,7 +157,7 @@ def job_rows(live: list[connfile.ConnectionInfo]) -> list[dict]:
         head = min(members, key=lambda m: m.rank)
         row = {k: v for k, v in vars(head).items() if k != "key"}
         row.update(ranks=sorted(m.rank for m in members),
-                   nodes=sorted({m.host for m in members}))
+                   nodes=sorted({f"{m.host}/{m.node}" if m.node else m.host for m in members}))
         if head.relays:
             row["telemetry"] = head.relays[0]
         rows.append(row)
@@ -369,9 +370,9 @@ def _remote_runs(url: str) -> tuple[list[connfile.ConnectionInfo], str]:
     return listing.live, listing.where
 
 
-CTL_COMMANDS = ("pause", "resume", "step", "set", "knobs", "snapshot", "stop")
+CTL_COMMANDS = ("pause", "resume", "step", "set", "knobs", "snapshot", "stop", "probe")
 CTL_USAGE = ("usage: neurotop ctl TARGET COMMAND [ARG ...] [--json] [--timeout S]; commands:"
-             " pause, resume, step N, set KNOB VALUE, knobs, snapshot, stop")
+             " pause, resume, step N, set KNOB VALUE, knobs, snapshot, stop, probe")
 ACK_FIELDS = ("id", "cmd", "ok", "step", "old", "new", "until", "applied_to", "pinned",
               "knobs", "ranks", "reset", "units_reset", "notes")
 

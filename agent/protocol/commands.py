@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 #: Commands the training thread applies at a boundary.
-BOUNDARY_COMMANDS = frozenset({"pause", "resume", "step", "set", "snapshot", "stop"})
+BOUNDARY_COMMANDS = frozenset({"pause", "resume", "step", "set", "snapshot", "stop",
+                               "probe"})
 #: Read-only commands the agent thread answers at once, even in the middle of a step.
 IMMEDIATE_COMMANDS = frozenset({"schema", "knobs", "history"})
 #: Arguments each command accepts, with their types; ``REQUIRED`` lists the mandatory ones.
@@ -20,6 +21,7 @@ ARGS: dict[str, dict[str, tuple[type, ...]]] = {
     "set": {"knob": (str,), "value": (bool, int, float), "op": (str,)},
     "snapshot": {}, "stop": {}, "schema": {}, "knobs": {},
     "history": {"offset": (int,), "max_bytes": (int,)},
+    "probe": {},  # the curvature probe, now (``neurotop.training.curvature``)
 }
 REQUIRED = {"step": ("n",), "set": ("knob",)}
 MAX_STEP_N = 1_000_000

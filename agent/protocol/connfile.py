@@ -73,9 +73,13 @@ class ConnectionInfo:
     #: file's own ``control`` answers read-only requests only); empty: ``control`` does.
     job_control: str = ""
     #: In a job: the node relays' telemetry endpoints (``neurotop.service.relay``), in the
-    #: file of each node's local rank 0, that node's first. A viewer of the job subscribes
+    #: file of each node's local rank 0, that node's first, then the other nodes' (gathered
+    #: at ``watch()``, in rank order). A viewer of the job subscribes
     #: to these, not to each rank's ``telemetry``.
     relays: list[str] = field(default_factory=list)
+    #: In a job: the node id (``$NEUROTOP_NODE_ID`` or torchrun's ``GROUP_RANK``) that with
+    #: ``host`` names the node this rank runs on, and so the relay that forwards it.
+    node: str = ""
     protocol: int = 1
     signature_scheme: str = "hmac-sha256"
     run_dir: str = ""

@@ -87,6 +87,10 @@ class JobLink(Protocol):
 #: ``{"error": why}``, possibly later and from another thread
 #: (``training.checkpoint.Checkpointer`` implements it).
 TakeSnapshot = Callable[[int, Callable[[dict[str, Any]], None]], None]
+#: ``probe(step)``: runs the curvature probe at the boundary and returns its scalars by name
+#: (``training.curvature``; the monitor's ``_probe_command``); raises ``ValueError`` with
+#: the reason when the run has nothing to probe.
+RunProbe = Callable[[int], dict[str, float]]
 
 
 def check_timeout(seconds: Any) -> None:
@@ -120,8 +124,9 @@ class Controller:
     def __init__(self, knobs: KnobTable | None = None, snapshot: TakeSnapshot | None = None,
                  raise_on_stop: bool = False, notify: Callable[[], None] = lambda: None,
                  auto_pause_timeout: float | None = None, job: JobLink | None = None,
-                 control_every: int = 1) -> None:
+                 control_every: int = 1, probe: RunProbe | None = None) -> None:
         check_timeout(auto_pause_timeout)
+        self.probe = probe
         self.queue: queue.Queue[Pending] = queue.Queue()
         #: Events that are not acks (e.g. "paused after step N"); the agent publishes them.
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -424,6 +429,12 @@ class Controller:
                 log.exception("snapshot at step %d failed", step)
                 return self._ack(p, ok=False, step=None, error=f"snapshot failed: {e!r}")
             return None
+        if p.cmd == "probe" and self.probe is not None:
+            try:
+                return self._ack(p, ok=True, step=step, new=self.probe(step))
+            except (ValueError, RuntimeError, TypeError) as e:  # nothing to probe, or a
+                # closure/model the double backward cannot go through: the run goes on
+                return self._ack(p, ok=False, step=None, error=f"probe: {e}")
         return self._ack(p, ok=False, step=None, error=f"{p.cmd!r} is not available in this run")
 
     def _state(self) -> dict[str, Any]:

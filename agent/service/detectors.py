@@ -21,7 +21,11 @@ value and the alerts name the step it came at.
 Implemented: E1 massive activation, E2 dying layer, E3 explode/vanish (including non-finite
 values, global grad-norm spikes and a GradScaler that keeps skipping steps) and E8 loss
 spike; with a head (``watch(head=)``, ``observe(logits=)``), E4 softmax collapse and E12
-overconfidence.
+overconfidence; with ``observe(train_acc=, test_acc=)``, E5 grokking stall and E6 grokking
+(``grokking_rules``, also from the parameter statistics); E10 sparsity drift and the
+update/weight-ratio band of METRICS.md C (``activity_rules``); with the curvature probe
+(``mon.probe_batch``), E7 edge of stability and E11 representation collapse
+(``curvature_rules``).
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ from typing import Any
 import numpy as np
 
 from neurotop.protocol.layerkinds import ACTIVATION_TYPES, is_activation
+from neurotop.service.activity_rules import ACTIVITY_ALERTS, ActivityRules
+from neurotop.service.curvature_rules import CURVATURE_ALERTS, CurvatureRules
+from neurotop.service.grokking_rules import GROKKING_ALERTS, GrokkingRules
 
 WARN, CRITICAL = "warn", "critical"
-_RANK = {WARN: 1, CRITICAL: 2}
+INFO = "info"  # good news worth a line in the feed (E6 grokking): below a warning
+_RANK = {INFO: 1, WARN: 2, CRITICAL: 3}
 
 #: Every alert name, with its row in METRICS.md E. Names are what ``auto_pause_alerts``
 #: and ``AlertRules.off`` take.
@@ -47,6 +55,11 @@ ALERTS: dict[str, str] = {
     "dying_layer": "E2", "dead_jump": "E2", "explode_vanish": "E3", "grad_spike": "E3",
     "loss_spike": "E8", "amp_skipping": "E3", "softmax_collapse": "E4",
     "overconfidence": "E12",
+    **ACTIVITY_ALERTS,  # E10 sparsity_drift, C update_ratio (``activity_rules``)
+    **CURVATURE_ALERTS,  # E7 edge_of_stability, E11 representation_collapse (the probe)
+    **GROKKING_ALERTS,  # E5 grokking_stall, E6 grokking (``grokking_rules``)
+    # a job's rank rules (``neurotop.service.rank_rules``; README, docs/scaling.md)
+    "straggler": "ranks", "rank_divergence": "ranks",
 }
 
 
@@ -78,6 +91,11 @@ class AlertRules:
     #: an ordinary heavy tail (GELU and LayerNorm outputs sit at 10-50), not an outlier
     #: feature on its way.
     massive_growth_min: float = 100.0
+    #: E1 judges no layer whose zero fraction is at least this: the median |a| of an output
+    #: that is about half zeros (a ReLU's) is the smallest positive values or 0, so its
+    #: max/median jumps by orders of magnitude from batch to batch (softmax_collapse demo:
+    #: 200 .. 8e5 at a max |a| of 4); a real outlier shows in the layer before it too.
+    massive_sparse: float = 0.4
     #: E2: dead-unit fraction (over the window where measured, else in the batch) of the
     #: layers of these types: activation functions, where "never positive" means dead (a
     #: logits layer whose outputs are all negative is healthy). Also of layers whose class
@@ -149,6 +167,56 @@ class AlertRules:
     ema: float = 0.1
     #: Alert names never to raise.
     off: tuple[str, ...] = field(default_factory=tuple)
+    #: E10 (``activity_rules``): a ReLU-type layer's activation ratio (1 - ``zero_frac``),
+    #: averaged over the last tenth of a window of ``sparsity_steps`` steps, above its
+    #: average over the window's first tenth by more than ``sparsity_rise`` and above
+    #: ``sparsity_dense``.
+    sparsity_steps: int = 300
+    sparsity_rise: float = 0.25
+    sparsity_dense: float = 0.8
+    #: METRICS.md C update ratio ||dW||/||W|| per parameter (biases aside) after ``warmup``:
+    #: too large above ``update_high``; stalled below ``update_low`` while ||g||/||W|| is
+    #: at least ``update_grad``; not judged while the lr is under ``update_lr_floor`` of the
+    #: largest lr seen (a schedule's tail).
+    update_high: float = 0.1
+    update_low: float = 1e-6
+    update_grad: float = 1e-3
+    update_lr_floor: float = 0.01
+    #: E7/E11 (``curvature_rules``, from the curvature probe): probes in a row a condition
+    #: must hold (probes, not reports: they are sparse).
+    probe_persist: int = 2
+    #: E7: sharpness (Adam: preconditioned) at this fraction of the optimizer's stability
+    #: threshold ``eos_threshold`` (2/lr for GD) or more warns; this multiple is critical.
+    eos_frac: float = 0.9
+    eos_critical: float = 2.0
+    #: E11: the features' effective rank this fraction under its running peak (the first
+    #: ``erank_warmup`` probes not counted, a peak of ``erank_min`` at least; with C class
+    #: labels only under C: a classifier's features compress as it learns) ...
+    erank_drop: float = 0.2
+    erank_warmup: int = 2
+    erank_min: float = 2.0
+    #: ... or, with labels, NC1 above ``nc1_rise`` x its lowest since the train accuracy
+    #: (``train_acc``, else the probe batch's) reached ``nc1_acc``, and above ``nc1_min``.
+    nc1_acc: float = 0.999
+    nc1_rise: float = 2.0
+    nc1_min: float = 0.1
+    #: E5/E6 (``grokking_rules``, from ``observe(train_acc=, test_acc=)`` and the weight
+    #: norm and cos(-g, theta) of the parameter statistics): trends are least-squares fits
+    #: over the last ``grok_window`` reports, as changes over the steps the window spans.
+    grok_window: int = 20
+    #: Memorized: train acc at least this, test acc ``grok_gap`` or more under it.
+    grok_train_acc: float = 0.99
+    grok_gap: float = 0.1
+    #: E5: test acc changed less than this (absolute) over the window: flat ...
+    grok_test_flat: float = 0.02
+    #: ... while the weight norm rose by more than this fraction of itself and the mean
+    #: over the parameters of cos(-g, theta) is above ``grok_cos`` (the NLM direction).
+    grok_norm_rise: float = 0.01
+    grok_cos: float = 0.8
+    #: E6: test acc rose by more than this (absolute) over the window while the weight norm
+    #: fell by more than ``grok_norm_fall`` of itself, after a memorization.
+    grok_test_rise: float = 0.05
+    grok_norm_fall: float = 0.01
 
     def __post_init__(self) -> None:
         self.off, self.dead_types = tuple(self.off), tuple(self.dead_types)
@@ -227,10 +295,14 @@ class Detectors:
         self._ratios: dict[str, tuple[deque[int], deque[float]]] = {}  # steps, ratios
         self._dead: dict[str, deque[tuple[int, float]]] = {}
         self._skips: tuple[int, float] | None = None  # (step, skipped_steps) last report
+        self._activity = ActivityRules(self.rules)  # E10, update ratio
+        self._curvature = CurvatureRules(self.rules)  # E7, E11
+        self._grokking = GrokkingRules(self.rules)  # E5, E6
 
     def check(self, step: int, block: np.ndarray, scalars: np.ndarray,
-              schema: dict[str, Any]) -> list[Alert]:
-        """The alerts this report fires (most reports: none)."""
+              schema: dict[str, Any], params: np.ndarray | None = None) -> list[Alert]:
+        """The alerts this report fires (most reports: none). ``params``: the same report's
+        ``[params x PARAM_STATS]`` block (the params message), where measured."""
         found: dict[tuple[str, str], _Condition] = {}
         stats, layers = list(schema.get("stats", [])), list(schema.get("layers", []))
         values = _scalars(scalars, schema)
@@ -249,6 +321,13 @@ class Detectors:
         self._spikes(step, values, found)
         self._skipping(step, values, found)
         self._head(step, values, schema.get("head") or {}, found)
+        self._activity.check(step, col if block.ndim == 2 and block.shape == (
+            len(layers), len(stats)) else {}, values, schema, params, tainted, Alert,
+            lambda a, persist, key: self._add(found, a, persist, key=key))
+        self._curvature.check(step, values, schema,
+                              lambda a, persist, key: self._add(found, a, persist, key=key), Alert)
+        for g in self._grokking.check(step, values, params, schema):  # E5, E6
+            self._add(found, Alert(g.name, g.level, g.message, g.step, value=g.value), g.persist)
         self._reports += 1
         return self._settle(found)
 
@@ -328,6 +407,9 @@ class Detectors:
         for i, layer in enumerate(layers):
             top, ratio = col["max_abs"][i], col["massive_ratio"][i]
             if not (math.isfinite(top) and math.isfinite(ratio)):
+                continue
+            if "zero_frac" in col and col["zero_frac"][i] >= r.massive_sparse:
+                self._ratios.pop(layer, None)  # no scale to judge by (``massive_sparse``)
                 continue
             if top > r.massive_abs and ratio > r.massive_ratio:
                 self._add(found, Alert(

@@ -171,7 +171,8 @@ class AgentService(threading.Thread):
         """The node's relay; without it (its socket could not bind) each rank's own
         telemetry still serves viewers, so the job goes on and the log says why."""
         relay = Relay(self.run_id, own=self.telemetry_endpoint, host=self._identity.get("host"),
-                      own_curve=self._curve.public if self._curve else "")
+                      own_curve=self._curve.public if self._curve else "",
+                      node=self._identity.get("node", ""))
         try:
             relay.start()
         except RuntimeError as e:
@@ -272,7 +273,10 @@ class AgentService(threading.Thread):
                 self._publish(pub, {"step": r.step, "wall": r.t, "dropped": self.dropped,
                                     **header}, arrays)
                 if header["kind"] == wire.STATS and self.detectors is not None:
-                    for alert in self.detectors.check(r.step, arrays[0], arrays[1], schema):
+                    params = next((a[0] for h, a in messages if h["kind"] == wire.PARAMS),
+                                  None)  # the same report's [params x PARAM_STATS]
+                    for alert in self.detectors.check(r.step, arrays[0], arrays[1], schema,
+                                                      params):
                         self._raise(alert)
 
     # -- control ------------------------------------------------------------------------
@@ -361,12 +365,17 @@ class AgentService(threading.Thread):
         self.wakeup.ring()
 
     def _send_replies(self, pub: zmq.Socket, router: zmq.Socket) -> None:
-        events, self._events = self._events, []
         while True:
             try:
-                events.append(self.controller.events.get_nowait())
+                ev = self.controller.events.get_nowait()
             except queue.Empty:
                 break
+            if callable(ev):  # a job's rank rules on a check's table: judged here, raised
+                for alert in ev():
+                    self._raise(alert)
+            else:
+                self._events.append(ev)
+        events, self._events = self._events, []
         for ev in events:
             self._publish(pub, {"kind": wire.EVENT, **ev})
         while True:

@@ -4,7 +4,7 @@ A thread of local rank 0's agent service (``AgentService`` starts it), not a pro
 own: nothing to set up or launch, nothing left behind when torchrun tears the job down (it
 ends with the rank that hosts it, and a job that lost a rank ends anyway), and one Python
 interpreter less per node. Its XSUB socket connects to each local rank's XPUB, found by the
-ranks' connection files (same run id, same host) in the runtime directory; its XPUB binds
+ranks' connection files (same run id, host and node id) in the runtime directory; its XPUB binds
 ``ipc://`` in that directory (0700, so only this user reaches it). A viewer subscribing to
 the relay is passed on to every rank (XPUB_VERBOSE), so each rank sends its schema and a
 heartbeat at once, as it does for a direct viewer. Messages pass unchanged: each names its
@@ -36,10 +36,11 @@ MAX_IPC_PATH = 100
 HWM = 20000
 
 
-def relay_path(run_id: str) -> tuple[Path, bool]:
-    """``<runtime dir>/relay-<run id>.sock``, or the same name in a fresh 0700 temporary
-    directory when that path is too long for a Unix socket; and whether it is in one."""
-    path = connfile.runtime_dir() / f"relay-{run_id}.sock"
+def relay_path(run_id: str, node: str = "") -> tuple[Path, bool]:
+    """``<runtime dir>/relay-<run id>[-n<node>].sock``, or the same name in a fresh 0700
+    temporary directory when that path is too long for a Unix socket; and whether it is in
+    one. ``node``: the node id (``distributed.node_id``), so two nodes on one host differ."""
+    path = connfile.runtime_dir() / f"relay-{run_id}{f'-n{node}' if node else ''}.sock"
     if len(str(path)) <= MAX_IPC_PATH:
         return path, False
     return Path(tempfile.mkdtemp(prefix="ntop-")) / path.name, True
@@ -49,13 +50,13 @@ class Relay(threading.Thread):
     """Forwards every local rank's telemetry to the viewers of one ``ipc://`` endpoint."""
 
     def __init__(self, run_id: str, own: str = "", host: str | None = None,
-                 own_curve: str = "") -> None:
+                 own_curve: str = "", node: str = "") -> None:
         """``own``: the hosting rank's telemetry endpoint (``own_curve``: its CURVE public
         key, if it binds with CURVE), connected at once; the other ranks are found as their
-        connection files appear."""
+        connection files appear (those of this ``host`` and ``node`` id)."""
         super().__init__(name="neurotop-relay", daemon=True)
-        self.run_id, self.host = run_id, host or socket.gethostname()
-        self._path, self._own_dir = relay_path(run_id)
+        self.run_id, self.host, self.node = run_id, host or socket.gethostname(), node
+        self._path, self._own_dir = relay_path(run_id, node)
         self.endpoint = f"ipc://{self._path}"
         self._seen: set[Path] = set()  # connection files read already
         #: Each rank's telemetry endpoint connected to, with its CURVE key ("": none).
@@ -90,7 +91,7 @@ class Relay(threading.Thread):
                 continue
             self._seen.add(p)
             if (info.run_id == self.run_id and info.host == self.host
-                    and info.telemetry not in self.upstream):
+                    and info.node == self.node and info.telemetry not in self.upstream):
                 self.upstream[info.telemetry] = self._pending[info.telemetry] = \
                     info.curve_server_key
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -50,6 +50,10 @@ class Endpoints:
     curve_server_key: str = ""
     link: SshLink | None = None
     rank: int | None = None
+    #: A job's other node relays that this host reaches (``targets.reachable``), subscribed
+    #: on the same socket as ``telemetry``; ``relays``: how many the job lists (0: not a job).
+    more: list[str] = field(default_factory=list)
+    relays: int = 0
 
 
 def sender_id() -> str:
@@ -168,6 +172,8 @@ class LiveClient:
         if self.endpoints.curve_server_key:
             make_client(sub, self.endpoints.curve_server_key)
         sub.connect(self.endpoints.telemetry)
+        for endpoint in self.endpoints.more:  # every node relay reachable from here
+            sub.connect(endpoint)
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         dealer = None

@@ -28,7 +28,7 @@ STATISTICS: dict[str, tuple[str, str]] = {
     "grad_norm": ("gradient norm (global: all)", "steady; 10x its mean: spike"),
     "grad_max_abs": ("largest |gradient|", "finite; spikes with grad_norm"),
     "weight_norm": ("weight norm before the step", "slow change"),
-    "update_ratio": ("||step|| / ||weights||", "~1e-3; 1e-5 stalls, 1e-1 too big"),
+    "update_ratio": ("||step|| / ||weights||", "~1e-3; 1e-6 stalls, 1e-1 too big"),
     "nlm_cos": ("cos(-gradient, weights)", "< 0.8; ~1: only scales logits"),
     # global scalars
     "loss": ("training loss (observe)", "falling; spikes: E8"),
@@ -53,6 +53,17 @@ STATISTICS: dict[str, tuple[str, str]] = {
     "head.zero_loss_frac": ("rows whose loss is exactly 0", "0"),
     "loss_scale": ("GradScaler's loss scale", "steady; falling: overflows"),
     "skipped_steps": ("steps GradScaler skipped", "a few early, then flat"),
+    # the curvature probe (mon.probe_batch / mon.probe; probe_every, `probe`)
+    "lambda_max": ("top Hessian eigenvalue, probe", "< 0.9 x eos_threshold (E7)"),
+    "hessian_trace": ("Hessian trace (Hutchinson)", ">= lambda_max; grows with it"),
+    "precond_sharpness": ("Adam: top eigenvalue of P^-1 H", "< 0.9 x 38/lr (E7)"),
+    "eos_threshold": ("stability limit: 2/lr (GD)", "sharpness stays below it"),
+    "probe_loss": ("loss on the probe batch", "falling"),
+    "probe_acc": ("accuracy on the probe batch", "rising"),
+    "feature_erank": ("effective rank of features", "no >20% drop from peak (E11)"),
+    "nc1": ("within/between-class spread", "falls once train error is 0"),
+    "probe_step": ("step the probe ran at", "-"),
+    "probe_ms": ("wall time of one probe, ms", "~50 training steps"),
 }
 
 #: Alert name -> one line of what to try. Keyed by the alert's name (``ALERTS`` in the
@@ -69,6 +80,14 @@ ALERT_HINTS: dict[str, str] = {
     "amp_skipping": "loss scale overflows: lower lr, or use bf16",
     "softmax_collapse": "add weight decay: `set weight_decay 0.1`",
     "overconfidence": "lower lr; label smoothing; temperature > 1",
+    "edge_of_stability": "sharpness at 2/lr: lower lr: `set lr x0.5`",
+    "representation_collapse": "lower lr; check the loss for a trivial optimum",
+    "sparsity_drift": "ReLU turning linear: bias drift? lower lr, topk",
+    "update_ratio": "too large: lower lr (`set lr x0.1`); low: raise it",
+    "grokking_stall": "raise weight decay: `set weight_decay 1`",
+    "grokking": "generalizing: keep the weight decay",
+    "straggler": "that rank's data loading or host: workers, CPU, disk",
+    "rank_divergence": "weights changed outside DDP? init broadcast, seeds",
 }
 
 #: What the feed says for an alert this table does not know (a newer agent's).

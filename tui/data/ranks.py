@@ -29,8 +29,15 @@ if TYPE_CHECKING:
     from neurotop.tui.data.replay_source import ReplaySource
 
 #: Scalars that are a rank's step time in ms, if its agent reports one; else it is
-#: ``1000 / steps_per_s`` (the rank's own rate, measured over at least a second).
-STEP_TIME_SCALARS = ("step_time_ms", "step_ms")
+#: ``1000 / steps_per_s`` (the rank's own rate, measured over at least a second). First
+#: ``ready_ms`` (every rank of a job reports it): the time from a step boundary to the
+#: model's next forward. Under DDP the all-reduce makes every rank's step time equal, so
+#: that strip is flat; the time before the forward is where a straggler differs.
+STEP_TIME_SCALARS = ("ready_ms", "step_time_ms", "step_ms")
+READY_SCALAR = "ready_ms"
+#: The strip names the rank whose median is at least this many times the median of the
+#: other ranks' (the agent's straggler rule's default ratio, ``RankRules.straggler_ratio``).
+LONGEST_RATIO = 1.5
 RATE_SCALAR = "steps_per_s"
 #: Ranks a job may have (a connection file's bound): a message naming another is refused.
 MAX_RANKS = 1 << 20
@@ -111,6 +118,25 @@ class StepTimes:
     ranks: tuple[int, ...]
     steps: np.ndarray
     ms: np.ndarray  # [ranks x steps], NaN where a rank has no figure
+    #: What the figures are: ``READY_SCALAR`` when every rank's are its ready time, else
+    #: "" (step times, or a mix)
+    source: str = ""
+
+    def longest(self, ms: np.ndarray | None = None) -> tuple[int, float] | None:
+        """The rank whose median (over ``ms``, default all of it) is at least
+        ``LONGEST_RATIO`` times the median of the other ranks' medians, and that ratio;
+        None when no rank stands out (or fewer than two ranks have figures)."""
+        m = self.ms if ms is None else ms
+        ok = np.isfinite(m).any(axis=1) if m.size else np.zeros(len(self.ranks), bool)
+        if ok.sum() < 2:
+            return None
+        with np.errstate(invalid="ignore"):
+            med = np.array([np.nanmedian(r) if k else np.nan for r, k in zip(m, ok, strict=True)])
+        i = int(np.nanargmax(med))
+        others = float(np.nanmedian(np.delete(med, i)))
+        if not others > 0 or not med[i] >= LONGEST_RATIO * others:
+            return None
+        return self.ranks[i], float(med[i] / others)
 
 
 class Ranks:
@@ -130,6 +156,8 @@ class Ranks:
         self._picks = 0  # bumped on every change of selection: the redraw key changes
         self._world = 1
         self._nodes: dict[int, tuple[str, str]] = {}  # rank -> (host, node id)
+        #: (node relays this viewer subscribes to, relays the job lists); None: not known
+        self.reach: tuple[int, int] | None = None
 
     # -- the writer -----------------------------------------------------------------------
 
@@ -189,7 +217,15 @@ class Ranks:
         return self.world_size > 1
 
     def describe(self) -> str:
-        return job_text(self.world_size, self.nodes) if self.is_job else ""
+        """``4 ranks, 2 nodes``; when some nodes' relays are on other hosts (not reachable
+        from here), how many ranks report and how many nodes this viewer reaches."""
+        if not self.is_job:
+            return ""
+        reached, total = self.reach or (0, 0)
+        if reached >= total:
+            return job_text(self.world_size, self.nodes)
+        return (f"{job_text(self.world_size, max(self.nodes, total))} ({len(self.stores)}"
+                f" of {self.world_size} reporting: {reached} of {total} nodes reachable)")
 
     def silent(self) -> list[int]:
         """Ranks whose messages stopped coming (live: none for ``RunStore.STALE_AFTER_S``)."""
@@ -278,6 +314,7 @@ class Ranks:
         """Every rank's step time per report (ms), on the union of their steps; ``last``:
         only the last that many steps."""
         series: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        sources: set[str] = set()  # the scalar each rank's figures are
         for r, s in self.stores.items():
             with s.lock:
                 names = s.schema["scalars"] if s.schema is not None else ()
@@ -293,10 +330,12 @@ class Ranks:
             else:
                 continue
             series[r] = (x, ms)
+            sources.add(name)
         steps, ms = align(series)
         if last is not None and len(steps) > last:
             steps, ms = steps[-last:], ms[:, -last:]
-        return StepTimes(ranks=tuple(series), steps=steps, ms=ms)
+        source = READY_SCALAR if sources == {READY_SCALAR} else ""
+        return StepTimes(ranks=tuple(series), steps=steps, ms=ms, source=source)
 
 
 class JobClient(LiveClient):
@@ -320,6 +359,7 @@ class JobClient(LiveClient):
             self.store.note_error(f"undecodable telemetry: {e}")
             return
         self.ranks.note(h)
+        self.ranks.reach = (1 + len(self.endpoints.more), self.endpoints.relays)
         rank = h.get("rank", 0)
         if self.endpoints.rank is not None and (not isinstance(rank, int) or isinstance(
                 rank, bool) or not 0 <= rank < MAX_RANKS):

@@ -228,7 +228,11 @@ def free_port() -> int:
 
 
 def _remote_address(endpoint: str) -> tuple[str, int]:
-    """Where, seen from the remote host, a run's ``tcp://`` endpoint can be reached."""
+    """Where, seen from the remote host, a run's ``tcp://`` endpoint can be reached; for an
+    ``ipc://`` one (a job's node relay), its socket's path and port 0 (OpenSSH >= 6.7
+    forwards a local port to a remote Unix socket)."""
+    if endpoint.startswith("ipc:///"):
+        return endpoint.removeprefix("ipc://"), 0
     u = urlsplit(endpoint)
     if u.scheme != "tcp" or not u.port:
         raise SshError(f"the run's endpoint {endpoint!r} is not tcp://host:port")
@@ -268,7 +272,11 @@ class SshLink:
 
     def __init__(self, target: SshTarget, info: ConnectionInfo, *, control: bool = True) -> None:
         self.target, self.info = target, info
-        wanted = [info.telemetry, *([info.control] if control else [])]
+        # A job: its head node's relay (every rank of that node) and rank 0's control
+        relay = info.relays[0] if info.relays and info.relays[0].startswith("ipc:///") else ""
+        self.relay = relay  #: the job's relay this link forwards ("": the run's telemetry)
+        wanted = [relay or info.telemetry,
+                  *([info.job_control or info.control] if control else [])]
         self._remote = [_remote_address(ep) for ep in wanted]
         self._local = [free_port() for _ in self._remote]
         self.proc: subprocess.Popen | None = None
@@ -332,7 +340,8 @@ class SshLink:
         """Run ssh and wait until the last local port accepts (all are bound together)."""
         for attempt in range(3):
             self._stop_ssh()
-            forwards = [f"-L127.0.0.1:{lp}:{f'[{h}]' if ':' in h else h}:{rp}"
+            forwards = [f"-L127.0.0.1:{lp}:{h}" if not rp else  # rp 0: a Unix socket
+                        f"-L127.0.0.1:{lp}:{f'[{h}]' if ':' in h else h}:{rp}"
                         for lp, (h, rp) in zip(self._local, self._remote, strict=True)]
             if self._log is not None:
                 self._log.close()

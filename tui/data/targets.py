@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from neurotop.protocol import connfile, runs
 from neurotop.tui.data import remote
 from neurotop.tui.data.client import Endpoints
@@ -16,8 +18,8 @@ def resolve(target: str | None, *, read_only: bool = False) -> Endpoints:
     ``ssh://[user@]host[:port][/RUN]`` (through an ssh tunnel, closed with the client), or
     nothing (the newest live run on this machine). ``read_only`` drops the key, and over
     ssh does not forward the control port at all. A job (its lowest rank's connection file
-    lists relays): its node relay's telemetry and rank 0's control; over ssh, the head
-    rank's own telemetry (``ipc://`` is not forwarded)."""
+    lists relays): its node relay's telemetry and rank 0's control, over ssh too (the
+    tunnel forwards a local port to the head node's relay socket)."""
     if target and target.startswith("tcp://"):
         return Endpoints(telemetry=target)
     if target and target.startswith("ssh://"):
@@ -27,7 +29,9 @@ def resolve(target: str | None, *, read_only: bool = False) -> Endpoints:
             raise TargetError(str(e)) from None
         return Endpoints(telemetry=link.telemetry, control=link.control,
                          key=None if read_only else info.key_bytes or None,
-                         run_id=info.run_id, curve_server_key=info.curve_server_key, link=link)
+                         run_id=info.run_id, curve_server_key=info.curve_server_key, link=link,
+                         rank=info.rank if link.relay else None,
+                         relays=len(info.relays) if link.relay else 0)  # the head node's only
     try:
         info = connfile.find(target)
     except LookupError as e:
@@ -38,9 +42,18 @@ def resolve(target: str | None, *, read_only: bool = False) -> Endpoints:
     if info.relays:  # a job: one connection to the node's relay, the store keeps this rank
         return Endpoints(telemetry=info.relays[0], control=info.job_control or info.control,
                          key=key, run_id=info.run_id, curve_server_key=info.curve_server_key,
-                         rank=info.rank)
+                         rank=info.rank, more=reachable(info.relays[1:]),
+                         relays=len(info.relays))
     return Endpoints(telemetry=info.telemetry, control=info.control, key=key,
                      run_id=info.run_id, curve_server_key=info.curve_server_key)
+
+
+def reachable(relays: list[str]) -> list[str]:
+    """The node relays a viewer on this host can subscribe to: ``ipc://`` sockets that exist
+    here (two torchruns on one host, two "nodes"); the others are on other hosts (attach
+    there, or over ``ssh://`` to each)."""
+    return [e for e in relays if e.startswith("ipc://")
+            and Path(e.removeprefix("ipc://")).is_socket()]
 
 
 def ended(target: str | None) -> str:

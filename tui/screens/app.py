@@ -99,6 +99,7 @@ class NeurotopApp(ControlActions, App[None]):
         Binding("c", "toggle_controls", "controls"),
         Binding("e", "edit_knob", "edit knob", show=False),
         Binding("w", "snapshot", "snapshot", show=False),
+        Binding("H", "probe", "probe", show=False),
         Binding("X", "stop_run", "stop run", show=False),
         Binding("s", "cycle_spark", "statistic", show=False),
         Binding("l", "toggle_log", "log", show=False),
@@ -133,13 +134,14 @@ class NeurotopApp(ControlActions, App[None]):
     #: Actions that drive the run: a read-only view neither shows nor runs them (the footer
     #: and the help leave their keys out). Add every control action here.
     CONTROL_ACTIONS = frozenset({"toggle_pause", "step_one", "toggle_controls", "edit_knob",
-                                 "snapshot", "stop_run"})
+                                 "snapshot", "stop_run", "probe"})
     #: (keys, action, what it does) for the help screen.
     HELP = (("space", "toggle_pause", "pause / resume the run at the next optimizer step"),
             ("n", "step_one", "run one optimizer step, then pause"),
             ("c", "toggle_controls", "show / hide the control panel (knobs, command log)"),
             ("e, enter", "edit_knob", "edit the selected knob (asks to confirm)"),
             ("w", "snapshot", "snapshot model + optimizer state"),
+            ("H", "probe", "curvature probe now (lambda_max vs 2/lr; needs mon.probe_batch)"),
             ("X", "stop_run", "stop the run gracefully (asks to confirm)"),
             ("q", "quit", "quit (the run goes on)"))
 

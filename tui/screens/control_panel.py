@@ -343,6 +343,10 @@ class ControlActions:
     def action_snapshot(self) -> None:
         self.send("snapshot")
 
+    def action_probe(self) -> None:
+        """The curvature probe at the next boundary; its ack shows the numbers."""
+        self.send("probe")
+
     def send(self, cmd: str, args: dict[str, Any] | None = None) -> None:
         if self.read_only:
             self.notify(f"read-only: this view cannot {cmd}", severity="warning")

@@ -304,6 +304,10 @@ class OverviewPane(Vertical):
     """
     PLOTS = (("loss", ("loss",)), ("lr", ("lr",)), ("grad norm", ("grad_norm",)),
              ("throughput", ("steps_per_s", "samples_per_s")))
+    #: The curvature probe's sharpness (Adam: preconditioned) and the optimizer's stability
+    #: limit (2/lr for GD, 38/lr for Adam): drawn in the lr plot's place once the run has
+    #: probe results (the limit is the lr, read as a curvature). E7 in the README.
+    EOS = ("precond_sharpness", "lambda_max", "eos_threshold")
 
     def compose(self) -> ComposeResult:
         with Grid():
@@ -315,7 +319,8 @@ class OverviewPane(Vertical):
         yield SystemPanel(id="system")  # GPUs and host, where the screen has room
 
     def wants(self, view: View) -> Wants:
-        return Wants(scalars=tuple(names for _, names in self.PLOTS), envelope=not view.smooth,
+        return Wants(scalars=(*(names for _, names in self.PLOTS), *((n,) for n in self.EOS)),
+                     envelope=not view.smooth,
                      heat=view.stat, events=AlertFeed.EVENTS)
 
     def draw(self, frame: Frame, view: View) -> None:
@@ -324,6 +329,8 @@ class OverviewPane(Vertical):
         for i, (title, names) in enumerate(self.PLOTS):
             shown = frame.schema.scalars_named(*names) if frame.schema else ()
             plot = self.query_one(f"#ov-plot-{i}", Plot)
+            if title == "lr" and not frame.runs and self._draw_eos(plot, frame, view):
+                continue
             if frame.runs:  # a comparison: each run's line (its first of these scalars)
                 plot.draw_several([(run.name, *next(
                     (v for n, v in run.scalars.items() if n.split(".")[0] in names), none))
@@ -337,6 +344,22 @@ class OverviewPane(Vertical):
         self.query_one(HeatStrip).draw(frame, view)
         self.query_one(AlertFeed).draw(frame)
         self.query_one(SystemPanel).draw(frame)
+
+    def _draw_eos(self, plot: Plot, frame: Frame, view: View) -> bool:
+        """Sharpness against its stability limit, from the probes (finite points only: the
+        reports between two probes have none); False when the run has no probe results."""
+        def finite(name: str) -> tuple[np.ndarray, np.ndarray]:
+            x, y = frame.scalars.get(name) or (np.empty(0), np.empty(0))
+            ok = np.isfinite(y)
+            return np.asarray(x)[ok], np.asarray(y)[ok]
+        adam = finite("precond_sharpness")
+        sharp, label = (adam, "P⁻¹H") if len(adam[1]) else (finite("lambda_max"), "λmax")
+        if not len(sharp[1]):
+            return False
+        limit = "38/lr" if label == "P⁻¹H" else "2/lr"
+        plot.draw_several([(label, *sharp), (limit, *finite("eos_threshold"))],
+                          f"sharpness vs {limit}", view, whole_names=True)
+        return True
 
 
 class RunsTable(LayerTable):

@@ -13,6 +13,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 
 from neurotop.tui.data.frame import Frame, Wants
+from neurotop.tui.data.ranks import READY_SCALAR
 from neurotop.tui.data.view import View
 from neurotop.tui.screens.dashboard import Panel
 from neurotop.tui.screens.plotting import heat_strip, shade_legend, value_scale, window
@@ -68,16 +69,27 @@ def rank_name(rank: int) -> str:
     return f"r{rank}" if rank >= 0 else "-"
 
 
-def step_time_strip(st: StepTimes, width: int, height: int, view: View) -> Text:
+def step_time_strip(st: StepTimes, width: int, height: int, view: View,
+                    warn_style: str = "bold") -> Text:
     """Ranks x time of step time: one line per rank (or group of ranks, each showing its
     slowest, when there are more ranks than lines), its median over the window after its
-    name; the time axis under it."""
+    name; the time axis under it. A job's ranks report their ready time (``ready_ms``):
+    the strip says so, and names the rank whose median stands out (``StepTimes.longest``),
+    in ``warn_style``."""
     head = Text.assemble(("step time per rank", "bold"), (" (ms)", "dim"), no_wrap=True,
                          overflow="crop")
     x, ms = st.steps, st.ms
     if ms.size:
         x, ms_t = window(x, view.last, ms.T)
         ms = ms_t.T
+    if st.source == READY_SCALAR:  # under DDP the step times are equal: this is what differs
+        head = Text("ready ms", style="bold", no_wrap=True, overflow="crop")
+        slow = st.longest(ms) if ms.size else None
+        if slow is not None:  # first: the explanation is cropped before it on a narrow pane
+            head.append(f"  longest: {rank_name(slow[0])} ({slow[1]:.1f}x the others')",
+                        style=warn_style)
+        head.append(" · " if slow is not None else ": ", style="dim")
+        head.append("time before each forward; a straggler's is longer", style="dim")
     if not ms.size or not np.isfinite(ms).any():
         head.append("  none reported yet", style="dim")
         return head
@@ -174,4 +186,4 @@ class RanksPane(Vertical):
         else:
             table.show(spread_table(sp, width, max(table.size.height or 10, 2),
                                     level_styles(self)))
-        heat.show(step_time_strip(st, width, max(want - 1, 2), view))
+        heat.show(step_time_strip(st, width, max(want - 1, 2), view, level_styles(self)[1]))
