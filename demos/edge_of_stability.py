@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="full-batch Adam instead of gradient descent (its limit: 38/lr)")
     p.add_argument("--probe-every", type=int, default=10,
                    help="steps between two curvature probes")
-    p.add_argument("--report-every", type=int, default=10)
+    p.add_argument("--report-every", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--step-sleep", type=float, default=0.0,
                    help="seconds to sleep per step (slows the run down for viewing)")

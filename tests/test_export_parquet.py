@@ -48,7 +48,9 @@ def test_parquet_round_trips_through_pandas(session: Path, recording: Recording,
     assert export(session, "parquet", out) == [str(out / f"{t}.parquet") for t in TABLES]
     tables = {t: pd.read_parquet(out / f"{t}.parquet") for t in TABLES}
     schema, steps = recording.schema, np.array(recording.steps)
-    assert len(steps) > NAN_AT  # the NaN step and the one the pause held are in
+    # The NaN step is in; so is the next when the training thread passes the boundary
+    # before the agent thread's auto-pause lands (on a loaded machine it may not).
+    assert len(steps) >= NAN_AT
 
     scalars = tables["scalars"]
     assert list(scalars.columns) == ["step", "time", *schema["scalars"]]
