@@ -3,10 +3,11 @@
     python benchmarks/overhead.py                 # CPU (and CUDA when there is one)
     python benchmarks/overhead.py --reps 10       # more processes per mode, less noise
 
-Two models, each trained with AdamW on 1024 rows per step: a GPT-style transformer (4
-pre-LN blocks, width 256, 4 heads, 128 tokens, batch 8) and a ReLU MLP (6 hidden layers
-of 1024, batch 1024; ``--mlp-batch`` changes it: with fewer rows per step the fixed
-per-parameter statistics weigh more: ~1.18x for everything on every step at 256).
+Models, each trained with AdamW: a GPT-style transformer (4 pre-LN blocks, width 256, 4
+heads, 128 tokens, batch 8), a ReLU MLP (6 hidden layers of 1024) at 1024 and at 256 rows
+per step (``--mlp-batches``: with fewer rows the fixed per-parameter statistics weigh
+more), and ``gpt_small`` (2 blocks of width 64, 64 tokens, batch 8, ~0.12 M parameters,
+~10 ms a step), where the fixed cost of a report weighs most.
 Three modes, each in its own fresh process, run in rotated order rep after rep
 (off, default, all / default, all, off / ...): ``off`` is the bare loop, ``default`` is
 ``neurotop.watch(model, opt)`` with the default settings, ``all`` computes every statistic on
@@ -14,8 +15,14 @@ every step (report_every=1, histograms of every layer on every report, the backp
 on every layer, parameter statistics). Each process warms up, then times chunks of 10
 steps, so that every chunk holds exactly one report step of the default mode; a step's
 time is its chunk's time / 10, and the figure per mode is the median over all chunks of
-all its processes. The last line is ``overhead_default=R1 overhead_all=R2``: the largest
-ratio over the models (and devices) measured.
+all its processes. The default mode's steps are also timed one by one: ``report_ms`` is
+its median report step minus its median plain step (transformer). ``launches_per_layer``:
+the top-level aten ops (each a kernel launch on a device) of a report step minus a plain
+step's, per measured layer, counted with torch.profiler on the CPU (transformer, default
+settings). The last line is ``overhead_default=R1 overhead_all=R2 report_ms=C
+launches_per_layer=D gpt_small_default=E gpt_small_all=F gpt_small_report_ms=G``
+(then ``eval_mem_ratio``): R1, R2 the largest ratio over the transformer and the MLPs (and
+devices) measured, E, F, G the small GPT's.
 
 Memory with evaluation inside report windows (``--eval-every N``, default 10; 0 skips it):
 one more process per model with and without neurotop (default settings) trains 20 steps
@@ -36,6 +43,8 @@ import time
 from typing import Any
 
 MODES = ("off", "default", "all")
+#: The per-report figures are taken on this model (the issue's budgets are for it).
+REPORT_MODEL = "transformer"
 CHUNK = 10
 
 
@@ -84,13 +93,18 @@ def build(model_name: str, device: str, mlp_batch: int = 1024, eval_batch: int =
             return self.head(self.ln(x))
 
     torch.manual_seed(0)
-    if model_name == "transformer":
-        model = GPT().to(device)
-        x = torch.randint(0, 1024, (8, 128), device=device)
+    if model_name in ("transformer", "gpt_small"):
+        # gpt_small: ~0.12 M parameters, 2 blocks of width 64, 64 tokens of a 128-token
+        # vocabulary, batch 8 (~10 ms a step on one core): the fixed cost per report
+        # weighs most on such a model.
+        vocab, ctx, kw = (1024, 128, {}) if model_name == "transformer" else (
+            128, 64, dict(vocab=128, d=64, heads=4, depth=2, ctx=64))
+        model = GPT(**kw).to(device)
+        x = torch.randint(0, vocab, (8, ctx), device=device)
 
         def loss_fn(m):
             return F.cross_entropy(m(x).flatten(0, 1), x.flatten())
-        val = torch.randint(0, 1024, (max(1, eval_batch // 128), 128), device=device)
+        val = torch.randint(0, vocab, (max(1, eval_batch // ctx), ctx), device=device)
     else:
         layers: list[nn.Module] = [nn.Linear(512, 1024), nn.ReLU()]
         for _ in range(5):
@@ -127,7 +141,7 @@ def child(args: argparse.Namespace) -> None:
     if args.mode != "off":
         import neurotop
 
-        opts = {} if args.mode == "default" else dict(
+        opts = {} if args.mode in ("default", "ops") else dict(
             report_every=1, hist_every=1, signal_layers=("*",), hist_layers=("*",))
         mon = neurotop.watch(model, opt, name=f"bench-{args.model}", **opts)
 
@@ -161,24 +175,55 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(args.warmup):
         step()
     sync()
-    wall, cpu = [], []
+    if args.mode == "ops":
+        print(json.dumps(count_ops(model, mon, step)))
+        mon.close()
+        return
+    wall, cpu, report, plain = [], [], [], []
     for _ in range(args.chunks):
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(CHUNK):
+            reports, t1 = mon is not None and mon._active, time.perf_counter()
             step()
-        sync()
+            sync()  # per step: a report step's time is its own (a no-op on the CPU)
+            (report if reports else plain).append(time.perf_counter() - t1)
         wall.append((time.perf_counter() - t0) / CHUNK)
         cpu.append((time.process_time() - c0) / CHUNK)
     if mon is not None:
         mon.close()
-    print(json.dumps({"wall": wall, "cpu": cpu}))
+    print(json.dumps({"wall": wall, "cpu": cpu, "report": report, "plain": plain}))
+
+
+def count_ops(model: Any, mon: Any, step: Any) -> dict[str, float]:
+    """Top-level aten ops (on CPU each is a kernel launch on a device) of a report step
+    minus those of a plain step, with the profiler, and the number of measured layers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def ops(report: bool) -> int:
+        while mon._active != report:
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        n = 0
+        for e in prof.events():
+            if not e.name.startswith("aten::"):
+                continue
+            p = e.cpu_parent
+            while p is not None and not p.name.startswith("aten::"):
+                p = p.cpu_parent
+            n += p is None
+        return n
+
+    rep, plain = min(ops(True) for _ in range(2)), min(ops(False) for _ in range(2))
+    return {"report": rep, "plain": plain, "layers": len(mon._layers)}
 
 
 def run_child(model: str, mode: str, device: str, args: argparse.Namespace,
-              eval_child: bool = False) -> dict[str, Any]:
+              eval_child: bool = False, mlp_batch: int | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--mode", mode,
            "--device", device, "--warmup", str(args.warmup), "--chunks", str(args.chunks),
-           "--threads", str(args.threads), "--mlp-batch", str(args.mlp_batch),
+           "--threads", str(args.threads),
+           "--mlp-batch", str(mlp_batch or args.mlp_batches.split(",")[0]),
            "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
            *(["--eval-child"] if eval_child else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -187,22 +232,46 @@ def run_child(model: str, mode: str, device: str, args: argparse.Namespace,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(model: str, device: str, args: argparse.Namespace) -> dict[str, float]:
+def measure(model: str, device: str, args: argparse.Namespace, batch: int | None = None
+            ) -> dict[str, float]:
+    """Ratios with / without for both modes, and ``report_ms``: the median report step of
+    the default mode minus its median plain step, in the same processes."""
     times = {k: {m: [] for m in MODES} for k in ("wall", "cpu")}
+    steps: dict[str, list[float]] = {"report": [], "plain": []}
     for rep in range(args.reps):
         order = MODES[rep % 3:] + MODES[: rep % 3]
         for mode in order:
-            got = run_child(model, mode, device, args)
+            got = run_child(model, mode, device, args, mlp_batch=batch)
             for k in times:
                 times[k][mode] += got[k]
+            if mode == "default":
+                for k in steps:
+                    steps[k] += got[k]
+    label = f"{model}@{batch}" if model == "mlp" else model
     for k, what in (("cpu", "process CPU time per step (less sensitive to a busy machine)"),
                     ("wall", "median step")):
         med = {m: statistics.median(v) for m, v in times[k].items()}
-        print(f"{device} {model}: {what}: off {med['off'] * 1e3:.1f} ms  "
+        print(f"{device} {label}: {what}: off {med['off'] * 1e3:.1f} ms  "
               f"default {med['default'] * 1e3:.1f} ms ({med['default'] / med['off']:.3f})  "
               f"all {med['all'] * 1e3:.1f} ms ({med['all'] / med['off']:.3f})", flush=True)
-    print(f"  [{args.reps} processes x {args.chunks} chunks of {CHUNK} steps per mode]")
-    return {m: med[m] / med["off"] for m in ("default", "all")}
+    report_ms = (statistics.median(steps["report"]) - statistics.median(steps["plain"])) * 1e3
+    print(f"  report step {statistics.median(steps['report']) * 1e3:.2f} ms, plain step "
+          f"{statistics.median(steps['plain']) * 1e3:.2f} ms (default mode): +{report_ms:.2f}"
+          f" ms per report  [{args.reps} processes x {args.chunks} chunks of {CHUNK} steps"
+          " per mode]", flush=True)
+    return {"default": med["default"] / med["off"], "all": med["all"] / med["off"],
+            "report_ms": report_ms}
+
+
+def measure_ops(model: str, device: str, args: argparse.Namespace) -> float:
+    """Top-level aten ops (kernel launches on a device) of a report step over a plain
+    step's, per measured layer, counted with torch.profiler on the CPU."""
+    got = run_child(model, "ops", "cpu", args)
+    per_layer = (got["report"] - got["plain"]) / got["layers"]
+    print(f"cpu {model}: aten ops per step: report {got['report']}, plain {got['plain']}: "
+          f"+{got['report'] - got['plain']} for {got['layers']} layers ({per_layer:.1f} per"
+          " layer)", flush=True)
+    return per_layer
 
 
 def measure_eval_memory(model: str, device: str, args: argparse.Namespace) -> float:
@@ -222,8 +291,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per process")
     p.add_argument("--chunks", type=int, default=4, help="timed chunks of 10 steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--models", default="transformer,mlp")
-    p.add_argument("--mlp-batch", type=int, default=1024, help="rows per step of the MLP")
+    p.add_argument("--models", default="transformer,mlp,gpt_small")
+    p.add_argument("--mlp-batches", default="1024,256",
+                   help="rows per step of the MLP, one measurement each")
+    p.add_argument("--mlp-batch", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--eval-every", type=int, default=10,
                    help="evaluate every N steps in the memory measurement (0: skip it)")
@@ -233,7 +304,7 @@ def main() -> None:
     p.add_argument("--eval-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=(*MODES, "ops"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
@@ -243,14 +314,27 @@ def main() -> None:
         import torch
 
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    runs = [(m, d) for d in devices for m in args.models.split(",")]
+    models = args.models.split(",")
+    batches = [int(b) for b in args.mlp_batches.split(",")]
+    runs = [(m, d, b) for d in devices for m in models if m != "gpt_small"
+            for b in (batches if m == "mlp" else [None])]
     keys = []
     if not args.eval_only:
-        ratios = [measure(m, d, args) for m, d in runs]
-        keys += [f"overhead_default={max(r['default'] for r in ratios):.3f}",
-                 f"overhead_all={max(r['all'] for r in ratios):.3f}"]
+        ratios = {(m, d, b): measure(m, d, args, b) for m, d, b in runs}
+        keys += [f"overhead_default={max(r['default'] for r in ratios.values()):.3f}",
+                 f"overhead_all={max(r['all'] for r in ratios.values()):.3f}"]
+        if REPORT_MODEL in models:
+            keys.append(f"report_ms={ratios[(REPORT_MODEL, 'cpu', None)]['report_ms']:.2f}")
+            keys.append(f"launches_per_layer={measure_ops(REPORT_MODEL, 'cpu', args):.1f}")
+        if "gpt_small" in models:
+            small = [measure("gpt_small", d, args) for d in devices]
+            keys += [f"gpt_small_default={max(r['default'] for r in small):.3f}",
+                     f"gpt_small_all={max(r['all'] for r in small):.3f}",
+                     f"gpt_small_report_ms={small[0]['report_ms']:.2f}"]
     if args.eval_every > 0:
-        keys.append(f"eval_mem_ratio={max(measure_eval_memory(m, d, args) for m, d in runs):.3f}")
+        keys.append("eval_mem_ratio=" + format(max(
+            measure_eval_memory(m, d, args) for m, d in dict.fromkeys(
+                (m, d) for m, d, _ in runs)), ".3f"))
     print(" ".join(keys))
 
 

@@ -316,7 +316,7 @@ class LayerCollector:
             if u is not None:
                 by_shape.setdefault((u.shape[0], u.shape[1]), []).append(i)
         for (_, c), layers in by_shape.items():  # finish the folds: one kernel per shape
-            m = torch.stack([self.umax[i].to(dev) for i in layers]).amax(1)
+            m = _stack([self.umax[i] for i in layers], dev, (0,)).amax(1)
             cur[:, :c].index_copy_(0, self._index(layers, dev), m)
         window = self._ring.nan_to_num(nan=float("-inf")).amax(0)
         return (cur <= 0).sum(1), ((window <= 0) & self._valid_mask(dev, units, width)).sum(1)
@@ -346,4 +346,9 @@ class LayerCollector:
 
 
 def _stack(ts: list[torch.Tensor], dev: torch.device, empty: tuple[int, ...]) -> torch.Tensor:
-    return torch.stack([t.to(dev) for t in ts]) if ts else torch.zeros(empty, device=dev)
+    """``ts`` stacked on ``dev``: one kernel when all lie there (not one copy per tensor)."""
+    if not ts:
+        return torch.zeros(empty, device=dev)
+    if all(t.device == dev for t in ts):
+        return torch.stack(ts)
+    return torch.stack([t.to(dev) for t in ts])
