@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +19,14 @@ from neurotop.service.detectors import CRITICAL, WARN, AlertRules, Detectors
 from tests.helpers.alerts import recorded
 from tests.helpers.cli import neurotop
 from tests.helpers.package import ROOT
-from tests.helpers.recorded import read_recording
+from tests.helpers.recorded import read_recording, record_run
 
 DEMO = ROOT / "demos" / "edge_of_stability.py"
 
 
 def run_demo(where: Path, *args: str) -> Path:
     """The demo to its end, recorded under ``where``; its session file."""
-    env = dict(os.environ, NEUROTOP_RUNS_DIR=str(where / "runs"),
-               NEUROTOP_RUNTIME_DIR=str(where / "runtime"))
-    out = subprocess.run([sys.executable, str(DEMO), *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    (session,) = (where / "runs").glob("*/session.ntop")
-    return session
+    return record_run(where, *args, script=DEMO, timeout=300)
 
 
 def probes(session: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -6,9 +6,6 @@ and its healthy twin, fixed by ``AlertRules.massive_sparse``."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +14,14 @@ import pytest
 from neurotop.service.detectors import AlertRules, Detectors
 from tests.helpers.alerts import recorded
 from tests.helpers.package import ROOT
+from tests.helpers.recorded import record_run
 
 pytestmark = pytest.mark.slow
 
 
 def run_demo(where: Path, name: str, *args: str) -> list[dict]:
     """``demos/NAME.py`` to its end, recorded under ``where``: its alert events."""
-    env = dict(os.environ, NEUROTOP_RUNS_DIR=str(where / "runs"),
-               NEUROTOP_RUNTIME_DIR=str(where / "runtime"))
-    out = subprocess.run([sys.executable, str(ROOT / "demos" / f"{name}.py"), *args], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+    record_run(where, *args, script=ROOT / "demos" / f"{name}.py", timeout=300)
     return recorded(where / "runs")[0]
 
 

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ from neurotop.service.finalize import HEAD_SCALARS
 from tests.helpers.alerts import recorded
 from tests.helpers.cli import neurotop
 from tests.helpers.package import ROOT
-from tests.helpers.recorded import read_recording
+from tests.helpers.recorded import read_recording, record_run
 
 DEMO = ROOT / "demos" / "softmax_collapse.py"
 HEAD_ALERTS = ("softmax_collapse", "overconfidence")
@@ -29,13 +26,7 @@ HEAD_ALERTS = ("softmax_collapse", "overconfidence")
 
 def run_demo(where: Path, *args: str) -> Path:
     """The demo to its end, recorded under ``where``; its session file."""
-    env = dict(os.environ, NEUROTOP_RUNS_DIR=str(where / "runs"),
-               NEUROTOP_RUNTIME_DIR=str(where / "runtime"))
-    out = subprocess.run([sys.executable, str(DEMO), *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    (session,) = (where / "runs").glob("*/session.ntop")
-    return session
+    return record_run(where, *args, script=DEMO, timeout=300)
 
 
 @pytest.mark.slow

@@ -17,12 +17,12 @@ from tests.helpers.package import ROOT
 from tests.helpers.training import TRAIN
 
 
-def record_run(where: Path, *args: str, timeout: float = 180) -> Path:
-    """``tests/scripts/train.py ARGS`` to its end, its runs and runtime directories under
-    ``where``; the session file it recorded."""
+def record_run(where: Path, *args: str, timeout: float = 180, script: Path = TRAIN) -> Path:
+    """``tests/scripts/train.py ARGS`` (or another ``script``: a demo) to its end, its runs
+    and runtime directories under ``where``; the session file it recorded."""
     env = dict(os.environ, NEUROTOP_RUNS_DIR=str(where / "runs"),
                NEUROTOP_RUNTIME_DIR=str(where / "runtime"))
-    out = subprocess.run([sys.executable, str(TRAIN), *args], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr
     (session,) = (where / "runs").glob("*/session.ntop")
