@@ -177,9 +177,10 @@ class ReplayApp(NeurotopApp):
             self.compare.align()
         super().redraw(force)
         tl = self.source.timeline()
-        if tl != self._timeline_drawn or force:
+        bar = self.query(TimelineBar)  # none while the app closes: its widgets are gone
+        if bar and (tl != self._timeline_drawn or force):
             self._timeline_drawn = tl
-            self.query_one(TimelineBar).draw(tl)
+            bar.first().draw(tl)
 
     # -- actions --------------------------------------------------------------------------
 
