@@ -40,7 +40,7 @@ def main() -> None:
         nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     mon = neurotop.watch(model, opt, name="ddp_health", **json.loads(args.config))
-    print(f"READY {mon.run_id} {rank}", flush=True)
+    print(f"READY {mon.run_id} {rank}\n", end="", flush=True)  # one write: ranks share the pipe
     gen = torch.Generator().manual_seed(100 + rank)
     teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
     step = 0
@@ -57,7 +57,7 @@ def main() -> None:
         opt.step()
         step += 1
         time.sleep(args.step_sleep + (args.slow_sleep if rank == args.slow_rank else 0.0))
-    print(f"STOPPED {rank} {step}", flush=True)
+    print(f"STOPPED {rank} {step}\n", end="", flush=True)  # one write: ranks share the pipe
     mon.close()
     dist.destroy_process_group()
 

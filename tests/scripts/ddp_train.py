@@ -54,7 +54,7 @@ def main() -> None:
             log.write(json.dumps({"step": step + 1, "lr": o.param_groups[0]["lr"],
                                   "t": time.time()}) + "\n")
         opt.register_step_pre_hook(note)
-    print(f"READY {mon.run_id} {rank}", flush=True)
+    print(f"READY {mon.run_id} {rank}\n", end="", flush=True)  # one write: ranks share the pipe
     while args.wait_for and not args.wait_for.exists():
         time.sleep(0.02)
     gen = torch.Generator().manual_seed(100 + rank)
@@ -72,7 +72,7 @@ def main() -> None:
             break
         if args.step_sleep:
             time.sleep(args.step_sleep)
-    print(f"STOPPED {rank} {step}", flush=True)
+    print(f"STOPPED {rank} {step}\n", end="", flush=True)  # one write: ranks share the pipe
     mon.close()
     dist.destroy_process_group()
 
