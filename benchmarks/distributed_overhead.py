@@ -4,17 +4,21 @@
     python benchmarks/distributed_overhead.py --reps 2 --nproc 4
 
 Started directly, it runs itself under ``torchrun --standalone``. Every rank trains a DDP
-ReLU MLP (3 hidden layers of 256, batch 128, SGD) in three modes, rotated rep after rep:
-``none`` (no agent), ``agent`` (``watch(..., distributed=False)``: the agent, every rank on
-its own, no control check) and ``control`` (``watch(...)``: one job, the control check
-every ``Config.control_every`` boundaries). Each mode warms up, then times chunks of
-``control_every`` steps (each chunk holds exactly one check, and one report step of the
-default ``report_every``); a step's time is its chunk's / ``control_every``, and a mode's
-figure is the median over its chunks. It also times the check's collective alone
-(``Job.exchange`` with nothing to send), bare and with the rank vitals that ``watch()``
-carries in a job (this rank's row: step timings, loss, the DDP fingerprint). Rank 0
-prints; the last line is ``control_check_ratio=R step_ms=S``: control / agent, and the step
-time with control.
+ReLU MLP (3 hidden layers of 256, batch 128, SGD) in four modes, rotated rep after rep:
+``none`` (no agent), ``agent`` (``watch(..., distributed=False)``: the agent, every rank
+on its own, no control check), ``job`` (one job with every per-step cost of one, the rank
+vitals and the node relay, but no check: ``control_every`` 10**9) and ``control``
+(``watch(...)``: one job, the control check every ``Config.control_every`` boundaries).
+Each mode warms up, then times chunks of ``control_every`` steps (each chunk holds exactly
+one check, and one report step of the default ``report_every``); a step's time is its
+chunk's / ``control_every``, and a mode's figure is the median over its chunks. It also
+times the check's collective alone (``Job.exchange`` with nothing to send: started and
+waited for at once), bare and with the rank vitals that ``watch()`` carries in a job (this
+rank's row: step timings, loss, the DDP fingerprint), and what a check costs the training
+thread as ``watch()`` runs it: started at one boundary, a step trained while gloo's
+threads carry it, finished at the next (the time in ``start`` and ``finish``). Rank 0
+prints; the last line is ``control_check_ratio=R step_ms=S``: control / agent, and the
+step time with control.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("none", "agent", "control")
+MODES = ("none", "agent", "job", "control")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,11 +72,12 @@ def bench(args: argparse.Namespace) -> None:
 
     per_step: dict[str, list[float]] = {m: [] for m in MODES}
     for rep in range(args.reps):
-        for mode in MODES[rep % 3:] + MODES[:rep % 3]:
+        for mode in MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]:
             mon = None
             if mode != "none":
-                mon = neurotop.watch(model, opt, record=False, control_every=every,
-                                     distributed=mode == "control", handle_signals=False)
+                mon = neurotop.watch(model, opt, record=False,
+                                     control_every=10**9 if mode == "job" else every,
+                                     distributed=mode != "agent", handle_signals=False)
             for _ in range(2 * every):
                 step()
             for _ in range(args.chunks):
@@ -96,6 +101,17 @@ def bench(args: argparse.Namespace) -> None:
     for _ in range(n):
         job.exchange(0, b"", False)
     vitals_s = (time.perf_counter() - t0) / n
+    # as watch() runs it: started at one boundary, finished at the next, a step between
+    held = []
+    for _ in range(n // 4):
+        t0 = time.perf_counter()
+        job.start(0, b"", False)
+        t1 = time.perf_counter()
+        step()
+        t2 = time.perf_counter()
+        job.finish()
+        held.append(t1 - t0 + time.perf_counter() - t2)
+    async_s = statistics.median(held)
     if rank == 0:
         ms = {m: statistics.median(v) * 1e3 for m, v in per_step.items()}
         for m in MODES:
@@ -104,6 +120,9 @@ def bench(args: argparse.Namespace) -> None:
               f" {check_s * 1e3 / every / ms['agent'] * 100:.2f} % of an agent step")
         print(f"with the rank vitals: {vitals_s * 1e6:.0f} us per check"
               f" (+{(vitals_s - check_s) * 1e6:.0f} us)")
+        share = async_s * 1e3 / every / ms["agent"] * 100
+        print(f"started at one boundary, finished at the next: {async_s * 1e6:.0f} us per"
+              f" check on the training thread (median; {share:.2f} % of an agent step)")
         print(f"control_check_ratio={ms['control'] / ms['agent']:.4f} step_ms={ms['control']:.3f}",
               flush=True)
     dist.destroy_process_group()

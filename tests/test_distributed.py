@@ -39,10 +39,21 @@ class OneRank:
     def __init__(self, rank: int = 0, world_size: int = 1, capacity: int = 512) -> None:
         self.rank, self.world_size, self.capacity = rank, world_size, capacity
         self.checks: list[bytes] = []
+        self._sent: tuple[bytes, list[int], int] | None = None
 
-    def exchange(self, step: int, payload: bytes, flag: bool) -> tuple[bytes, list[int], int]:
+    def start(self, step: int, payload: bytes, flag: bool) -> None:
+        assert self._sent is None, "a check started while one is in flight"
         self.checks.append(payload)
-        return payload, [self.rank] if flag else [], step
+        self._sent = payload, [self.rank] if flag else [], step
+
+    @property
+    def in_flight(self) -> bool:
+        return self._sent is not None
+
+    def finish(self) -> tuple[bytes, list[int], int]:
+        sent, self._sent = self._sent, None
+        assert sent is not None, "no check in flight"
+        return sent
 
 
 def pending(cmd: str, args: dict | None = None, acks: list | None = None,
@@ -80,12 +91,27 @@ def test_commands_wait_for_the_check_and_what_does_not_fit_waits_for_the_next():
     c.at_boundary(1)
     c.at_boundary(2)
     assert acks == [] and link.checks == []  # not applied on arrival: no check yet
-    c.at_boundary(3)
+    c.at_boundary(3)  # the check starts: what cannot travel is refused now
+    assert link.in_flight and len(acks) == 1
     assert "too large to send to every rank" in acks[0]["error"]
+    c.at_boundary(4)  # and what it carried is applied at the next boundary
     assert [a["id"] for a in acks[1:]] == ["resume-1"] and acks[1]["ranks"] == [0]
-    for step in (4, 5, 6):
+    assert acks[1]["step"] == 4 and not link.in_flight
+    for step in (5, 6, 7):
         c.at_boundary(step)
-    assert [a["id"] for a in acks[1:]] == ["resume-1", "resume-2"] and acks[2]["step"] == 6
+    assert [a["id"] for a in acks[1:]] == ["resume-1", "resume-2"] and acks[2]["step"] == 7
+
+
+def test_a_check_in_flight_at_close_is_finished_and_its_commands_refused():
+    link = OneRank()
+    c = Controller(job=link, control_every=1)
+    acks: list[dict] = []
+    c.submit(pending("pause", acks=acks))
+    c.at_boundary(1)  # started, carrying the pause
+    assert link.in_flight and acks == []
+    c.close()
+    assert not link.in_flight and not c.paused
+    assert acks[0]["error"] == "the run has ended"
 
 
 class Job:
@@ -182,7 +208,7 @@ def test_one_job_pause_set_resume_and_stop_land_on_every_rank_at_one_step(start_
 
         ack = c0.command("pause").result(30)
         held = ack["step"]
-        assert ack["ok"] and ack["ranks"] == [0, 1] and held % 3 == 0  # at a check
+        assert ack["ok"] and ack["ranks"] == [0, 1] and held % 3 == 1  # the boundary after a check
         wait_until(lambda: paused_at(c0) == held and paused_at(c1) == held, timeout=30,
                    what="both ranks paused at the acked step")
         time.sleep(0.5)  # held: neither rank starts another step
@@ -302,12 +328,13 @@ def test_an_auto_pause_flag_pauses_at_the_check_and_the_hold_keeps_checking():
     acks: list[dict] = []
     c.submit(pending("pause", {"reason": "auto-pause: non-finite loss"}, acks, internal=True))
     c.at_boundary(1)
+    c.at_boundary(2)  # the check carrying the flag starts
     assert not c.paused  # the flag waits for the check
     resume = threading.Timer(0.5, lambda: c.submit(pending("resume", acks=acks)))
     resume.start()
-    c.at_boundary(2)  # paused here, held until the resume came through a check
+    c.at_boundary(3)  # paused here, held until the resume came through a check
     resume.join()
     pause, resumed = acks
-    assert pause["step"] == resumed["step"] == 2 and resumed["new"] == "running"
+    assert pause["step"] == resumed["step"] == 3 and resumed["new"] == "running"
     assert pause["pause_reason"] == "auto-pause on rank 0: non-finite loss"
     assert len(link.checks) > 3  # the hold checked again and again, every HOLD_S

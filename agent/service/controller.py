@@ -14,10 +14,11 @@ same step.
 
 Under torch.distributed (``job``: one rank of a job, ``neurotop.training.distributed``) no
 command is applied on arrival: only rank 0 takes commands (other ranks refuse them, naming
-rank 0's endpoint), and at every ``control_every``-th boundary every rank joins one small
+rank 0's endpoint), and at every ``control_every``-th boundary every rank starts one small
 collective in which rank 0 sends the commands it took from its queue and every rank its
-auto-pause flag; every rank then applies the same list at that same step, so a pause holds
-them all at one boundary. While paused every rank keeps joining it (rank 0 every
+auto-pause flag; it completes while the next step trains, and every rank applies the same
+list at the next boundary, the same step on every rank, so a pause holds them all at one
+boundary (the collective's latency is never waited for on a running job). While paused every rank keeps joining it (rank 0 every
 ``HOLD_S``), so that ``resume``, ``step N`` and ``stop`` reach them all; an auto-pause
 raised on any rank pauses the whole job at the next check. ``snapshot``: rank 0 saves the
 whole state (DDP replicas are identical: one copy is the state), the others ack without
@@ -79,8 +80,10 @@ class JobLink(Protocol):
     world_size: int
     capacity: int  # the bytes of commands one check carries
 
-    def exchange(self, step: int, payload: bytes,
-                 flag: bool) -> tuple[bytes, list[int], int]: ...
+    def start(self, step: int, payload: bytes, flag: bool) -> None: ...
+    def finish(self) -> tuple[bytes, list[int], int]: ...
+    @property
+    def in_flight(self) -> bool: ...
 
 
 #: ``snapshot(step, done)``: called at the boundary; ``done`` gets ``{"new": where}`` or
@@ -152,6 +155,8 @@ class Controller:
         self._boundaries = 0  # boundaries seen: the same count on every rank
         self._held: list[Pending] = []  # rank 0: taken from the queue, for the next check
         self._flags: queue.Queue[Pending] = queue.Queue()  # this rank's auto-pauses
+        #: The check in flight: (step started, rank 0's batch in it, this rank's flags).
+        self._started: tuple[int, list[Pending | None], list[Pending]] | None = None
         self._step_warned = False
 
     # -- agent thread ---------------------------------------------------------------------
@@ -230,24 +235,31 @@ class Controller:
                                or f"stopped by an operator command at step {step}")
 
     def _job_boundary(self, step: int) -> None:
-        """A job's boundary: a check every ``control_every``-th one; held while paused,
-        checking in a loop, so that every rank leaves the hold at the same check."""
+        """A job's boundary: the check started at the previous boundary is finished and
+        applied here; a new one starts every ``control_every``-th boundary (unless paused or
+        stopping, which every rank knows alike); held while paused, checking in a loop, so
+        that every rank leaves the hold at the same check."""
         self._boundaries += 1
-        if self._boundaries % self.control_every == 0:
-            self._check(step)
+        if self._started is not None:
+            self._finish(step)
         self._check_until(step)
+        if self._boundaries % self.control_every == 0 and not self.paused \
+                and not self.stop_requested:
+            self._start(step)
         while self.paused and not self._closed.is_set():
             if self.job.rank == 0 and not self._held:
                 try:
                     self._held.append(self.queue.get(timeout=HOLD_S))
                 except queue.Empty:
                     pass
-            self._check(step)
+            self._start(step)
+            self._finish(step)
         self._raise_stop(step)
 
-    def _check(self, step: int) -> None:
-        """One collective: rank 0's decided commands and every rank's auto-pause flag reach
-        every rank, which applies them here, at this same step."""
+    def _start(self, step: int) -> None:
+        """Start a check (one collective, carried by gloo's threads while the next step
+        trains): rank 0's decided commands and every rank's auto-pause flag, which every
+        rank applies at the boundary that finishes it."""
         batch = self._take_batch() if self.job.rank == 0 else []
         payload = json.dumps([[p.req_id, p.cmd, p.args, p.sender] if p else ["", "give_up"]
                               for p in batch], separators=(",", ":")).encode() if batch else b""
@@ -257,22 +269,27 @@ class Controller:
                 mine.append(self._flags.get_nowait())
             except queue.Empty:
                 break
+        self._started = (step, batch, mine)
         try:
-            data, flagged, step0 = self.job.exchange(step, payload, bool(mine))
+            self.job.start(step, payload, bool(mine))
         except JobLost as e:
-            log.error("%s", e)
-            self.events.put({"event": "job_lost", "step": step, "error": str(e)})
-            self.notify()
-            for p in [*batch, *self._held, *mine]:
-                if p is not None:
-                    p.reply(self._ack(p, ok=False, step=None, error=str(e)))
-            self._held = []
+            self._lose(step, e)
             raise
-        if step0 != step and not self._step_warned:
+
+    def _finish(self, step: int) -> None:
+        """Wait for the started check and apply what it carried, at this step, on every rank."""
+        started, batch, mine = self._started
+        try:
+            data, flagged, step0 = self.job.finish()
+        except JobLost as e:
+            self._lose(step, e)
+            raise
+        self._started = None
+        if step0 != started and not self._step_warned:
             self._step_warned = True
             log.warning("neurotop: rank %d is at step %d where rank 0 is at %d: the ranks count"
                         " steps differently (acks name each rank's own step)",
-                        self.job.rank, step, step0)
+                        self.job.rank, started, step0)
         for i, item in enumerate(json.loads(data) if data else []):
             if item[1] == "give_up":
                 self._give_up(step)
@@ -290,6 +307,18 @@ class Controller:
             self._apply_one(p, step)
             for other in mine[1:]:
                 other.reply(self._ack(other, ok=True, step=step, old="paused", new="paused"))
+
+    def _lose(self, step: int, e: JobLost) -> None:
+        """The check failed (a rank died or hung): say so, and refuse what it carried."""
+        log.error("%s", e)
+        self.events.put({"event": "job_lost", "step": step, "error": str(e)})
+        self.notify()
+        _, batch, mine = self._started or (step, [], [])
+        self._started = None
+        for p in [*batch, *self._held, *mine]:
+            if p is not None:
+                p.reply(self._ack(p, ok=False, step=None, error=str(e)))
+        self._held = []
 
     def _take_batch(self) -> list[Pending | None]:
         """Rank 0: what the next check carries, in arrival order, as much as fits (None: the
@@ -335,9 +364,24 @@ class Controller:
         self.notify()
 
     def close(self) -> None:
-        """Release a paused loop and refuse what is still queued."""
+        """Release a paused loop and refuse what is still queued. A job's check still in
+        flight is waited for (every rank started it, so it completes) and what it carried
+        refused: the run ended before a boundary could apply it."""
         self._closed.set()
         self.paused = False
+        if self._started is not None and self.job is not None and self.job.in_flight:
+            _, batch, mine = self._started
+            self._started = None
+            try:
+                self.job.finish()
+            except JobLost as e:
+                log.warning("%s (at close)", e)
+            for p in [*batch, *mine]:
+                if p is not None:
+                    p.reply(self._ack(p, ok=False, step=None, error="the run has ended"))
+        for p in self._held:
+            p.reply(self._ack(p, ok=False, step=None, error="the run has ended"))
+        self._held = []
         while True:
             try:
                 p = self.queue.get_nowait()

@@ -6,8 +6,10 @@ over TCP, so nothing here touches the user's NCCL streams or their process group
 collectives), and rank 0's run id, control key and control endpoint reach every rank
 (``agree``: JSON bytes broadcast as a uint8 tensor; no pickle, unlike
 ``broadcast_object_list``). At a control check (every ``Config.control_every`` step
-boundaries, and in a loop while paused) every rank joins ``exchange``: ONE all-reduce
-(SUM) of a small int32 buffer in which rank 0 writes the commands it decided (and its
+boundaries, and in a loop while paused) every rank joins ONE all-reduce (SUM) of a small
+int32 buffer, started at that boundary without waiting (``start``: gloo's threads carry it
+while the next step trains) and read at the next one (``finish``; ``exchange`` does both at
+once, for the hold), in which rank 0 writes the commands it decided (and its
 step) and every rank writes its own auto-pause flag and its vitals (``VITALS``: four
 float64 as eight int32 words, from ``RankVitals``). Other ranks write zeros where rank 0
 writes (and every rank zeros where another writes), so the sum is each writer's bytes
@@ -93,6 +95,7 @@ class Job:
         self._pay = self._vit + 2 * VITALS * self.world_size  # and rank 0's payload
         self._buf = torch.zeros(self._pay + PAYLOAD_BYTES // 4, dtype=torch.int32)
         self._np = self._buf.numpy()  # the same memory: reading it is no tensor op
+        self._work: dist.Work | None = None  # the check started and not yet finished
         #: This rank's row of the vitals table (``RankVitals.row``), and what gets the
         #: whole table after each check (the rank rules); None: zeros, nothing judged.
         self.vitals: Callable[[], tuple[float, ...]] | None = None
@@ -115,9 +118,17 @@ class Job:
         return json.loads(buf.numpy().tobytes())
 
     def exchange(self, step: int, payload: bytes, flag: bool) -> tuple[bytes, list[int], int]:
-        """One all-reduce: rank 0's ``payload`` and ``step`` reach every rank, each rank's
-        ``flag`` every other. Returns (rank 0's payload, the ranks that flagged, rank 0's
-        step). ``payload`` is ignored on other ranks; at most ``capacity`` bytes."""
+        """``start`` then ``finish``: the check done while it waits (a hold, a benchmark)."""
+        self.start(step, payload, flag)
+        return self.finish()
+
+    def start(self, step: int, payload: bytes, flag: bool) -> None:
+        """Begin the check's one all-reduce (SUM) and return at once: gloo's own threads
+        carry it while this rank trains its next step, and ``finish`` (every rank at the same
+        later boundary) reads the result. Rank 0's ``payload`` (at most ``capacity`` bytes,
+        ignored on other ranks) and ``step``, this rank's ``flag`` and its vitals go in."""
+        if self._work is not None:
+            raise RuntimeError("a check is already in flight: finish it first")
         b = self._np
         b[:] = 0
         if self.rank == 0:
@@ -133,7 +144,21 @@ class Job:
         if self.vitals is not None:
             at = self._vit + 2 * VITALS * self.rank
             b[at:at + 2 * VITALS] = np.asarray(self.vitals(), dtype=np.float64).view(np.int32)
-        self._collective(dist.all_reduce, self._buf)
+        self._work = self._collective(dist.all_reduce, self._buf, async_op=True)
+
+    @property
+    def in_flight(self) -> bool:
+        """A check was started and not finished."""
+        return self._work is not None
+
+    def finish(self) -> tuple[bytes, list[int], int]:
+        """Wait for the started check (done long ago, unless a peer is late) and return
+        (rank 0's payload, the ranks that flagged, rank 0's step at ``start``)."""
+        work, self._work = self._work, None
+        if work is None:
+            raise RuntimeError("no check in flight")
+        self._collective(lambda group: work.wait())
+        b = self._np
         n = int(b[0])
         flagged = np.flatnonzero(b[_HEAD:_HEAD + self.world_size]).tolist()
         data = b[self._pay:].tobytes()[:n]
@@ -171,9 +196,9 @@ class Job:
         self.on_vitals = judge_later
         return vitals
 
-    def _collective(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _collective(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            fn(*args, group=self.group)
+            return fn(*args, group=self.group, **kwargs)
         except RuntimeError as e:  # gloo: a peer's connection closed, or the timeout passed
             raise JobLost(f"neurotop: rank {self.rank} of {self.world_size} lost the job"
                           f" (another rank died, or hung for over {self.timeout_s:g} s):"
