@@ -20,19 +20,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
+
+from neurotop.demos import _loop
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, default=2, help="ranks to start (default: 2)")
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: never)")
+    _loop.run_options(p, threads=False, step_sleep=0.02)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--report-every", type=int, default=5)
-    p.add_argument("--step-sleep", type=float, default=0.02,
-                   help="seconds to sleep per step (slows the run down for viewing)")
     args = p.parse_args(argv)
     if args.nproc < 1:
         p.error(f"--nproc must be at least 1, got {args.nproc}")
@@ -88,28 +86,20 @@ def train(args: argparse.Namespace) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own shard of data
     loss_fn = nn.CrossEntropyLoss()
-    step, interrupted = 0, False
     with neurotop.watch(model, opt, name="demo-ddp", report_every=args.report_every) as mon:
-        if rank == 0:
-            print(f"neurotop: job {mon.run_id}, {dist.get_world_size()} ranks (connection"
-                  f" file {mon.connection_file})", flush=True)
-        try:
-            while (args.steps == 0 or step < args.steps) and not mon.should_stop:
-                x = torch.randn(args.batch, 32, generator=gen)
-                with torch.no_grad():
-                    y = teacher(x).argmax(1)
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                mon.observe(loss=loss)
-                opt.step()
-                step += 1
-                if args.step_sleep:
-                    time.sleep(args.step_sleep)
-        except KeyboardInterrupt:  # torchrun passes Ctrl-C on to every rank
-            interrupted = True
-        if mon.should_stop and rank == 0:
-            print(f"neurotop: stopped at step {step} on every rank", flush=True)
+        def step(_: int) -> None:
+            x = torch.randn(args.batch, 32, generator=gen)
+            with torch.no_grad():
+                y = teacher(x).argmax(1)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            mon.observe(loss=loss)
+            opt.step()
+        banner = (f"neurotop: job {mon.run_id}, {dist.get_world_size()} ranks (connection"
+                  f" file {mon.connection_file})") if rank == 0 else ""
+        _, interrupted = _loop.train(mon, args, step, banner=banner,
+                                     stop_note=" on every rank" if rank == 0 else None)
     if not interrupted:  # interrupted, the ranks left at different points: tearing the
         dist.destroy_process_group()  # group down could wait for a peer that already left
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 from torch import nn
 
 import neurotop
+from neurotop.demos._loop import run_options, train
 
 
 def make_model(sigma_w2: float, depth: int = 24, width: int = 128,
@@ -42,16 +42,12 @@ def make_model(sigma_w2: float, depth: int = 24, width: int = 128,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: never)")
+    run_options(p)
     p.add_argument("--sigma-w2", type=float, default=0.5,
                    help="weight variance x fan_in (1: critical, the healthy twin)")
     p.add_argument("--depth", type=int, default=24)
     p.add_argument("--lr", type=float, default=0.01, help="SGD lr")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--report-every", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds to sleep per step (slows the run down for viewing)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -62,23 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     teacher = torch.randn(32, 10, generator=gen)
     with neurotop.watch(model, opt, name="demo-deep-vanishing",
                         report_every=args.report_every) as mon:
-        print(f"neurotop: run {mon.run_id} (connection file {mon.connection_file})", flush=True)
-        step = 0
-        try:
-            while (args.steps == 0 or step < args.steps) and not mon.should_stop:
-                x = torch.randn(args.batch, 32, generator=gen)
-                loss = loss_fn(model(x), (x @ teacher).argmax(1))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                mon.observe(loss=loss)
-                opt.step()
-                step += 1
-                if args.step_sleep:
-                    time.sleep(args.step_sleep)
-        except KeyboardInterrupt:
-            pass
-        if mon.should_stop:
-            print(f"neurotop: stopped at step {step}", flush=True)
+        def step(_: int) -> None:
+            x = torch.randn(args.batch, 32, generator=gen)
+            loss = loss_fn(model(x), (x @ teacher).argmax(1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            mon.observe(loss=loss)
+            opt.step()
+        train(mon, args, step)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ the dead fraction of the second hidden ReLU (``3``) climbing to about half its u
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
 import neurotop
+from neurotop.demos._loop import run_options, train
 
 
 def make_model(width: int = 128, depth: int = 3, classes: int = 10) -> nn.Sequential:
@@ -35,13 +35,9 @@ def make_model(width: int = 128, depth: int = 3, classes: int = 10) -> nn.Sequen
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: never)")
+    run_options(p)
     p.add_argument("--lr", type=float, default=0.03, help="Adam lr (3e-4: the healthy twin)")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--report-every", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds to sleep per step (slows the run down for viewing)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -52,25 +48,16 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(1)
     with neurotop.watch(model, opt, name="demo-dying-relu",
                         report_every=args.report_every) as mon:
-        print(f"neurotop: run {mon.run_id} (connection file {mon.connection_file})", flush=True)
-        step = 0
-        try:
-            while (args.steps == 0 or step < args.steps) and not mon.should_stop:
-                x = torch.randn(args.batch, 32, generator=gen)
-                with torch.no_grad():
-                    y = teacher(x).argmax(1)
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                mon.observe(loss=loss)
-                opt.step()
-                step += 1
-                if args.step_sleep:
-                    time.sleep(args.step_sleep)
-        except KeyboardInterrupt:
-            pass
-        if mon.should_stop:
-            print(f"neurotop: stopped at step {step}", flush=True)
+        def step(_: int) -> None:
+            x = torch.randn(args.batch, 32, generator=gen)
+            with torch.no_grad():
+                y = teacher(x).argmax(1)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            mon.observe(loss=loss)
+            opt.step()
+        train(mon, args, step)
 
 
 if __name__ == "__main__":

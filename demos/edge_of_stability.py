@@ -24,12 +24,12 @@ that sharpness.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
 import neurotop
+from neurotop.demos._loop import run_options, train
 
 
 def make_model(width: int = 64) -> nn.Sequential:
@@ -46,16 +46,12 @@ def task(samples: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: never)")
+    run_options(p)
     p.add_argument("--lr", type=float, default=0.1, help="gradient descent's step (2/lr = 20)")
     p.add_argument("--adam", action="store_true",
                    help="full-batch Adam instead of gradient descent (its limit: 38/lr)")
     p.add_argument("--probe-every", type=int, default=10,
                    help="steps between two curvature probes")
-    p.add_argument("--report-every", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds to sleep per step (slows the run down for viewing)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -67,22 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     with neurotop.watch(model, opt, name="demo-edge-of-stability",
                         report_every=args.report_every, probe_every=args.probe_every) as mon:
         mon.probe_batch(x, y)  # the whole training set: the loss GD descends
-        print(f"neurotop: run {mon.run_id} (connection file {mon.connection_file})", flush=True)
-        step = 0
-        try:
-            while (args.steps == 0 or step < args.steps) and not mon.should_stop:
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                mon.observe(loss=loss)
-                opt.step()
-                step += 1
-                if args.step_sleep:
-                    time.sleep(args.step_sleep)
-        except KeyboardInterrupt:
-            pass
-        if mon.should_stop:
-            print(f"neurotop: stopped at step {step}", flush=True)
+
+        def step(_: int) -> None:
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            mon.observe(loss=loss)
+            opt.step()
+        train(mon, args, step)
 
 
 if __name__ == "__main__":

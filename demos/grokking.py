@@ -21,13 +21,13 @@ to ~100 % within ~1000 steps, and ``grokking`` (E6, info) says so.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import neurotop
+from neurotop.demos._loop import run_options, train
 
 
 class ModAddMLP(nn.Module):
@@ -62,7 +62,7 @@ def task(p: int, train_frac: float, seed: int = 0,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: never)")
+    run_options(p)
     p.add_argument("--p", type=int, default=59, help="the modulus, 2..200")
     p.add_argument("--train-frac", type=float, default=0.5,
                    help="fraction of the p*p pairs to train on (the rest is the test set)")
@@ -74,10 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--head", action="store_true",
                    help="watch the output layer too (E4 softmax collapse follows E5 at wd 0)")
-    p.add_argument("--report-every", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds to sleep per step (slows the run down for viewing)")
     args = p.parse_args(argv)
     if not 2 <= args.p <= 200:
         p.error(f"--p must be in 2..200, got {args.p}")
@@ -93,33 +89,24 @@ def main(argv: list[str] | None = None) -> None:
                             betas=(0.9, 0.98))
     with neurotop.watch(model, opt, name="demo-grokking", head="out" if args.head else None,
                         report_every=args.report_every) as mon:
-        print(f"neurotop: run {mon.run_id} (connection file {mon.connection_file})", flush=True)
-        step = 0
-        try:
-            while (args.steps == 0 or step < args.steps) and not mon.should_stop:
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():
-                    train_acc = (logits.argmax(1) == y).float().mean()
-                    test_acc = None
-                    if step % args.report_every == 0:  # held out: no grad, not recorded
-                        model.eval()
-                        test_acc = (model(x_test).argmax(1) == y_test).float().mean()
-                        model.train()
-                if test_acc is None:
-                    mon.observe(loss=loss, train_acc=train_acc)
-                else:
-                    mon.observe(loss=loss, train_acc=train_acc, test_acc=test_acc)
-                opt.step()
-                step += 1
-                if args.step_sleep:
-                    time.sleep(args.step_sleep)
-        except KeyboardInterrupt:
-            pass
-        if mon.should_stop:
-            print(f"neurotop: stopped at step {step}", flush=True)
+        def step(i: int) -> None:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                train_acc = (logits.argmax(1) == y).float().mean()
+                test_acc = None
+                if i % args.report_every == 0:  # held out: no grad, not recorded
+                    model.eval()
+                    test_acc = (model(x_test).argmax(1) == y_test).float().mean()
+                    model.train()
+            if test_acc is None:
+                mon.observe(loss=loss, train_acc=train_acc)
+            else:
+                mon.observe(loss=loss, train_acc=train_acc, test_acc=test_acc)
+            opt.step()
+        train(mon, args, step)
 
 
 if __name__ == "__main__":

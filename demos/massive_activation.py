@@ -16,13 +16,13 @@ plant (``--plant 0``, the healthy twin) nothing fires.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import neurotop
+from neurotop.demos._loop import run_options, train
 
 TOKENS, CONTEXT = 16, 8
 
@@ -65,16 +65,12 @@ def plant(model: GPT, value: float, channel: int = 7, block: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: never)")
+    run_options(p)
     p.add_argument("--plant", type=float, default=2000.0,
                    help="the planted channel's value (0: no plant, the healthy twin)")
     p.add_argument("--plant-step", type=int, default=100, help="the step it is planted at")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--report-every", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds to sleep per step (slows the run down for viewing)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,27 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(1)
     with neurotop.watch(model, opt, name="demo-massive-activation",
                         report_every=args.report_every) as mon:
-        print(f"neurotop: run {mon.run_id} (connection file {mon.connection_file})", flush=True)
-        step = 0
-        try:
-            while (args.steps == 0 or step < args.steps) and not mon.should_stop:
-                if args.plant and step == args.plant_step:
-                    plant(model, args.plant)
-                start = torch.randint(0, TOKENS, (args.batch, 1), generator=gen)
-                seq = (start + torch.arange(CONTEXT + 1)) % TOKENS
-                logits = model(seq[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                mon.observe(loss=loss)
-                opt.step()
-                step += 1
-                if args.step_sleep:
-                    time.sleep(args.step_sleep)
-        except KeyboardInterrupt:
-            pass
-        if mon.should_stop:
-            print(f"neurotop: stopped at step {step}", flush=True)
+        def step(i: int) -> None:
+            if args.plant and i == args.plant_step:
+                plant(model, args.plant)
+            start = torch.randint(0, TOKENS, (args.batch, 1), generator=gen)
+            seq = (start + torch.arange(CONTEXT + 1)) % TOKENS
+            logits = model(seq[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            mon.observe(loss=loss)
+            opt.step()
+        train(mon, args, step)
 
 
 if __name__ == "__main__":

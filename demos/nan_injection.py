@@ -20,12 +20,12 @@ weights stay clean and the run goes on); ``--nan-step 0`` is the healthy twin.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
 import neurotop
+from neurotop.demos._loop import run_options, train
 
 
 def make_model(width: int = 64) -> nn.Sequential:
@@ -35,7 +35,7 @@ def make_model(width: int = 64) -> nn.Sequential:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: never)")
+    run_options(p)
     p.add_argument("--nan-step", type=int, default=201,
                    help="the step to inject at (0: none; 201 is a report step at the default)")
     p.add_argument("--nan-layer", default="3", help="the layer (named_modules path)")
@@ -44,10 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-auto-pause", action="store_true",
                    help="do not pause on the alert (headless runs, tests)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD lr")
-    p.add_argument("--report-every", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds to sleep per step (slows the run down for viewing)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -59,10 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(1)
     teacher = torch.randn(16, 4, generator=gen)
-    step = 0
+    now = [0]  # the step under way (0-based)
 
     def inject(module: nn.Module, inputs: object, out: torch.Tensor) -> torch.Tensor:
-        if step + 1 == args.nan_step and module.training:  # the step this forward belongs to
+        if now[0] + 1 == args.nan_step and module.training:  # the step this forward is of
             out = out.clone()
             out.view(-1)[0] = float("nan")
         return out
@@ -70,24 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     modules[args.nan_layer].register_forward_hook(inject)
     with neurotop.watch(model, opt, name="demo-nan-injection", report_every=args.report_every,
                         auto_pause=not args.no_auto_pause) as mon:
-        print(f"neurotop: run {mon.run_id} (connection file {mon.connection_file})", flush=True)
-        try:
-            while (args.steps == 0 or step < args.steps) and not mon.should_stop:
-                x = torch.randn(64, 16, generator=gen)
-                loss = loss_fn(model(x), (x @ teacher).argmax(1))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                mon.observe(loss=loss)
-                if args.guard and not torch.isfinite(loss):
-                    opt.zero_grad(set_to_none=True)  # no gradient: the step updates nothing
-                opt.step()
-                step += 1
-                if args.step_sleep:
-                    time.sleep(args.step_sleep)
-        except KeyboardInterrupt:
-            pass
-        if mon.should_stop:
-            print(f"neurotop: stopped at step {step}", flush=True)
+        def step(i: int) -> None:
+            now[0] = i
+            x = torch.randn(64, 16, generator=gen)
+            loss = loss_fn(model(x), (x @ teacher).argmax(1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            mon.observe(loss=loss)
+            if args.guard and not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)  # no gradient: the step updates nothing
+            opt.step()
+        train(mon, args, step)
 
 
 if __name__ == "__main__":

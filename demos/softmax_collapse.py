@@ -16,12 +16,12 @@ stability"). neurotop watches the head (``watch(head=...)``) and raises ``softma
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
 import neurotop
+from neurotop.demos._loop import run_options, train
 
 CLASSES = 10
 
@@ -40,14 +40,10 @@ def task(samples: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: never)")
+    run_options(p)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW weight decay (1: the healthy twin, whose margin stays small)")
-    p.add_argument("--report-every", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds to sleep per step (slows the run down for viewing)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -57,25 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     loss_fn = nn.CrossEntropyLoss()
     with neurotop.watch(model, opt, name="demo-softmax-collapse", head="4",
                         report_every=args.report_every) as mon:
-        print(f"neurotop: run {mon.run_id} (connection file {mon.connection_file})", flush=True)
-        step = 0
-        try:
-            while (args.steps == 0 or step < args.steps) and not mon.should_stop:
-                logits = model(x)
-                loss = loss_fn(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():
-                    acc = (logits.argmax(1) == y).float().mean()
-                mon.observe(loss=loss, targets=y, train_acc=acc)
-                opt.step()
-                step += 1
-                if args.step_sleep:
-                    time.sleep(args.step_sleep)
-        except KeyboardInterrupt:
-            pass
-        if mon.should_stop:
-            print(f"neurotop: stopped at step {step}", flush=True)
+        def step(_: int) -> None:
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                acc = (logits.argmax(1) == y).float().mean()
+            mon.observe(loss=loss, targets=y, train_acc=acc)
+            opt.step()
+        train(mon, args, step)
 
 
 if __name__ == "__main__":
