@@ -50,7 +50,8 @@ from neurotop.training.curvature import PROBE_SCALARS, CurvatureProbe, LossFn
 from neurotop.training.distributed import JOB_SCALARS, Job, in_job
 from neurotop.training.head import HeadHook, HeadStats, head_add
 from neurotop.training.hooks import Call, ForwardStart, InputHook, LayerHook
-from neurotop.training.knobs import Knobs, UserKnob
+from neurotop.training.knob_kinds import UserKnob
+from neurotop.training.knobs import Knobs
 from neurotop.training.layers import select_layers
 from neurotop.training.optimizers import (
     Models,

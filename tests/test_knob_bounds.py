@@ -16,7 +16,8 @@ from torch import nn
 
 import neurotop
 from neurotop.service.controller import Pending
-from neurotop.training.knobs import FLOAT32_MAX, MAXIMA, Knobs
+from neurotop.training.knob_kinds import FLOAT32_MAX, MAXIMA
+from neurotop.training.knobs import Knobs
 from neurotop.tui.data.client import Endpoints, LiveClient
 from tests.helpers.cli import neurotop as neurotop_cli
 from tests.helpers.package import ROOT

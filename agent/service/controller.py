@@ -18,11 +18,12 @@ rank 0's endpoint), and at every ``control_every``-th boundary every rank starts
 collective in which rank 0 sends the commands it took from its queue and every rank its
 auto-pause flag; it completes while the next step trains, and every rank applies the same
 list at the next boundary, the same step on every rank, so a pause holds them all at one
-boundary (the collective's latency is never waited for on a running job). While paused every rank keeps joining it (rank 0 every
-``HOLD_S``), so that ``resume``, ``step N`` and ``stop`` reach them all; an auto-pause
-raised on any rank pauses the whole job at the next check. ``snapshot``: rank 0 saves the
-whole state (DDP replicas are identical: one copy is the state), the others ack without
-writing. Acks of commands applied at a step name the ``ranks`` that applied it.
+boundary (the collective's latency is never waited for on a running job). While paused
+every rank keeps joining it (rank 0 every ``HOLD_S``), so that ``resume``, ``step N`` and
+``stop`` reach them all; an auto-pause raised on any rank pauses the whole job at the
+boundary after the next check. ``snapshot``: rank 0 saves the whole state (DDP replicas
+are identical: one copy is the state), the others ack without writing. Acks of commands
+applied at a step name the ``ranks`` that applied it.
 
 A ``set`` of a knob the optimizer's step reads (``lr``, ``weight_decay``, ``grad_clip``)
 can be acked twice: ok at the boundary where it was applied, then, if the next step raised

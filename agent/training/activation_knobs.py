@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neurotop.training.knobs import ModuleKnob, Value
+from neurotop.training.knob_kinds import ModuleKnob, Value
 from neurotop.training.layers import _CHANNELS_FIRST
 
 #: Largest ``k``: far above any layer's width; a ``k`` above a layer's units keeps them all.

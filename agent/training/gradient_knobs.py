@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from neurotop.training.hooks import Call
-from neurotop.training.knobs import Knob, Value, _torch_optimizers
+from neurotop.training.knob_kinds import Knob, Value, _torch_optimizers
 
 #: Below this ||theta||^2 (a zero-initialized bias) a gradient is left as it is: there is no
 #: direction to remove (the released code's 1e-30 guards the division the same way).

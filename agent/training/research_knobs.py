@@ -9,7 +9,7 @@ from torch import nn
 
 from neurotop.training.activation_knobs import Temperature, TopK
 from neurotop.training.gradient_knobs import OrthoGrad
-from neurotop.training.knobs import Knob
+from neurotop.training.knob_kinds import Knob
 from neurotop.training.unit_reset import ResetDead
 
 

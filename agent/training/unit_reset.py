@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from neurotop.training.hooks import LayerHook
-from neurotop.training.knobs import ModuleKnob, Value, _torch_optimizers
+from neurotop.training.knob_kinds import ModuleKnob, Value, _torch_optimizers
 
 _FEEDERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU,
