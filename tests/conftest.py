@@ -1,5 +1,6 @@
 """Fixtures only (helpers live in ``tests/helpers``): each test's own runtime directory, and
-the training processes a test starts, stopped when it ends."""
+the training processes a test starts, stopped when it ends; and, for ``-n 2 --dist
+loadgroup``, one worker for the tests that share a module's fixture."""
 
 from __future__ import annotations
 
@@ -55,3 +56,18 @@ def start_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
     yield start
     for r in runs:
         r.stop()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into node ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` an ungrouped test is a unit of its own, so a module's tests
+    spread over both workers and each worker builds the module's shared fixture again (a
+    recorded training run, a wheel and its venv). Tests that use a fixture of
+    this project wider than one test run on one worker, grouped by module."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group"):
+            continue
+        if any(d.scope != "function" and d.baseid.startswith("tests")
+               for defs in info.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
