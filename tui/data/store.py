@@ -20,6 +20,7 @@ import numpy as np
 from neurotop.protocol import wire
 from neurotop.tui.data.compaction import Summary
 from neurotop.tui.data.frame import Frame, Schema, Wants
+from neurotop.tui.data.heat import HeatCache
 
 #: Full-resolution rows a live store keeps; older rows are compacted (``compaction``).
 LIVE_WINDOW = 2048
@@ -217,6 +218,7 @@ class RunStore:
         self.knobs: list[dict[str, Any]] = []  # the last `knobs` listing (types, bounds, docs)
         self.knob_values: dict[str, Any] = {}  # current values, from every heartbeat
         self.knob_pins: dict[str, Any] = {}  # knobs held against the script, likewise
+        self._heat = HeatCache()  # the heat strip's rows, extended rather than gathered
         self._reset_extras()
 
     # -- writer ---------------------------------------------------------------------------
@@ -473,7 +475,7 @@ class RunStore:
                 knob_pins=dict(self.knob_pins),
                 latest=self.latest_block(), latest_params=self.latest_params(),
                 scalars={n: self.scalar(n, wants.envelope) for n in names if n},
-                heat=self.stat_series(sc.stat_or_default(wants.heat))
+                heat=self._heat.series(self, sc.stat_or_default(wants.heat))
                 if sc and wants.heat is not None else empty,
                 trend=trend,
                 layer=self.layer_stats(sc.layers.index(layer)) if layer else empty,

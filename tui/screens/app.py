@@ -16,6 +16,7 @@ from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen
 from textual.widgets import ContentSwitcher, DataTable, Input, Static
 
@@ -197,8 +198,12 @@ class NeurotopApp(ControlActions, App[None]):
         key = (self.store.version, self.store.connection() + self.pending + self.note,
                self.stop_acked,
                self.screen_name, self.size)
-        if (key == self._drawn and not force) or not self.query(StatusBar):
-            return  # nothing new, or the app is closing and its widgets are gone
+        if key == self._drawn and not force:
+            return  # nothing new
+        try:  # by its id: a cached lookup, where ``query(StatusBar)`` walked every widget
+            bar = self.query_one("#status", StatusBar)
+        except NoMatches:  # the app is closing and its widgets are gone
+            return
         kind = {"overview": OverviewPane, "layers": LayersPane, "detail": DetailPane,
                 "gradients": GradientsPane, "ranks": RanksPane}.get(self.screen_name)
         pane = self.query_one(kind) if kind is not None else None
@@ -212,7 +217,7 @@ class NeurotopApp(ControlActions, App[None]):
         if frame.schema is not None:  # the store chose the series' statistic alike
             self.view.stat = frame.schema.stat_or_default(self.view.stat)
         with self.batch_update():
-            self.query_one(StatusBar).draw(frame, self.pending or self.note, self.stop_acked)
+            bar.draw(frame, self.pending or self.note, self.stop_acked)
             if pane is not None:
                 pane.draw(frame, self.view)
             self.draw_controls(frame)

@@ -9,7 +9,7 @@ detail layer) live in one ``View`` the app owns, so every pane reads the same ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from rich.segment import Segment
@@ -17,13 +17,14 @@ from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
+from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Input, Static
 
 from neurotop.protocol.layerkinds import activation_mask
 from neurotop.tui.data.compare import DELTA
-from neurotop.tui.data.frame import Frame, Wants
+from neurotop.tui.data.frame import Frame, Schema, Wants
 from neurotop.tui.data.glossary import hint
 from neurotop.tui.data.health import NEVER_NAN, UPDATE_RATIO_GUIDE, has_band, levels
 from neurotop.tui.data.view import View
@@ -32,21 +33,27 @@ from neurotop.tui.screens.plotting import (
     Lines,
     Series,
     braille_plot,
+    heat_runs,
     heat_strip,
     hist_labels,
+    is_fraction,
     shade_legend,
     smooth,
+    stretch_reduce,
     value_scale,
     window,
 )
 from neurotop.tui.screens.system_panel import SystemPanel
-from neurotop.tui.screens.widgets import LayerTable, fmt, level_styles
+from neurotop.tui.screens.widgets import LayerTable, fmt, level_styles, update_line
 
 
 class Panel(Widget):
     """A drawn part of a screen: text rendered to strips once per draw and served line by
-    line (much cheaper than a ``Static`` re-laying out styled text every frame). A new
-    size means the next tick redraws: every plot fits its text to its size."""
+    line (much cheaper than a ``Static`` re-laying out styled text every frame). Only the
+    lines whose runs changed since the last draw are rebuilt and repainted: one more
+    point often moves a plot's title and axis and no dot, and Textual's compositor then
+    redraws two lines instead of the whole plot. A new size means the next tick redraws:
+    every plot fits its text to its size."""
 
     DEFAULT_CSS = "Panel { height: 1fr; }"
 
@@ -54,32 +61,93 @@ class Panel(Widget):
         super().__init__(**kwargs)
         self._strips: list[Strip] = []
         self._base = Style()
-        self._shown: object = None
-        self.text = ""  # what it shows, as plain text (for tests and screen readers)
+        self._keys: list[tuple] | None = None  # each line's runs as drawn (None: redraw all)
+        self._style_now: Style | None = None
+        #: What a caller last drew from, when it can tell (``Plot.draw_series``); any
+        #: other ``show`` forgets it.
+        self._drawn_key: tuple | None = None
+        self._plain: Text | Lines | None = None  # where ``text`` comes from, made on demand
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """What it shows, as plain text (for tests and screen readers)."""
+        if self._plain is not None:
+            self._text, self._plain = self._plain.plain, None
+        return self._text
 
     def show(self, text: Text | Lines | str) -> None:
+        self._drawn_key = None
         text = Text(text) if isinstance(text, str) else text
-        key = text.lines if isinstance(text, Lines) else text
-        if key == self._shown and self._strips:
-            return  # one more point often changes no dot: nothing to repaint
-        self._shown = key
-        self.text = text.plain
         if isinstance(text, Lines):
-            self._strips = [Strip([Segment(t, Style.parse(st)) for t, st in line])
-                            for line in text.lines]
+            keys = [tuple(line) for line in text.lines]
         else:
-            self._strips = [Strip(line) for line in Segment.split_lines(
+            keys = [tuple(line) for line in Segment.split_lines(
                 text.render(self.app.console))]
-        self._base = self.rich_style  # looked up once per draw, not per line
-        self.refresh()
+        base = self._rich()
+        old = self._keys
+        if old is not None and base == self._base and keys == old:
+            return  # one more point often changes no dot: nothing to repaint
+        self._plain = text
+        if old is None or base != self._base:
+            self._strips = [self._strip(k, text) for k in keys]
+            self._base, self._keys = base, keys
+            self.refresh()
+            return
+        strips = self._strips
+        changed = [y for y in range(max(len(keys), len(old)))
+                   if y >= len(keys) or y >= len(old) or keys[y] != old[y]]
+        self._strips = [strips[y] if y < len(old) and keys[y] == old[y]
+                        else self._strip(keys[y], text) for y in range(len(keys))]
+        self._keys = keys
+        width = self.size.width
+        for a, b in _spans(changed):  # neighbouring lines in one region
+            self.refresh(Region(0, a, width, b - a))
+
+    def show_keyed(self, key: tuple, make: Callable[[], Text | Lines | str]) -> None:
+        """``show(make())`` unless what it is made from, ``key``, is what the panel shows
+        already (with its size and style): a redraw for something else makes nothing."""
+        key = (key, self.size, self._rich())
+        if key == self._drawn_key and self._keys is not None:
+            return
+        self.show(make())
+        self._drawn_key = key
+
+    @staticmethod
+    def _strip(key: tuple, text: Text | Lines) -> Strip:
+        if isinstance(text, Lines):
+            return Strip([Segment(t, Style.parse(st)) for t, st in key])
+        return Strip(key)
+
+    def _rich(self) -> Style:
+        """The widget's base style, looked up once per style change (the lookup walks the
+        DOM: once per draw of 20 panels cost a millisecond)."""
+        if self._style_now is None:
+            self._style_now = self.rich_style
+        return self._style_now
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._style_now = None
 
     def render_line(self, y: int) -> Strip:
         strip = self._strips[y] if y < len(self._strips) else Strip.blank(0)
         return strip.crop_extend(0, self.size.width, self._base)
 
     def on_resize(self) -> None:
-        self._shown = None
+        self._keys = None
         self.app.invalidate()
+
+
+def _spans(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row numbers as ``[a, b)`` runs of neighbours."""
+    out: list[tuple[int, int]] = []
+    for y in rows:
+        if out and out[-1][1] == y:
+            out[-1] = (out[-1][0], y + 1)
+        else:
+            out.append((y, y + 1))
+    return out
 
 
 class Plot(Panel):
@@ -89,16 +157,25 @@ class Plot(Panel):
 
     def draw_series(self, x: np.ndarray, y: np.ndarray, title: str, view: View,
                     guide: float | None = None) -> None:
-        x, y = window(x, view.last, y)
-        w, h = self.size.width or 40, self.size.height or 8
         accent = self.app.current_theme.primary
+        # What the plot shows depends on these alone: a redraw for something else (the
+        # status bar, another pane) draws nothing here. The values are compared by a
+        # digest of their bytes (a few microseconds; another layer can end alike).
+        key = (title, view.log_y, view.smooth, view.last, guide, accent, len(x),
+               int(x[0]) if len(x) else None, int(x[-1]) if len(x) else None,
+               hash(np.ascontiguousarray(y).tobytes()))
+        self.show_keyed(key, lambda: self._series(x, y, title, view, guide, accent))
+
+    def _series(self, x: np.ndarray, y: np.ndarray, title: str, view: View,
+                guide: float | None, accent: str | None) -> Lines:
+        w, h = self.size.width or 40, self.size.height or 8
+        x, y = window(x, view.last, y)
         series = [Series(x, y, "" if not view.smooth else "dim")]
         if view.smooth and len(y) > 8:
             series.append(Series(x, smooth(y, max(len(y) // 50, 4)), f"bold {accent}"))
         last = fmt(float(y[-1])) if len(y) else "-"
-        self.show(braille_plot(series, w, h, mode_title(title, last, view, w - 1),
-                               view.log_y, guide))
-
+        return braille_plot(series, w, h, mode_title(title, last, view, w - 1), view.log_y,
+                            guide)
 
     def draw_several(self, named: list[tuple[str, np.ndarray, np.ndarray]], title: str,
                      view: View, marks: Sequence[tuple[int, int]] = (),
@@ -244,10 +321,22 @@ class HeatStrip(Panel):
     DEFAULT_CSS = "HeatStrip { width: 2fr; height: 1fr; border-top: solid $accent; }"
     NAME_W = 14
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._acts: tuple[object, np.ndarray] = (None, np.zeros(0, bool))  # (schema, mask)
+
+    def activations(self, schema: Schema) -> np.ndarray:
+        """Which layers are activations: per schema, not per frame."""
+        if self._acts[0] is not schema:
+            self._acts = (schema, np.array(activation_mask(
+                schema.layer_types, len(schema.layers), activations=schema.activations), bool))
+        return self._acts[1]
+
     def draw(self, frame: Frame, view: View) -> None:
         x, rows = window(frame.heat[0], view.last, frame.heat[1])
-        head = Text.assemble(("heat: ", "bold"), (view.stat or "-", "bold"))
-        head.no_wrap, head.overflow = True, "crop"
+        stat = view.stat or "-"
+        head = Lines("heat: ", "bold")
+        head.append(stat, "bold")
         if not rows.size or frame.schema is None:
             self.show(head)
             return
@@ -256,21 +345,30 @@ class HeatStrip(Panel):
         # Names take at most a third of a narrow strip (the control panel beside it).
         name_w = min(self.NAME_W, max((self.size.width or 60) // 3, 6))
         width = max((self.size.width or 60) - name_w - 1, 4)
-        data = rows.T
-        # Fractions on 0..1, anything else on its range over the window: the same value
-        # is the same shade at every width (the range is taken before the time columns).
-        scale = value_scale(view.stat, data)
+        # Time into columns first (each its stretch's worst), on the rows as stored.
+        if rows.shape[0] > width:
+            starts = (np.arange(width) * rows.shape[0]) // width
+            data = stretch_reduce(np.fmax, rows, starts).T
+            # Fractions on 0..1, anything else on its range over the window: the same
+            # value is the same shade at every width. The range of the stretches' min
+            # and max is the window's, unless a stretch's max or min is infinite (the
+            # range is of finite values: then it is taken over every value).
+            scale = (0.0, 1.0) if is_fraction(view.stat) else None
+            if scale is None:
+                low = stretch_reduce(np.fmin, rows, starts)
+                ends = np.concatenate([low.ravel(), data.ravel()])
+                scale = value_scale(view.stat, rows if np.isinf(ends).any() else ends)
+        else:
+            data = rows.T
+            scale = value_scale(view.stat, data)
+        used = len("heat: ") + len(stat)
         for part in (f"  {shade_legend(*scale)}", "  × non-finite"):
-            if head.cell_len + len(part) <= (self.size.width or 60):
+            if used + len(part) <= (self.size.width or 60):
                 head.append(part)
-        if data.shape[1] > width:  # time into columns first: each its stretch's worst
-            with np.errstate(invalid="ignore"):
-                data = np.fmax.reduceat(data, (np.arange(width) * data.shape[1]) // width,
-                                        axis=1)
+                used += len(part)
         names = layers
         # Levels per layer, before grouping: a logits layer has no dead-fraction band.
-        acts = np.array(activation_mask(frame.schema.layer_types, len(layers),
-                                        activations=frame.schema.activations), bool)
+        acts = self.activations(frame.schema)
         lvl = levels(view.stat, data, activations=acts[:, None]) if has_band(view.stat) \
             else None
         if len(layers) > lines:  # groups of layers, each showing its worst member
@@ -282,17 +380,15 @@ class HeatStrip(Panel):
             ends = [*starts[1:], len(layers)]
             names = [layers[a] if b - a == 1 else f"{layers[a]}+{b - a - 1}"
                      for a, b in zip(starts, ends, strict=True)]
-        strip = heat_strip(data, width, lvl, ("", *level_styles(self)[1:]),
-                           nan_is_idle=view.stat in NEVER_NAN, scale=scale)
-        out = [head]
-        for name, line in zip(names, strip, strict=True):
-            label = name[-(name_w - 1):].ljust(name_w)
-            out.append(Text.assemble((label, "dim"), line, no_wrap=True, overflow="crop"))
+        strip = heat_runs(data, width, lvl, ("", *level_styles(self)[1:]),
+                          nan_is_idle=view.stat in NEVER_NAN, scale=scale)
+        out = head
+        for name, runs in zip(names, strip, strict=True):
+            out.lines.append([(name[-(name_w - 1):].ljust(name_w), "dim"), *runs])
         cols = min(width, data.shape[1])
         left, right = f"step {int(x[0]):,}", f"{int(x[-1]):,}"
-        out.append(Text(" " * name_w + left + right.rjust(max(cols - len(left), 1)),
-                        style="dim", no_wrap=True, overflow="crop"))
-        self.show(Text("\n").join(out))
+        out.lines.append([(" " * name_w + left + right.rjust(max(cols - len(left), 1)), "dim")])
+        self.show(out)
 
 
 class OverviewPane(Vertical):
@@ -436,6 +532,10 @@ class DetailPane(Vertical):
     """
     MAX_PLOTS = 12
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._plots: list[Plot] = []  # looked up once: a query per plot per frame adds up
+
     def compose(self) -> ComposeResult:
         yield Static(id="detail-title")
         with Grid(id="detail-plots"):
@@ -463,7 +563,8 @@ class DetailPane(Vertical):
         x, rows = frame.layer
         grid = self.query_one("#detail-plots", Grid)
         cols = 3 if len(stats) > 4 else 2
-        grid.styles.grid_size_columns = cols
+        if grid.styles.grid_size_columns != cols:
+            grid.styles.grid_size_columns = cols
         # As many plots as keep their axes (a plot's min-height); the rest are named as
         # "+N more", starting from the chosen statistic (``s``) so each can be reached.
         fit = max(grid.size.height // 5, 1) * cols if grid.size.height else len(stats)
@@ -473,14 +574,17 @@ class DetailPane(Vertical):
             first = stats.index(view.stat) if view.stat in stats else 0
             order = [(first + k) % len(stats) for k in range(fit)]
             more = f"  ·  +{len(stats) - fit} more statistics (s: next)"
-        self.query_one("#detail-title", Static).update(Text.assemble(
+        update_line(self.query_one("#detail-title", Static), Text.assemble(
             ("layer ", "bold"), (view.layer, "bold"), kind,
             f"  {i + 1}/{len(layers)}", more,
             f"  ·  {view.describe()}  ·  , . previous / next layer"))
         marks = [(step, r) for r, run in enumerate(frame.runs) for step, _ in run.knobs]
-        for j in range(self.MAX_PLOTS):
-            plot = self.query_one(f"#dt-plot-{j}", Plot)
-            plot.display = j < len(order)
+        plots = self._plots or [self.query_one(f"#dt-plot-{j}", Plot)
+                                for j in range(self.MAX_PLOTS)]
+        self._plots = plots
+        for j, plot in enumerate(plots):
+            if plot.display != (j < len(order)):
+                plot.display = j < len(order)
             if j < len(order) and frame.runs:  # a comparison: the layer of each run
                 st = stats[order[j]]
                 plot.draw_several([(run.name, run.layer[0], run.layer[1][:, run.stats.index(st)])
@@ -489,25 +593,30 @@ class DetailPane(Vertical):
             elif j < len(order):
                 k = order[j]
                 plot.draw_series(x, rows[:, k] if rows.size else np.empty(0), stats[k], view)
-        self._draw_histograms(frame)
+        self._draw_histograms(frame, view.layer)
 
-    def _draw_histograms(self, frame: Frame) -> None:
+    def _draw_histograms(self, frame: Frame, layer: str) -> None:
         now, over = self.query_one("#hist-now", Panel), self.query_one("#hist-time", Panel)
         grad = self.query_one("#hist-grad", Panel)
         latest = frame.histogram
         if latest is None:
-            note = Text("histogram: none for this layer (see the run's hist_layers)", "dim")
-            now.show(note)
-            grad.show("")
-            over.show("")
+            now.show_keyed(("none",), lambda: Text(
+                "histogram: none for this layer (see the run's hist_layers)", "dim"))
+            grad.show_keyed(("none",), lambda: "")
+            over.show_keyed(("none",), lambda: "")
             return
         labels = hist_labels(latest["edges"])
         for panel, key, name in ((now, "act", "activations"), (grad, "grad", "gradients dL/dh")):
-            panel.show(hist_bars(latest[key], labels, panel.size.width or 40,
-                                 panel.size.height or 8, f"{name}, step {latest['step']}"))
+            # Histograms come every ``hist_every`` reports: most frames draw none anew.
+            def bars(panel: Panel = panel, key: str = key, name: str = name) -> Text:
+                return hist_bars(latest[key], labels, panel.size.width or 40,
+                                 panel.size.height or 8, f"{name}, step {latest['step']}")
+            panel.show_keyed((layer, latest["step"], key, latest[key].tobytes(),
+                              tuple(labels)), bars)
         steps, hists = frame.hist_series
-        over.show(hist_heatmap(steps, hists, labels, over.size.width or 40,
-                               over.size.height or 8))
+        over.show_keyed((layer, steps.tobytes(), hash(hists.tobytes()), tuple(labels)),
+                        lambda: hist_heatmap(steps, hists, labels, over.size.width or 40,
+                                             over.size.height or 8))
 
 
 def _coarsen(counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -579,15 +688,19 @@ class GradientsPane(Vertical):
         if "update_ratio" in pstats:
             x, r = frame.param_series
             r = r.T  # [reports x params]
-            worst, med = (np.full(len(r), np.nan) for _ in range(2))
+            med = np.full(len(r), np.nan)
+            worst = np.nan  # the latest report's parameter furthest from the guide
             has = np.isfinite(r).any(axis=1) if r.size else np.zeros(len(r), bool)
             with np.errstate(invalid="ignore", divide="ignore"):  # rows without parameters
-                worst[has] = np.nanmax(np.abs(np.log10(np.abs(r[has]) / UPDATE_RATIO_GUIDE)),
-                                       axis=1)
-                med[has] = np.nanmedian(r[has], axis=1)
+                if len(r) and has[-1]:
+                    worst = float(np.nanmax(np.abs(np.log10(np.abs(r[-1]) / UPDATE_RATIO_GUIDE))))
+                if r.size and not np.isnan(r).any():  # the same, without NaN's slow path
+                    med = np.where(has, np.median(r, axis=1), np.nan)
+                else:
+                    med[has] = np.nanmedian(r[has], axis=1)
             title = "median upd/w (guide 1e-3)"  # what a narrow plot keeps of its title
-            if len(worst) and np.isfinite(worst[-1]):
-                title += f", worst parameter {worst[-1]:.1f} decades off"
+            if np.isfinite(worst):
+                title += f", worst parameter {worst:.1f} decades off"
             plot = self.query_one("#grad-plot", Plot)
             plot.draw_series(x[: len(med)], med, title, View(log_y=True, smooth=view.smooth,
                                                              last=view.last),
@@ -595,7 +708,7 @@ class GradientsPane(Vertical):
 
 
 def ratio_chart(names: Sequence[str], pstats: Sequence[str], block: np.ndarray, width: int,
-                height: int, styles: tuple[str, str, str]) -> Text:
+                height: int, styles: tuple[str, str, str]) -> Lines:
     """One line per parameter: name, grad norm, and its update/weight ratio as a dot on a
     log axis from 1e-6 to 1 with the 1e-3 guide marked ``┊``."""
     col = {s: i for i, s in enumerate(pstats)}
@@ -603,10 +716,10 @@ def ratio_chart(names: Sequence[str], pstats: Sequence[str], block: np.ndarray, 
     axis_w = max(width - name_w - 24, 10)
     lo, hi = -6.0, 0.0
     guide_at = int(round((np.log10(UPDATE_RATIO_GUIDE) - lo) / (hi - lo) * (axis_w - 1)))
-    out = Text.assemble(("parameter".ljust(name_w), "bold"), ("   grad norm", "bold"),
-                        ("    upd/w  ", "bold"), ("1e-6".ljust(guide_at), "dim"),
-                        ("1e-3", "dim"), ("1".rjust(max(axis_w - guide_at - 4, 1)), "dim"),
-                        no_wrap=True, overflow="crop")
+    out = Lines()
+    out.lines[0] = [("parameter".ljust(name_w), "bold"), ("   grad norm", "bold"),
+                    ("    upd/w  ", "bold"), ("1e-6".ljust(guide_at), "dim"), ("1e-3", "dim"),
+                    ("1".rjust(max(axis_w - guide_at - 4, 1)), "dim")]
     ratio = block[:, col["update_ratio"]] if "update_ratio" in col else None
     lvls = levels("update_ratio", ratio) if ratio is not None else None
     # The header and, when some do not fit, the "+N more" line take a line each.
@@ -615,25 +728,21 @@ def ratio_chart(names: Sequence[str], pstats: Sequence[str], block: np.ndarray, 
         if ratio is not None and len(names) > shown else np.arange(len(names))
     for p in order[:shown]:
         gn = fmt(float(block[p, col["grad_norm"]])) if "grad_norm" in col else "-"
-        line = Text.assemble("\n", (names[p][-name_w:].ljust(name_w), ""), f"{gn:>12}",
-                             no_wrap=True, overflow="crop")
-        if ratio is None:
-            out.append_text(line)
-            continue
-        r = float(ratio[p])
-        st = styles[int(lvls[p])]
-        line.append(f"{fmt(r):>10} ", style=st)
-        cells = ["─"] * axis_w
-        cells[guide_at] = "┊"
-        if np.isfinite(r) and r > 0:
-            at = int(round((np.clip(np.log10(r), lo, hi) - lo) / (hi - lo) * (axis_w - 1)))
-            cells[at] = "●"
-            line.append("".join(cells[:at]), style="dim")
-            line.append("●", style=f"bold {st}")
-            line.append("".join(cells[at + 1:]), style="dim")
-        else:
-            line.append("".join(cells), style="dim")
-        out.append_text(line)
+        line = [(names[p][-name_w:].ljust(name_w), ""), (f"{gn:>12}", "")]
+        if ratio is not None:
+            r = float(ratio[p])
+            st = styles[int(lvls[p])]
+            line.append((f"{fmt(r):>10} ", st))
+            cells = ["─"] * axis_w
+            cells[guide_at] = "┊"
+            if np.isfinite(r) and r > 0:
+                at = int(round((np.clip(np.log10(r), lo, hi) - lo) / (hi - lo) * (axis_w - 1)))
+                cells[at] = "●"
+                line += [("".join(cells[:at]), "dim"), ("●", f"bold {st}"),
+                         ("".join(cells[at + 1:]), "dim")]
+            else:
+                line.append(("".join(cells), "dim"))
+        out.lines.append([run for run in line if run[0]])
     if len(names) > shown:
         out.append(f"\n+{len(names) - shown} more parameters (shown: furthest from 1e-3"
                    " first)", style="dim")

@@ -29,15 +29,25 @@ def smooth(y: np.ndarray, span: int) -> np.ndarray:
     y = np.asarray(y, dtype=np.float64)
     if span <= 1 or len(y) < 2:
         return y
+    n = len(y)
     ok = np.isfinite(y)
-    ref = float(y[ok][0]) if ok.any() else 0.0  # sums of differences from it: no drift
-    c = np.concatenate([[0.0], np.cumsum(np.where(ok, y - ref, 0.0))])
-    k = np.concatenate([[0], np.cumsum(ok)])
-    lo = np.maximum(np.arange(1, len(y) + 1) - span, 0)
-    hi = np.arange(1, len(y) + 1)
-    n = k[hi] - k[lo]
+    every = bool(ok.all())
+    ref = float(y[0]) if every else (float(y[ok][0]) if ok.any() else 0.0)  # no drift
+    c = np.zeros(n + 1)  # running sums of the differences from ``ref``
+    np.cumsum(y - ref if every else np.where(ok, y - ref, 0.0), out=c[1:])
+    # Window ``i`` is points ``max(i + 1 - span, 0) .. i``: sums as differences of two
+    # slices of the running sums (the first ``span`` windows start at 0).
+    head = min(span, n)
+    tail = max(n - span + 1, 1)
+    lo_c = np.concatenate([np.zeros(head), c[1:tail]])
+    if every:
+        counts = np.minimum(np.arange(1, n + 1), span).astype(np.float64)
+        return (c[1:] - lo_c) / counts + ref
+    k = np.zeros(n + 1, np.int64)
+    np.cumsum(ok, out=k[1:])
+    cnt = k[1:] - np.concatenate([np.zeros(head, np.int64), k[1:tail]])
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, (c[hi] - c[lo]) / n + ref, np.nan)
+        return np.where(cnt > 0, (c[1:] - lo_c) / cnt + ref, np.nan)
 
 
 def window(x: np.ndarray, last: int | None, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -53,6 +63,17 @@ def is_fraction(stat: str) -> bool:
     ``dead_frac_window``...): drawn on a fixed 0..1 scale, so a shade or bar means the
     same value in every view and at every width."""
     return stat.endswith("_frac") or "_frac_" in stat
+
+
+def stretch_reduce(ufunc: np.ufunc, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``ufunc.reduceat(rows, starts, axis=0)`` for increasing ``starts``, one stretch of
+    rows at a time: the same values (max and min are exact), and several times faster on
+    ``[5k rows x 200 layers]``, where ``reduceat`` along the first axis walks the rows with
+    a stride."""
+    ends = [*starts[1:].tolist(), len(rows)]
+    with np.errstate(invalid="ignore"):
+        return np.stack([ufunc.reduce(rows[a:b], axis=0)
+                         for a, b in zip(starts.tolist(), ends, strict=True)])
 
 
 def value_scale(stat: str, values: np.ndarray) -> tuple[float, float]:
@@ -81,6 +102,42 @@ def sparkline(values: np.ndarray, width: int,
     idx = np.clip(((v - lo) / (hi - lo) * (len(BLOCKS) - 1)).round().astype(int), 0,
                   len(BLOCKS) - 1)
     return "".join(BLOCKS[i] for i in idx)
+
+
+class Sparklines:
+    """``sparkline`` of every row of ``[rows x time]`` at once: the scaling in a few NumPy
+    passes over the whole block, each row's text made when asked (a table formats only
+    the rows on screen). ``line(i)`` is ``sparkline(rows[i], width, scale)``."""
+
+    def __init__(self, rows: np.ndarray, width: int,
+                 scale: tuple[float, float] | None = None) -> None:
+        v = np.asarray(rows, dtype=np.float64)
+        v = v[:, -width:] if v.ndim == 2 and width > 0 else v[:, :0] if v.ndim == 2 \
+            else np.empty((0, 0))
+        fin = np.isfinite(v)
+        n = len(v)
+        top = len(BLOCKS) - 1
+        if scale is not None:
+            lo, hi = np.full(n, float(scale[0])), np.full(n, float(scale[1]))
+        else:
+            lo = np.where(fin, v, np.inf).min(axis=1, initial=np.inf)
+            hi = np.where(fin, v, -np.inf).max(axis=1, initial=-np.inf)
+        flat = hi - lo <= 1e-12 * np.maximum(1.0, np.abs(hi))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            idx = np.clip(((v - lo[:, None]) / (hi - lo)[:, None] * top).round()
+                          .astype(int), 0, top)
+        # A constant row draws at the bottom when it is zero or has a scale, else
+        # mid-height (flat, not low: a constant loss is not at 0).
+        nonzero = (fin & (v != 0)).any(axis=1)
+        level = np.where((scale is not None) | ~nonzero, 0, len(BLOCKS) // 2 - 1)
+        idx = np.where(flat[:, None], level[:, None], idx)
+        self._codes = np.array([ord(c) for c in BLOCKS], np.uint32)[idx]
+        self._fin = fin
+        self._every = fin.all(axis=1)
+
+    def line(self, i: int) -> str:
+        codes = self._codes[i] if self._every[i] else self._codes[i][self._fin[i]]
+        return codes.astype("<u4").tobytes().decode("utf-32-le")
 
 
 def fmt_axis(v: float, digits: int = 3) -> str:
@@ -146,35 +203,69 @@ class Series:
     style: str = ""
 
 
-def _dots(s: Series, x0: float, x1: float, y0: float, y1: float, w: int, h: int) -> np.ndarray:
-    """``[4h x 2w]`` dots of one series: the min/max reduction to the plot's width. Each
-    dot column covers the points that fall in it (steps ascending) and lights from their
-    min to their max, joined to the previous column's last point; so 100k points cost a
-    few NumPy passes, and a one-step spike still lights its column."""
-    grid = np.zeros((4 * h, 2 * w), bool)
-    ok = np.isfinite(s.y)
-    x, y = s.x[ok].astype(np.float64), s.y[ok].astype(np.float64)
-    if not len(x):
-        return grid
-    cx = np.clip(((x - x0) / max(x1 - x0, 1e-300) * (2 * w - 1)).round().astype(np.int64),
-                 0, 2 * w - 1)
-    cy = np.clip(((y1 - y) / max(y1 - y0, 1e-300) * (4 * h - 1)).round().astype(np.int64),
-                 0, 4 * h - 1)
-    starts = np.flatnonzero(np.r_[True, cx[1:] != cx[:-1]])
-    cols = cx[starts]
-    lo, hi = np.minimum.reduceat(cy, starts), np.maximum.reduceat(cy, starts)
-    last = cy[np.r_[starts[1:] - 1, len(cy) - 1]]
-    lo[1:], hi[1:] = np.minimum(lo[1:], last[:-1]), np.maximum(hi[1:], last[:-1])
-    rows = np.arange(4 * h)[:, None]
-    grid[:, cols] = (rows >= lo) & (rows <= hi)
-    return grid
+def _finite(s: Series, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """A series' finite points (log10 of the positive ones on a log axis, in float64), and
+    whether that is all of them (then ``x`` is the series' own array)."""
+    x, y = np.asarray(s.x), np.asarray(s.y)
+    if log_y:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = y.astype(np.float64)
+            y = np.where(y > 0, np.log10(np.abs(y)), np.nan)
+    ok = np.isfinite(y)
+    if ok.all():
+        return x, y, True
+    return x[ok], y[ok], False
 
 
-def _cells(grid: np.ndarray) -> np.ndarray:
-    """Braille code points ``[h x w]`` of a dot grid (0 where a cell has no dot)."""
-    h4, w2 = grid.shape
-    g = grid.reshape(h4 // 4, 4, w2 // 2, 2)
-    return (g * _DOTS[None, :, None, :]).sum(axis=(1, 3))
+def _columns(x: np.ndarray, x0: float, x1: float, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each dot column's points start in ``x`` (steps ascending), and the columns."""
+    cx = ((x.astype(np.float64) - x0) / max(x1 - x0, 1e-300) * (2 * w - 1)).round()
+    cx = np.minimum(np.maximum(cx, 0), 2 * w - 1, out=cx).astype(np.int64)
+    new = np.empty(len(cx), bool)
+    new[0] = True
+    np.not_equal(cx[1:], cx[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    return starts, cx[starts]
+
+
+def _spans(y: np.ndarray, starts: np.ndarray, y0: float, y1: float, h: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The dot rows each dot column of one series lights, ``lo..hi`` (0 at the top): the
+    min/max reduction to the plot's width. Each column (``_columns``) lights from the min
+    to the max of its points, joined to the previous column's last point; so 100k points
+    cost a few NumPy passes, and a one-step spike still lights its column. The reduction
+    comes first: a dot row only decreases as the value grows, so a column's top dot is its
+    largest value's."""
+    scale = max(y1 - y0, 1e-300)
+
+    def dot_row(v: np.ndarray) -> np.ndarray:
+        r = ((y1 - v.astype(np.float64)) / scale * (4 * h - 1)).round()
+        return np.minimum(np.maximum(r, 0), 4 * h - 1, out=r).astype(np.int64)
+
+    lo = dot_row(np.maximum.reduceat(y, starts))
+    hi = dot_row(np.minimum.reduceat(y, starts))
+    last = dot_row(y[starts[1:] - 1])  # each column's last point, for the next one to join
+    lo[1:], hi[1:] = np.minimum(lo[1:], last), np.maximum(hi[1:], last)
+    return lo, hi
+
+
+#: Braille bits of a cell's four dots (top first) in its left and its right column, as a
+#: table from the 4-bit mask of lit dots (bit k: the k-th dot from the top).
+_SIDE_BITS = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
+_SIDE = np.array([[sum(b for k, b in enumerate(bits) if m >> k & 1) for m in range(16)]
+                  for bits in _SIDE_BITS], np.int64)
+
+
+def _cells(cols: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Braille code points ``[h x w]`` (0 where a cell has no dot) of dot columns ``cols``
+    lit from dot row ``lo`` to ``hi``: per cell row, the 4-bit mask of its lit dots in each
+    column, then a table to braille bits."""
+    top = 4 * np.arange(h)[:, None]
+    a = np.minimum(np.maximum(lo[None, :] - top, 0), 4)  # the first and last lit dot
+    b = np.minimum(np.maximum(hi[None, :] - top, -1), 3)  # within the cell row
+    masks = np.zeros((h, 2 * w), np.int64)
+    masks[:, cols] = np.where(a <= b, (2 << np.maximum(b, 0)) - (1 << a), 0)
+    return _SIDE[0][masks[:, 0::2]] | _SIDE[1][masks[:, 1::2]]
 
 
 def _ticks(y0: float, y1: float, h: int, log_y: bool,
@@ -207,20 +298,14 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
                  guide_style: str = "dim") -> Lines:
     """A line chart as styled text: title line, then ``height - 1`` rows of braille with the
     y range on the left and the x range underneath. ``guide`` draws a dotted horizontal
-    line (e.g. the 1e-3 update/weight ratio); later series draw over earlier ones."""
+    line (e.g. the 1e-3 update/weight ratio); later series draw over earlier ones. Each
+    row is as few runs as it has styles (neighbouring cells of one style are one run)."""
     w, h = max(width - LABEL_W, 4), max(height - 2, 2)
     out = Lines(title[: max(width, 1)], style="bold")
     xs = [s.x for s in series if len(s.x)]
     x0, x1 = (min(float(x[0]) for x in xs), max(float(x[-1]) for x in xs)) if xs else (0, 1)
-    ser = []
-    for s in series:
-        y = s.y.astype(np.float64)
-        if log_y:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                y = np.where(y > 0, np.log10(np.abs(y)), np.nan)
-        ser.append(Series(s.x, y, s.style))
-    ys = [s.y[np.isfinite(s.y)] for s in ser]
-    ys = [v for v in ys if len(v)]
+    pts = [_finite(s, log_y) for s in series]
+    ys = [y for _, y, _ in pts if len(y)]
     if not ys:
         out.append("\n" + "\n".join(" " * LABEL_W + "·" for _ in range(h)) + "\n(no data)")
         return out
@@ -236,12 +321,23 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     if flat is not None:
         pad = 0.5 if log_y else (abs(flat) * 0.5 or 1.0)
         y0, y1 = flat - pad, flat + pad
+    # Each cell's style, as an index into ``styles`` (0: plain, 1: the guide, 2 + i:
+    # series i); the last series with a dot in a cell owns it.
+    styles = ["", guide_style, *(s.style for s in series)]
     cells = np.zeros((h, w), np.int64)
-    owner = np.full((h, w), -1)
-    for i, s in enumerate(ser):
-        c = _cells(_dots(s, x0, x1, y0, y1, w, h))
-        cells |= c
-        owner[c > 0] = i
+    owner = np.zeros((h, w), np.int64)
+    columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # series sharing their steps
+    for i, ((x, y, whole), s) in enumerate(zip(pts, series, strict=True)):
+        if len(x):
+            if not whole:
+                cols = _columns(x, x0, x1, w)
+            elif id(s.x) in columns:
+                cols = columns[id(s.x)]
+            else:
+                cols = columns[id(s.x)] = _columns(x, x0, x1, w)
+            c = _cells(cols[1], *_spans(y, cols[0], y0, y1, h), w, h)
+            cells |= c
+            owner[c > 0] = 2 + i
     guide_row = -1
     if gy is not None:
         guide_row = int(round((y1 - gy) / (y1 - y0) * (4 * h - 1))) // 4
@@ -255,18 +351,77 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     codes = np.where(cells > 0, 0x2800 + cells, ord(" "))
     if 0 <= guide_row < h:
         codes[guide_row] = np.where(cells[guide_row] > 0, codes[guide_row], ord("┈"))
-        owner[guide_row] = np.where(cells[guide_row] > 0, owner[guide_row], -2)
-    styles = {-1: "", -2: guide_style, **{i: s.style for i, s in enumerate(ser)}}
+        owner[guide_row] = np.where(cells[guide_row] > 0, owner[guide_row], 1)
+    # Cells of the same style string are one run, whichever series owns them.
+    first = {st: k for k, st in reversed(list(enumerate(styles)))}
+    sid = np.array([first[st] for st in styles])[owner]
+    text = codes.astype("<u4").tobytes().decode("utf-32-le")
+    rr, cc = np.nonzero(sid[:, 1:] != sid[:, :-1])
+    cuts: list[list[int]] = [[0] for _ in range(h)]
+    for r, c in zip(rr.tolist(), (cc + 1).tolist(), strict=True):
+        cuts[r].append(c)
+    blank_label = " " * (LABEL_W - 1) + "│"
+    lines = out.lines
     for r in range(h):
-        out.append("\n")
-        out.append(labels.get(r, " " * (LABEL_W - 1) + "│"),
-                   style=guide_style if r == guide_row else "dim")
-        line = codes[r].astype("<u4").tobytes().decode("utf-32-le")
-        cuts = [0, *(np.flatnonzero(np.diff(owner[r])) + 1).tolist(), w]
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-            out.append(line[a:b], style=styles[int(owner[r, a])])
+        line = text[r * w:(r + 1) * w]
+        cut = [*cuts[r], w]
+        row = sid[r]
+        runs = [(line[a:b], styles[row[a]]) for a, b in zip(cut[:-1], cut[1:], strict=True)]
+        lines.append([(labels.get(r, blank_label), guide_style if r == guide_row else "dim"),
+                      *runs])
     left, right = f"{int(x0):,}", f"{int(x1):,}"
     out.append("\n" + " " * LABEL_W + left + right.rjust(max(w - len(left), 1)), style="dim")
+    return out
+
+
+def heat_runs(rows: np.ndarray, width: int, levels: np.ndarray | None = None,
+              styles: tuple[str, str, str] = ("", "yellow", "red"),
+              nan_is_idle: bool = False,
+              scale: tuple[float, float] | None = None) -> list[list[tuple[str, str]]]:
+    """``[series x time]`` as one line of (text, style) runs per series: the shade says the
+    value on ``scale`` (low, high; default the whole strip's range), the colour its health
+    level (0 ok, 1 warn, 2 critical). Shades are bins (``shade_legend``): blank is the low
+    end, ``█`` the top quarter. Time is cut into ``width`` columns, each showing the max of
+    its stretch. Non-finite values are a critical ``×``; with ``nan_is_idle`` (a statistic
+    that is never NaN for a layer that ran) NaN is a plain ``·``: the layer was not
+    called."""
+    n, t = rows.shape if rows.ndim == 2 else (0, 0)
+    if not n or not t or width <= 0:
+        return [[] for _ in range(n)]
+    cols = min(width, t)
+    if cols == t:
+        v = rows
+        lv = levels
+    else:
+        starts = (np.arange(cols) * t) // cols
+        with np.errstate(invalid="ignore"):
+            v = np.fmax.reduceat(rows, starts, axis=1)
+            lv = None if levels is None else np.maximum.reduceat(levels, starts, axis=1)
+    lo, hi = scale if scale is not None else value_scale("", v)
+    span = hi - lo if hi > lo else 1.0
+    top = len(SHADES) - 1
+    fin = np.isfinite(v)
+    with np.errstate(invalid="ignore"):
+        idx = np.where(fin, np.clip(np.ceil((v - lo) / span * top - 1e-9), 0, top),
+                       0).astype(int)
+    if scale is None and hi == lo:
+        idx[fin] = 1  # one value throughout: shown, not blank
+    idle = nan_is_idle & np.isnan(v)  # not called: drawn plainly, not as an alarm
+    ok = 0 if lv is None else np.maximum(lv, 0)
+    lvl = np.where(fin, ok, np.where(idle, 0, 2)).astype(int)
+    glyphs = np.array([ord(c) for c in SHADES + "×·"], np.uint32)
+    codes = glyphs[np.where(fin, idx, np.where(idle, len(SHADES) + 1, len(SHADES)))]
+    text = codes.astype("<u4").tobytes().decode("utf-32-le")
+    rr, cc = np.nonzero(lvl[:, 1:] != lvl[:, :-1])
+    cuts: list[list[int]] = [[0] for _ in range(n)]
+    for r, c in zip(rr.tolist(), (cc + 1).tolist(), strict=True):
+        cuts[r].append(c)
+    out = []
+    for i in range(n):
+        line = text[i * cols:(i + 1) * cols]
+        cut = [*cuts[i], cols]
+        row = lvl[i]
+        out.append([(line[a:b], styles[row[a]]) for a, b in zip(cut[:-1], cut[1:], strict=True)])
     return out
 
 
@@ -274,40 +429,12 @@ def heat_strip(rows: np.ndarray, width: int, levels: np.ndarray | None = None,
                styles: tuple[str, str, str] = ("", "yellow", "red"),
                nan_is_idle: bool = False,
                scale: tuple[float, float] | None = None) -> list[Text]:
-    """``[series x time]`` as one text line per series: the shade says the value on
-    ``scale`` (low, high; default the whole strip's range), the colour its health level
-    (0 ok, 1 warn, 2 critical). Shades are bins (``shade_legend``): blank is the low end,
-    ``█`` the top quarter. Time is cut into ``width`` columns, each showing the max of its
-    stretch. Non-finite values are a critical ``×``; with ``nan_is_idle`` (a statistic
-    that is never NaN for a layer that ran) NaN is a plain ``·``: the layer was not
-    called."""
-    n, t = rows.shape if rows.ndim == 2 else (0, 0)
-    if not n or not t or width <= 0:
-        return [Text("") for _ in range(n)]
-    cols = min(width, t)
-    starts = (np.arange(cols) * t) // cols
-    with np.errstate(invalid="ignore"):
-        v = np.fmax.reduceat(rows, starts, axis=1)
-        lv = None if levels is None else np.maximum.reduceat(levels, starts, axis=1)
-    lo, hi = scale if scale is not None else value_scale("", v)
-    span = hi - lo if hi > lo else 1.0
-    top = len(SHADES) - 1
-    with np.errstate(invalid="ignore"):
-        idx = np.where(np.isfinite(v), np.clip(np.ceil((v - lo) / span * top - 1e-9), 0, top),
-                       0).astype(int)
-    if scale is None and hi == lo:
-        idx[np.isfinite(v)] = 1  # one value throughout: shown, not blank
-    idle = nan_is_idle & np.isnan(v)  # not called: drawn plainly, not as an alarm
-    ok = 0 if lv is None else np.maximum(lv, 0)
-    lvl = np.where(np.isfinite(v), ok, np.where(idle, 0, 2)).astype(int)
-    chars = np.array(list(SHADES + "×·"))[np.where(
-        np.isfinite(v), idx, np.where(idle, len(SHADES) + 1, len(SHADES)))]
+    """``heat_runs`` as one ``Text`` per series."""
     lines = []
-    for i in range(n):
+    for runs in heat_runs(rows, width, levels, styles, nan_is_idle, scale):
         line = Text(no_wrap=True, overflow="crop")
-        cuts = [0, *(np.flatnonzero(np.diff(lvl[i])) + 1).tolist(), cols]
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-            line.append("".join(chars[i, a:b]), style=styles[lvl[i, a]])
+        for text, style in runs:
+            line.append(text, style=style)
         lines.append(line)
     return lines
 

@@ -8,13 +8,14 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.geometry import Size
+from textual.geometry import Region, Size
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.scroll_view import ScrollView
@@ -27,7 +28,7 @@ from neurotop.protocol.layerkinds import activation_mask
 from neurotop.tui.data.frame import Frame, Wants
 from neurotop.tui.data.health import has_band, idle, levels
 from neurotop.tui.data.view import View, matches
-from neurotop.tui.screens.plotting import BLOCKS, fmt_axis, is_fraction, sparkline
+from neurotop.tui.screens.plotting import BLOCKS, Sparklines, fmt_axis, is_fraction
 from neurotop.tui.screens.system_panel import status_part
 
 
@@ -98,6 +99,27 @@ def fit_parts(parts: Sequence[tuple[int, Text]], width: int, sep: str = "  ") ->
     return Text(sep).join(parts[i][1] for i in fit(parts, width, sep))
 
 
+def update_line(widget: Static, text: Text) -> None:
+    """Show ``text`` in a one-line ``Static`` (a status bar, a title) only when it changed,
+    and without the layout pass ``Static.update`` does by default: the line's size never
+    changes, and a layout pass at every frame relaid the whole screen."""
+    key = (text.plain, tuple(text.spans), str(text.style))
+    if getattr(widget, "_line_key", None) != key:
+        widget._line_key = key  # type: ignore[attr-defined]
+        widget.update(text, layout=False)
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted line numbers as ``[a, b)`` runs of neighbours (one region to repaint each)."""
+    out: list[tuple[int, int]] = []
+    for y in rows:
+        if out and out[-1][1] == y:
+            out[-1] = (out[-1][0], y + 1)
+        else:
+            out.append((y, y + 1))
+    return out
+
+
 def _cut(text: str, room: int) -> str:
     """Free text (a pause reason, a run name) cut to ``room`` cells with an ellipsis."""
     return text if len(text) <= room else text[: max(room - 1, 0)] + "…"
@@ -116,7 +138,7 @@ class StatusBar(Static):
         """``stopping``: this viewer's stop was acknowledged (the run's heartbeats and
         events say so too, for a stop from anywhere)."""
         width = self.size.width or self.app.size.width - 2  # inside the padding
-        self.update(fit_parts(self.parts(frame, pending, width, stopping), width))
+        update_line(self, fit_parts(self.parts(frame, pending, width, stopping), width))
 
     def parts(self, frame: Frame, pending: str, width: int,
               stopping: bool = False) -> list[tuple[int, Text]]:
@@ -315,6 +337,9 @@ class LayerTable(ScrollView, can_focus=True):
         self._spark_scale: tuple[float, float] | None = None  # None: each row its range
         self._style_cache: tuple[Style, Style, Style] | None = None
         self._level_styles: list[Style] = []
+        self._sparks: Sparklines | None = None  # the trend column, scaled once per draw
+        self._row_strips: dict[tuple, Strip] = {}  # lines formatted in this draw
+        self._on_screen: dict[int, Strip] = {}  # each line as drawn
         self.preset = "overview"
         self.columns_chosen: tuple[str, ...] | None = COLUMN_PRESETS[self.preset]
         self._cols: list[int] = []  # indices of the shown statistics in the schema
@@ -424,9 +449,26 @@ class LayerTable(ScrollView, can_focus=True):
         width = len("".join(heads)) + 2 + self._spark_w
         self.virtual_size = Size(width, len(self._rows) + 1)
         self._style_cache = None
+        self._sparks = Sparklines(self._hist, self._spark_w, self._spark_scale) \
+            if len(self._hist) else None
+        self._row_strips = {}
         self._title_parts = self._title(len(layers), view)
         self._show_title()
-        self.refresh()
+        self._repaint_changed()
+
+    def _repaint_changed(self) -> None:
+        """Repaint only the lines on screen whose text or style changed since they were
+        drawn: each is formatted now (``render_line`` then reuses it) and compared with
+        what it showed. A report changes most rows, a heartbeat none; the compositor pays
+        per line repainted."""
+        changed = []
+        for y in range(self.size.height):
+            before = self._on_screen.get(y)
+            if self.render_line(y) != before:
+                changed.append(y)
+        width = self.size.width
+        for a, b in _runs(changed):
+            self.refresh(Region(0, a, width, b - a))
 
     def _title(self, total: int, view: View) -> list[str]:
         """Sort and filter in words, and what the table leaves out."""
@@ -452,7 +494,7 @@ class LayerTable(ScrollView, can_focus=True):
         if len(self.title) > (self.size.width or 80) - 2:  # the same words, closer
             self.title = " · ".join(parts)
         for line in self.parent.query("#layers-title") if self.parent else ():
-            line.update(Text(self.title))
+            update_line(line, Text(self.title))
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
         super().watch_scroll_y(old_value, new_value)
@@ -482,29 +524,27 @@ class LayerTable(ScrollView, can_focus=True):
         return self._order_rows
 
     def _row_segments(self, r: int, base: Style) -> list[Segment]:
-        """One row as segments (no ``Text`` layout per cell: rows are drawn every frame)."""
+        """One row as segments, one per cell (no ``Text`` layout per cell: rows are drawn
+        every frame)."""
         i = self._index[r]
         name = f"{self._labels[r][-(self._name_w - 1):]:<{self._name_w}}"
         if self._type_w:
             name += f"{self._types[r]:<{self._type_w}}"
+        spark = self._sparks.line(i) if self._sparks is not None else ""
         if self._idle[i]:  # not called in this report: nothing to judge
             dim = base + Style(dim=True)
             cells = "".join(f"{'idle' if k == 0 else '-':>{self.NUM_W}}"
                             for k in range(len(self._cols)))
-            spark = sparkline(self._hist[i], self._spark_w, self._spark_scale) \
-                if len(self._hist) else ""
             return [Segment(name, dim), Segment(cells, dim), Segment("  " + spark, dim)]
         level_style = [base + st for st in self._level_styles]
-        segs = [Segment(name, base)]
+        runs: list[tuple[str, Style]] = [(name, base)]
         for j in self._cols:
             cell = f"{fmt_cell(float(self._block[i, j]), self.NUM_W - 1):>{self.NUM_W}}"
             lv = self._levels.get(j)
             ok = lv is not None and lv[i] >= 0  # -1: no band for this layer (not an activation)
-            segs.append(Segment(cell, level_style[int(lv[i])] if ok else base))
-        spark = sparkline(self._hist[i], self._spark_w, self._spark_scale) \
-                if len(self._hist) else ""
-        segs.append(Segment("  " + spark, base))
-        return segs
+            runs.append((cell, level_style[int(lv[i])] if ok else base))
+        runs.append(("  " + spark, base))
+        return [Segment(t, st) for t, st in runs]
 
     def _styles(self) -> tuple[Style, Style, Style]:
         """Base, header and cursor styles, looked up once per draw (the lookup walks the
@@ -521,15 +561,29 @@ class LayerTable(ScrollView, can_focus=True):
         sx, sy = self.scroll_offset
         width = self.size.width
         base, header, cursor = self._styles()
-        if y == 0:
-            strip = Strip([Segment(self._header, header),
-                           Segment(self.trend_legend(), header + Style(bold=False))])
-        else:
-            r = y - 1 + sy
-            if r >= len(self._rows):
-                return Strip.blank(width, base)
-            strip = Strip(self._row_segments(r, cursor if r == self.cursor_row else base))
-        return strip.crop_extend(sx, sx + width, base)
+        # A line is formatted once per draw: a repaint (the cursor moving, a scroll)
+        # reuses it.
+        r = y - 1 + sy
+        key = (-1 if y == 0 else r, r == self.cursor_row, sx, width)
+        strip = self._row_strips.get(key)
+        if strip is None:
+            if y == 0:
+                segments = [Segment(self._header, header),
+                            Segment(self.trend_legend(), header + Style(bold=False))]
+            elif r >= len(self._rows):
+                segments = []
+            else:
+                segments = self._row_segments(r, cursor if key[1] else base)
+            # Padded to the width here: one strip per line, not one more to extend it.
+            room = sx + width - sum(cell_len(t) for t, _, _ in segments)
+            if room > 0:
+                segments.append(Segment(" " * room, base))
+            strip = Strip(segments, sx + width if room >= 0 else None)
+            if sx or room < 0:
+                strip = strip.crop(sx, sx + width)
+            self._row_strips[key] = strip
+        self._on_screen[y] = strip
+        return strip
 
     def trend_legend(self) -> str:
         """What the trend's bars mean, with numbers: 0..1 for a fraction; else each row
