@@ -46,6 +46,8 @@ MODES = ("off", "default", "all")
 #: The per-report figures are taken on this model (the issue's budgets are for it).
 REPORT_MODEL = "transformer"
 CHUNK = 10
+#: Chunks per process of the fixed-cost measurement (tiny models: ~5 ms a step).
+FIXED_CHUNKS = 20
 
 
 def build(model_name: str, device: str, mlp_batch: int = 1024, eval_batch: int = 64):
@@ -93,14 +95,19 @@ def build(model_name: str, device: str, mlp_batch: int = 1024, eval_batch: int =
             return self.head(self.ln(x))
 
     torch.manual_seed(0)
-    if model_name in ("transformer", "gpt_small"):
+    base, _, tiny = model_name.partition(":")
+    if base in ("transformer", "gpt_small"):
         # gpt_small: ~0.12 M parameters, 2 blocks of width 64, 64 tokens of a 128-token
         # vocabulary, batch 8 (~10 ms a step on one core): the fixed cost per report
         # weighs most on such a model.
-        vocab, ctx, kw = (1024, 128, {}) if model_name == "transformer" else (
+        vocab, ctx, kw = (1024, 128, {}) if base == "transformer" else (
             128, 64, dict(vocab=128, d=64, heads=4, depth=2, ctx=64))
+        batch = 8
+        if tiny:  # "<model>:tiny": the same layers and parameters, every tensor tiny
+            vocab, ctx, batch = 32, 4, 1
+            kw = dict(vocab=vocab, d=16, heads=4, depth=kw.get("depth", 4), ctx=ctx)
         model = GPT(**kw).to(device)
-        x = torch.randint(0, vocab, (8, ctx), device=device)
+        x = torch.randint(0, vocab, (batch, ctx), device=device)
 
         def loss_fn(m):
             return F.cross_entropy(m(x).flatten(0, 1), x.flatten())
@@ -180,18 +187,23 @@ def child(args: argparse.Namespace) -> None:
         mon.close()
         return
     wall, cpu, report, plain = [], [], [], []
+    thread: dict[bool, list[float]] = {True: [], False: []}  # this thread's CPU per step
     for _ in range(args.chunks):
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(CHUNK):
             reports, t1 = mon is not None and mon._active, time.perf_counter()
+            c1 = time.thread_time()
             step()
             sync()  # per step: a report step's time is its own (a no-op on the CPU)
+            thread[reports].append(time.thread_time() - c1)
             (report if reports else plain).append(time.perf_counter() - t1)
         wall.append((time.perf_counter() - t0) / CHUNK)
         cpu.append((time.process_time() - c0) / CHUNK)
     if mon is not None:
         mon.close()
-    print(json.dumps({"wall": wall, "cpu": cpu, "report": report, "plain": plain}))
+    print(json.dumps({"wall": wall, "cpu": cpu, "report": report, "plain": plain,
+                      "report_cpu": thread[True], "plain_cpu": thread[False],
+                      "layers": len(mon._layers) if mon is not None else 0}))
 
 
 def count_ops(model: Any, mon: Any, step: Any) -> dict[str, float]:
@@ -219,9 +231,11 @@ def count_ops(model: Any, mon: Any, step: Any) -> dict[str, float]:
 
 
 def run_child(model: str, mode: str, device: str, args: argparse.Namespace,
-              eval_child: bool = False, mlp_batch: int | None = None) -> dict[str, Any]:
+              eval_child: bool = False, mlp_batch: int | None = None,
+              chunks: int | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--mode", mode,
-           "--device", device, "--warmup", str(args.warmup), "--chunks", str(args.chunks),
+           "--device", device, "--warmup", str(args.warmup),
+           "--chunks", str(chunks or args.chunks),
            "--threads", str(args.threads),
            "--mlp-batch", str(mlp_batch or args.mlp_batches.split(",")[0]),
            "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
@@ -274,6 +288,31 @@ def measure_ops(model: str, device: str, args: argparse.Namespace) -> float:
     return per_layer
 
 
+def measure_fixed(model: str, args: argparse.Namespace) -> dict[str, float]:
+    """The fixed cost of a report: ``<model>:tiny`` (the same layers and parameters, every
+    tensor tiny: one read of each activation or parameter costs next to nothing), default
+    settings, on the CPU, in ``--reps`` fresh processes of ``FIXED_CHUNKS`` chunks. The
+    training thread's CPU time of the median report step minus that of the median plain
+    step (``report_fixed_ms``), and the same in wall-clock time, which adds what the agent
+    thread takes of the GIL while it turns the report into statistics."""
+    steps: dict[str, list[float]] = {k: [] for k in ("report", "plain", "report_cpu",
+                                                     "plain_cpu")}
+    layers = 0
+    for _ in range(args.reps):
+        got = run_child(f"{model}:tiny", "default", "cpu", args, chunks=FIXED_CHUNKS)
+        for k in steps:
+            steps[k] += got[k]
+        layers = got["layers"]
+    med = {k: statistics.median(v) * 1e3 for k, v in steps.items()}
+    fixed, wall = med["report_cpu"] - med["plain_cpu"], med["report"] - med["plain"]
+    print(f"cpu {model}:tiny ({layers} layers): training-thread CPU per step: report "
+          f"{med['report_cpu']:.2f} ms, plain {med['plain_cpu']:.2f} ms: +{fixed:.2f} ms fixed"
+          f" per report ({fixed * 1e3 / max(layers, 1):.1f} us per layer; budget "
+          f"{1 + 0.005 * layers:.2f} ms); wall clock +{wall:.2f} ms  [{args.reps} processes x"
+          f" {len(steps['report'])} reports]", flush=True)
+    return {"fixed_ms": fixed, "wall_ms": wall, "layers": layers}
+
+
 def measure_eval_memory(model: str, device: str, args: argparse.Namespace) -> float:
     """Peak memory with / without neurotop on a loop that evaluates inside report windows."""
     peak = {m: run_child(model, m, device, args, eval_child=True)["peak"]
@@ -301,6 +340,8 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=200, help="batches per evaluation")
     p.add_argument("--eval-only", action="store_true",
                    help="only the eval memory measurement (no timing)")
+    p.add_argument("--fixed-only", action="store_true",
+                   help="only the fixed cost per report (tiny models, training-thread CPU)")
     p.add_argument("--eval-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -319,7 +360,7 @@ def main() -> None:
     runs = [(m, d, b) for d in devices for m in models if m != "gpt_small"
             for b in (batches if m == "mlp" else [None])]
     keys = []
-    if not args.eval_only:
+    if not args.eval_only and not args.fixed_only:
         ratios = {(m, d, b): measure(m, d, args, b) for m, d, b in runs}
         keys += [f"overhead_default={max(r['default'] for r in ratios.values()):.3f}",
                  f"overhead_all={max(r['all'] for r in ratios.values()):.3f}"]
@@ -331,7 +372,15 @@ def main() -> None:
             keys += [f"gpt_small_default={max(r['default'] for r in small):.3f}",
                      f"gpt_small_all={max(r['all'] for r in small):.3f}",
                      f"gpt_small_report_ms={small[0]['report_ms']:.2f}"]
-    if args.eval_every > 0:
+    if not args.eval_only or args.fixed_only:
+        for m in (REPORT_MODEL, "gpt_small"):
+            if m in models:
+                f = measure_fixed(m, args)
+                pre = "" if m == REPORT_MODEL else f"{m}_"
+                keys += [f"{pre}report_fixed_ms={f['fixed_ms']:.2f}",
+                         f"{pre}report_fixed_us_per_layer="
+                         f"{f['fixed_ms'] * 1e3 / max(f['layers'], 1):.1f}"]
+    if args.eval_every > 0 and not args.fixed_only:
         keys.append("eval_mem_ratio=" + format(max(
             measure_eval_memory(m, d, args) for m, d in dict.fromkeys(
                 (m, d) for m, d, _ in runs)), ".3f"))

@@ -110,3 +110,54 @@ def test_sparse_embedding_gradients():
     assert np.isfinite(block[1:]).all()  # the dense Linear is measured in full
     total = np.sqrt(sum(np.sum(p.grad.to_dense().numpy() ** 2) for p in model.parameters()))
     np.testing.assert_allclose(float(stats.grad_norm), total, rtol=1e-5)
+
+
+class Dense(nn.Module):
+    """Every parameter gets a gradient: the end-of-backward path reduces the ones sampled
+    whole (biases, the small head) in one buffer and the sampled ones one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)
+        self.fc = nn.Linear(16 * 4 * 4, 40)
+        self.head = nn.Linear(40, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.head(torch.relu(self.fc(h)))
+
+
+@pytest.mark.parametrize("plant", ["", "nan_bias", "inf_weight"])
+def test_end_of_backward_norms_match_numpy(plant):
+    """The norms and max |g| taken at the end of the backward (the post-accumulate hooks'
+    callback), with a NaN or an infinity planted in a whole or a sampled gradient."""
+    torch.manual_seed(0)
+    model = Dense()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = ParamStats(param_names(model, opt), sample=SAMPLE)
+    handles = stats.accumulate_hooks(lambda: True, lambda: None)
+    bad = {"nan_bias": (model.fc.bias, float("nan")),
+           "inf_weight": (model.fc.weight, float("inf"))}.get(plant)
+    if bad is not None:
+        bad[0].register_hook(lambda g: g.flatten().index_fill(0, torch.tensor([3]),
+                                                              bad[1]).view_as(g))
+    x = torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last)
+    opt.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    assert stats._acc is not None and stats._whole  # the end-of-backward path ran, batched
+    before = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    stats.before_step()
+    opt.step()
+    block = stats.after_step(torch.device("cpu")).numpy()
+    for h in handles:
+        h.remove()
+    after = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    data = {n: (before[n], after[n], grads[n]) for n in before}
+    want = expected(data, stats.names, model)
+    cols = [PARAM_STATS.index(s) for s in ("grad_norm", "grad_max_abs", "weight_norm")]
+    np.testing.assert_allclose(block[:, cols], want[:, cols], rtol=2e-4, atol=1e-7)
+    if bad is not None:
+        row = stats.names.index("fc.bias" if plant == "nan_bias" else "fc.weight")
+        got = block[row, cols[:2]]
+        assert (np.isnan(got).all() if plant == "nan_bias" else np.isinf(got).all())

@@ -29,13 +29,19 @@ from neurotop.training.layers import LayerSpec, unit_dim_for
 from neurotop.training.stats import (
     CallPlan,
     Needs,
+    SummaryLayout,
     activation_row,
     call_plan,
+    cpu_row,
     first_tensor,
     hist_counts,
+    hist_counts_at,
+    hist_layout,
     pool_by_layer,
     stack_by_size,
     summarize,
+    summarize_layout,
+    summary_layout,
     take_sample,
 )
 
@@ -51,6 +57,10 @@ ACTIVATION_OPS = {"Relu": "relu", "Gelu": "gelu", "Silu": "silu", "Mish": "mish"
 _PASS_OPS = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "NativeDropout",
              "View", "UnsafeView", "Reshape", "Clone", "Transpose", "Permute")
 _WALK = 6  # nodes at most from a layer's input back to the activation
+#: The autograd graph is read (``_note_graph``, ~8 us per call) in the first
+#: ``GRAPH_WINDOWS`` report windows, then in every ``GRAPH_EVERY``-th: the structure it
+#: finds (which layers feed an activation) is the model's code, which rarely changes.
+GRAPH_WINDOWS, GRAPH_EVERY = 3, 16
 
 
 def _op(node: Any) -> str:
@@ -112,10 +122,20 @@ class LayerCollector:
         self._passive = [isinstance(s.module, (nn.Identity, nn.modules.dropout._DropoutNd))
                          for s in specs]
         self._forward_calls: dict[int, int] | None = None  # this forward's calls per layer
+        self._windows = 0  # report windows begun
+        self._cpu = True  # the outputs lie on the CPU (set from the first one measured)
+        self._where = -1  # ``get_device()`` of the first output measured
+        self._mixed = False  # some outputs lie on another device than the first
+        self._layout: SummaryLayout | None = None  # the last window's (see ``summary_layout``)
+        self._hist_idx: tuple[SummaryLayout, torch.Tensor] | None = None  # its histogram picks
         self._new_window()
 
     def _new_window(self) -> None:
-        self.rows: list[torch.Tensor] = []  # ROW_COLS 0-d tensors of every call, in order
+        #: ROW_COLS values of every call, in order: floats on the CPU (read there at no
+        #: cost: the non-finite check reads them anyway), 0-d tensors on a device
+        self.rows: list[Any] = []
+        self._walk = self._windows < GRAPH_WINDOWS or self._windows % GRAPH_EVERY == 0
+        self._windows += 1
         self.samples: list[torch.Tensor] = []
         self.row_layer: list[int] = []
         self.order: list[int] = []  # layers in the order of their first call
@@ -144,23 +164,33 @@ class LayerCollector:
             if n > self.calls[i]:
                 self.calls[i] = n
                 self.structure += 1
-        if t.grad_fn is not None:
+        if self._walk and t.grad_fn is not None:
             self._note_graph(i, t.grad_fn, args)
         if spec.signal and self.need.grad and t.requires_grad and torch.is_grad_enabled():
             t.register_hook(self._grad_fns[i])
         if self.device is None:
-            self.device = t.device
+            self.device, self._cpu, self._where = t.device, t.device.type == "cpu", t.get_device()
+        elif t.get_device() != self._where:  # layers on several devices
+            self._mixed = True
         # Detached, so nothing below is recorded by autograd; and none of these kernels is
         # one that autocast changes (matmul-like), so no context managers are needed.
         x = t.detach()
         if x.dtype != torch.float32:
             x = x.float()
-        row, umax, sample = activation_row(x, self._plan(i, x), self.need, self._zero(x.device),
-                                           self._scratch_for(x))
+        key = (i, x.shape, x.is_contiguous())
+        plan = self._plans.get(key) or self._plan(i, x)
+        if self._cpu:
+            n = plan.numel
+            if self._scratch is None or self._scratch.numel() < n:
+                self._scratch = torch.empty(n)
+            row, umax, sample = cpu_row(x, plan, self.need, self._scratch)
+            self.rows += row
+        else:
+            row, umax, sample = activation_row(x, plan, self.need, self._zero(x.device), None)
+            self.rows += row
         if i not in self._seen:
             self._seen.add(i)
             self.order.append(i)
-        self.rows.extend(row)
         self.samples.append(sample)
         self.row_layer.append(i)
         if umax is not None:
@@ -260,12 +290,19 @@ class LayerCollector:
         dev = self.device or device
         c = self.config
         inv = scale.to(dev, torch.float32).reciprocal().reshape(()) if scale is not None else None
-        groups = stack_by_size(pool_by_layer(self.samples, self.row_layer), dev)
+        lay = self._summary_layout(dev)
+        groups = None if lay is not None else stack_by_size(
+            pool_by_layer(self.samples, self.row_layer), dev)
         grad_norms = _stack(torch._foreach_norm(self.grad_samples) if self.grad_samples
                             else [], dev, (0,))
+        if self._cpu and self.device is not None:  # floats (see ``rows``): one small copy
+            rows = torch.tensor(self.rows, dtype=torch.float32)
+        else:
+            rows = _stack(self.rows, dev, (0,))
         parts: dict[str, torch.Tensor] = {
-            "rows": _stack(self.rows, dev, (0,)).view(-1, len(ROW_COLS)),
-            "summary": summarize(groups, len(self.specs), c.eps, dev),
+            "rows": rows.view(-1, len(ROW_COLS)),
+            "summary": (summarize_layout(lay, self.samples, c.eps) if lay is not None
+                        else summarize(groups, len(self.specs), c.eps, dev)),
             "grad_norms": grad_norms * inv if inv is not None else grad_norms,
         }
         units = [u.shape[1] if u is not None else 0 for u in self.umax]
@@ -276,7 +313,13 @@ class LayerCollector:
             grads = stack_by_size(pool_by_layer(self.grad_samples, self.grad_layer), dev)
             if inv is not None:
                 grads = [(idx, a * inv) for idx, a in grads]
-            parts["hist"] = hist_counts(groups, hist, c.hist_exponents, c.hist_sample, dev)
+            if lay is not None:
+                if self._hist_idx is None or self._hist_idx[0] is not lay:
+                    self._hist_idx = (lay, hist_layout(lay, hist, c.hist_sample))
+                parts["hist"] = hist_counts_at(lay.buf.view(-1).take(self._hist_idx[1]),
+                                               c.hist_exponents)
+            else:
+                parts["hist"] = hist_counts(groups, hist, c.hist_exponents, c.hist_sample, dev)
             parts["grad_hist"] = hist_counts(grads, hist, c.hist_exponents, c.hist_sample,
                                              dev)
         meta: dict[str, Any] = {
@@ -286,6 +329,19 @@ class LayerCollector:
             "hist": self.hist_now}
         self._new_window()
         return parts, meta
+
+    def _summary_layout(self, dev: torch.device) -> SummaryLayout | None:
+        """This window's ``SummaryLayout`` (the last one, when the calls are the same)."""
+        if not self.samples or self._mixed:
+            return None
+        key = (tuple(self.row_layer), tuple(t.numel() for t in self.samples))
+        lay = self._layout
+        if lay is None or lay.key != key or lay.buf.device != dev:
+            lay = summary_layout(self.row_layer, list(key[1]), len(self.specs), dev)
+            if lay is None:
+                return None
+            self._layout = lay
+        return lay
 
     def _dead_counts(self, dev: torch.device, units: list[int]
                      ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,11 +10,16 @@ same before and after it); the row samples of the weights and of
 the gradients are copied into two padded ``[params x sample]`` buffers with one
 ``_foreach_copy_`` each. The full-size norms are one ``_foreach_norm`` (``_norms``), max
 |g| one ``_foreach_norm(inf)`` on a device and one ``aminmax`` per tensor on CPU
-(``_max_abs``). After the step: the update ratio ||theta_before - theta_after|| /
-||theta_before|| over the same sample, which spares a full copy and two full passes
-over the parameters. A sample is every row of a tensor with at most ``Config.sample``
-elements, else every r-th row (see ``neurotop.training.stats.row_layout``); a parameter that is not
-contiguous (channels_last) is sampled by slicing its leading dimensions instead, so that
+(``_max_abs``), for the parameters sampled in rows; those sampled whole (no larger than
+``Config.sample``: biases, norms' weights, most tensors of a model) are copied into one
+small buffer at the end of the backward and reduced by rows (a norm, an ``abs`` and an
+``amax`` for all), and their weight norms are their weight samples' (kernels cost ~1.5 us
+each of dispatch on CPU, however small the tensor). After the step: the update ratio
+||theta_before - theta_after|| / ||theta_before|| over the same sample, which spares a
+full copy and two full passes over the parameters. A sample is every row of a tensor
+with at most ``Config.sample`` elements, else every r-th row (see
+``neurotop.training.stats.row_layout``); a parameter that is not contiguous
+(channels_last) is sampled by slicing its leading dimensions instead, so that
 the sample is still a view. Nothing is read back.
 
 The buffers make cos(-g, theta) and the update ratio three row-wise reductions for all
@@ -64,6 +69,12 @@ class ParamStats:
         self._g: torch.Tensor | None = None  # [params x width]: the gradients' samples
         self._w_rows: list[torch.Tensor] = []  # row j of ``_w``, shaped like ``_views[j]``
         self._g_rows: list[torch.Tensor] = []
+        self._whole: list[int] = []  # parameters sampled whole, reduced in ``_gs`` (see
+        self._big: list[int] = []  # ``_buffers``), and the others
+        self._gs: torch.Tensor | None = None
+        self._gs_rows: list[torch.Tensor] = []
+        self._perm: torch.Tensor | None = None  # [whole..., big...] back to parameter order
+        self._big_idx: torch.Tensor | None = None
         self._before: dict[str, torch.Tensor] | None = None
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (on, wn) of ``_w``
         #: (present, norms, max |g|) of the gradients as the last backward left them
@@ -119,10 +130,18 @@ class ParamStats:
         present = [j for j, p in enumerate(self.params) if p.grad is not None]
         if not present:
             return
-        grads = [_dense(self.params[j].grad) for j in present]
-        dev = grads[0].device
-        gn = _norms(grads, dev)
-        gmax = _max_abs(grads, dev) if self.enabled else None
+        raw = [self.params[j].grad for j in present]
+        if self.enabled and self._w is None:
+            self._buffers()
+        if self._whole and len(present) == len(self.params) and not any(
+                g.is_sparse for g in raw):
+            gn, gmax = self._batched(raw)
+        else:
+            grads = [_dense(g) for g in raw]
+            dev = grads[0].device
+            gn = _norms(grads, dev)
+            gmax = _max_abs(grads, dev) if self.enabled else None
+        dev = gn.device
         s = self._scale()
         if s is not None:
             inv = s.to(dev, torch.float32).reciprocal().reshape(())
@@ -146,6 +165,42 @@ class ParamStats:
         self._g = torch.zeros_like(self._w)
         self._w_rows = [self._w[j, : v.numel()].view(v.shape) for j, v in enumerate(self._views)]
         self._g_rows = [self._g[j, : v.numel()].view(v.shape) for j, v in enumerate(self._views)]
+        # Parameters sampled whole (biases, norms' weights: most tensors of a model, few of
+        # its values): their norms and max |g| are row reductions of one small buffer
+        # instead of one kernel each (each costs ~1.5 us of dispatch on CPU).
+        dev = p0.device
+        whole = [j for j, r in enumerate(self._recipes) if r is None]
+        if len(whole) < 2 or any(p.device != dev for p in self.params):
+            return
+        self._whole = whole
+        self._big = [j for j in range(len(self.params)) if self._recipes[j] is not None]
+        self._gs = torch.zeros(len(whole), max(self._views[j].numel() for j in whole),
+                               device=dev, dtype=torch.float32)
+        self._gs_rows = [self._gs[r, : self.params[j].numel()].view(self.params[j].shape)
+                         for r, j in enumerate(whole)]
+        order = whole + self._big  # where each parameter's value lies in [whole..., big...]
+        if order != sorted(order):
+            at = [0] * len(order)
+            for k, j in enumerate(order):
+                at[j] = k
+            self._perm = _to_device(torch.tensor(at, dtype=torch.long), dev)
+        if self._big:
+            self._big_idx = _to_device(torch.tensor(self._big, dtype=torch.long), dev)
+
+    def _batched(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norms and max |g| of every parameter's gradient (all present, dense), those of
+        the parameters sampled whole from their rows of ``_gs``, in parameter order."""
+        dev = self._gs.device
+        torch._foreach_copy_(self._gs_rows, [grads[j] for j in self._whole])
+        gn = torch.linalg.vector_norm(self._gs, dim=1)
+        gmax = self._gs.abs().amax(1)  # zero padding never exceeds |g|; NaN propagates
+        if self._big:
+            big = [grads[j] for j in self._big]
+            gn = torch.cat((gn, _norms(big, dev)))
+            gmax = torch.cat((gmax, _max_abs(big, dev)))
+        if self._perm is not None:
+            gn, gmax = gn.index_select(0, self._perm), gmax.index_select(0, self._perm)
+        return gn, gmax
 
     @torch.no_grad()
     def take_weights(self) -> None:
@@ -158,8 +213,15 @@ class ParamStats:
         if self._w is None:
             self._buffers()
         torch._foreach_copy_(self._w_rows, self._views)
-        self._weights = (torch.linalg.vector_norm(self._w, dim=1),
-                         _norms(self.params, self.params[0].device))
+        on = torch.linalg.vector_norm(self._w, dim=1)
+        if not self._whole:
+            wn = _norms(self.params, self.params[0].device)
+        elif self._big_idx is None:  # every row of ``_w`` is a whole parameter
+            wn = on
+        else:  # the whole ones' norms are their rows'
+            wn = on.index_copy(0, self._big_idx, _norms([self.params[j] for j in self._big],
+                                                        on.device))
+        self._weights = (on, wn)
 
     @torch.no_grad()
     def before_step(self, weights: bool = True) -> None:
@@ -322,6 +384,13 @@ def _leading_index(shape: tuple[int, ...], limit: int) -> tuple[slice, ...]:
     return tuple(index)
 
 
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor on ``dev``; on CUDA from pinned memory, without waiting."""
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
 def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The 2-norm of each tensor, as one float32 tensor on ``device``: one
     ``_foreach_norm`` per dtype (one multi-tensor kernel on a device; on CPU one call that
@@ -377,6 +446,16 @@ def _max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     ``aminmax`` (torch 2.13), one ``aminmax`` per tensor and three kernels for all."""
     if tensors[0].device.type != "cpu" and all(t.numel() for t in tensors):
         return _stack(torch._foreach_norm(tensors, math.inf), device)
+    if device.type == "cpu" and all(t.is_cpu for t in tensors):
+        # read at no cost on the CPU: one small tensor instead of two stacks of 0-d ones
+        out = []
+        for t in tensors:
+            if t.numel():
+                a, b = torch.aminmax(t)
+                out.append(max(b.item(), -a.item()))  # NaN: both are, max keeps it
+            else:
+                out.append(0.0)
+        return torch.tensor(out, dtype=torch.float32)
     lo, hi = [], []
     for t in tensors:
         if t.numel():

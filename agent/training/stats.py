@@ -34,8 +34,9 @@ import torch
 from neurotop.service.finalize import MAX, MIN, NONFINITE, ROW_COLS, SUMMARY_COLS
 
 __all__ = ["Needs", "first_tensor", "sample_stride", "CallPlan", "call_plan", "row_layout",
-           "take_sample", "unit_max", "activation_row", "device_row", "stack_by_size", "summarize",
-           "hist_counts"]
+           "take_sample", "unit_max", "activation_row", "cpu_row", "device_row", "stack_by_size",
+           "summarize", "hist_counts", "SummaryLayout", "summary_layout", "summarize_layout",
+           "hist_layout", "hist_counts_at"]
 
 #: The median |a| of ``massive_ratio`` uses every s-th value of the layer's sample, at most
 #: this many: the ratio only needs its order of magnitude (511 values put the median within
@@ -91,10 +92,12 @@ class CallPlan(NamedTuple):
     (the hooks run per call: every Python operation there is paid 36 times a step)."""
 
     units: int  # units (see ``neurotop.training.layers.unit_dim_for``)
-    fold: tuple[int, int] | None  # the per-unit max's ``[rows / k x k * units]`` view
+    fold: tuple[int, int, int] | None  # the per-unit max's ``[rows / k, k, units]`` view
     other_dims: list[int] | None  # or the dimensions to reduce (units not last)
     sample: tuple[int, int, int] | None  # (rows, width, every r-th row); None: whole
     every: int  # every s-th element, when a row is wider than the sample (else 0)
+    numel: int  # elements of the output
+    contiguous: bool  # the output is (``view`` works on it)
 
 
 def call_plan(shape: torch.Size, contiguous: bool, unit_dim: int, limit: int) -> CallPlan:
@@ -108,9 +111,9 @@ def call_plan(shape: torch.Size, contiguous: bool, unit_dim: int, limit: int) ->
         else:
             rows = n // units
             k = math.gcd(rows, max(1, _FOLD_WIDTH // units)) if contiguous else 1
-            fold = (rows // k, k * units)
+            fold = (rows // k, k, units)
     sample, every = row_layout(shape, limit, shape[-2] if ndim >= 3 else 1)
-    return CallPlan(units, fold, other, sample, every)
+    return CallPlan(units, fold, other, sample, every, n, contiguous)
 
 
 def row_layout(shape: tuple[int, ...], limit: int, period: int
@@ -130,7 +133,8 @@ def row_layout(shape: tuple[int, ...], limit: int, period: int
 
 
 def take_sample(flat: torch.Tensor, plan: CallPlan) -> torch.Tensor:
-    """The row sample of a flattened output, owned (a copy, never a view of it).
+    """The row sample of a flattened output (or of the output itself, when it is
+    contiguous and sampled by rows), owned (a copy, never a view of it).
 
     Whole rows (the last dimension), every r-th one, r coprime with the size of the
     second-to-last dimension (so that, e.g., token positions vary): contiguous rows cost
@@ -149,15 +153,17 @@ def unit_max(x: torch.Tensor, flat: torch.Tensor, plan: CallPlan) -> torch.Tenso
     """``[k x units]`` partial maxima: the maximum of each unit over every other dimension
     is their column max (taken at the report, see ``LayerCollector._dead_counts``).
 
-    Units along the last dimension are reduced as a ``[rows / k x k * units]`` view, which
-    is fastest on CPU with rows at least ``_FOLD_WIDTH`` wide; the k-fold rest is left for
-    the report, where all layers' rests take one batched kernel instead of one each here.
+    Units along the last dimension are reduced as a ``[rows / k, k, units]`` view (rows
+    of k * units values in memory), which is fastest on CPU with rows at least
+    ``_FOLD_WIDTH`` wide; the k-fold rest is left for the report, where all layers' rests
+    take one batched kernel instead of one each here. The max over dim 0 of that view is
+    already ``[k x units]``: no view after it (each costs as much as a small reduction).
     """
     if plan.other_dims is not None:
         return x.amax(dim=plan.other_dims).view(1, -1)
     if plan.fold is None:  # a 0-d output
         return flat.view(1, 1)
-    return flat.view(plan.fold).amax(0).view(-1, plan.units)
+    return flat.view(plan.fold).amax(0)
 
 
 def activation_row(x: torch.Tensor, plan: CallPlan, need: Needs, zero: torch.Tensor,
@@ -178,18 +184,32 @@ def activation_row(x: torch.Tensor, plan: CallPlan, need: Needs, zero: torch.Ten
     """
     if x.device.type != "cpu":
         return device_row(x, plan, need, zero)
-    flat = x.reshape(-1)  # a copy only when ``x`` is not contiguous
-    cols = [zero] * len(ROW_COLS)
+    cols, umax, sample = cpu_row(x, plan, need, scratch)
+    return [torch.tensor(c) for c in cols], umax, sample
+
+
+def cpu_row(x: torch.Tensor, plan: CallPlan, need: Needs, scratch: torch.Tensor | None
+            ) -> tuple[list[float], torch.Tensor | None, torch.Tensor]:
+    """``activation_row`` on the CPU, with the row as floats (what the collector keeps:
+    the non-finite check reads the max and min anyway, and on the CPU that costs no sync;
+    the report then makes one tensor of all rows instead of stacking 0-d tensors)."""
+    # Flattened only where a flat view is needed (a view costs as much as a small
+    # reduction): a contiguous output sampled by rows is viewed as rows directly.
+    rows = plan.sample is not None and plan.contiguous
+    flat = x if rows else x.reshape(-1)  # a copy only when ``x`` is not contiguous
+    cols = [0.0] * len(ROW_COLS)
     umax = unit_max(x, flat, plan) if need.units else None
     if need.max or need.nonfinite:
         lo, hi = torch.aminmax(flat)
+        h, m = hi.item(), lo.item()
         if need.max:
-            cols[MAX], cols[MIN] = hi, lo
+            cols[MAX], cols[MIN] = h, m
         # the max and min are NaN or infinite exactly when some value is: count only then
-        if need.nonfinite and not (math.isfinite(hi.item()) and math.isfinite(lo.item())):
+        if need.nonfinite and not (math.isfinite(h) and math.isfinite(m)):
+            flat = flat.view(-1)
             out = scratch[: flat.numel()] if scratch is not None else None
             # a - a is 0 where a is finite and NaN elsewhere
-            cols[NONFINITE] = torch.sub(flat, flat, out=out).nan_to_num_(1.0).sum()
+            cols[NONFINITE] = torch.sub(flat, flat, out=out).nan_to_num_(1.0).sum().item()
     return cols, umax, take_sample(flat, plan)
 
 
@@ -204,7 +224,7 @@ def device_row(x: torch.Tensor, plan: CallPlan, need: Needs, zero: torch.Tensor
     if need.max and plan.fold is not None:
         lo, hi = torch.aminmax(flat.view(plan.fold), dim=0)
         cols[MAX], cols[MIN] = hi.max(), lo.min()
-        umax = hi.view(-1, plan.units) if need.units else None
+        umax = hi if need.units else None
     else:
         umax = unit_max(x, flat, plan) if need.units else None
         if need.max:
@@ -266,6 +286,126 @@ def summarize(groups: Groups, layers: int, eps: float, device: torch.device) -> 
             out[i] = row
     # Stacked, not indexed: an index built from a host list is a host-to-device copy.
     return torch.stack(out) if out else torch.zeros((0, len(SUMMARY_COLS)), device=device)
+
+
+class SummaryLayout(NamedTuple):
+    """Where a window's samples go for its summary, worked out once per layout of calls
+    (which layer each call was, and its sample's size: the same every report of a model
+    whose shapes do not change), so that a report's summary is ~30 kernels for all layers,
+    whatever their sample sizes, and no Python per layer.
+
+    Layer l's pooled sample (its calls' samples, in order) is row l of ``buf``, zero
+    padded to ``width``; after it three sentinel columns: NaN (a histogram's padding: NaN
+    is counted nowhere), +inf and -inf (after ``abs``, -inf is set again: the median's
+    padding, half of each, leaves the median of an odd count where it is)."""
+
+    key: tuple[tuple[int, ...], tuple[int, ...]]  # (layer of each call, its sample's size)
+    buf: torch.Tensor  # [layers x width + 3] float32
+    dst: list[torch.Tensor]  # per call: the slice of ``buf`` its sample is copied into
+    n: torch.Tensor  # [layers] float32: values per layer (0: no sample, gives NaN)
+    pad: torch.Tensor  # [layers] int32: width - n
+    mask: torch.Tensor  # [layers x width] float32: 1 on values, 0 on padding
+    median: torch.Tensor  # [layers x m] long into ``buf.view(-1)``; m odd
+    present: torch.Tensor  # [layers] float32: 1, NaN for a layer with no sample
+    sizes: list[int]  # n per layer (host)
+
+
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor on ``dev``; on CUDA from pinned memory, without waiting (a plain
+    host-to-device copy would synchronize)."""
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+def summary_layout(row_layer: list[int], sizes: list[int], layers: int,
+                   device: torch.device) -> SummaryLayout | None:
+    """The layout of a window whose call k was of layer ``row_layer[k]`` with a sample of
+    ``sizes[k]`` values, or None when padding every layer to the largest would more than
+    quadruple the memory (a layer called many times per window: ``summarize`` groups by
+    size then)."""
+    n = [0] * layers
+    for i, m in zip(row_layer, sizes, strict=True):
+        n[i] += m
+    width = max(n, default=0)
+    if not width or layers * width > 4 * sum(n) + 4096:
+        return None
+    full = width + 3
+    buf = torch.zeros(layers, full, device=device)
+    buf[:, width] = float("nan")
+    buf[:, width + 1] = float("inf")
+    buf[:, width + 2] = float("-inf")
+    at, dst = [0] * layers, []
+    for i, m in zip(row_layer, sizes, strict=True):
+        dst.append(buf[i, at[i]: at[i] + m])
+        at[i] += m
+    picks = []
+    for m in n:
+        k = list(range(0, m, sample_stride(m, MEDIAN_SAMPLE, 1))) if m else []
+        picks.append(k[: len(k) - (len(k) % 2 == 0)] if k else [])
+    rows = max(len(k) for k in picks) | 1
+    idx = []
+    for i, k in enumerate(picks):
+        half = (rows - len(k)) // 2
+        idx.append([i * full + j for j in k] + [i * full + width + 1] * half
+                   + [i * full + width + 2] * (rows - len(k) - half))
+    nt = torch.tensor(n, dtype=torch.float32)
+    return SummaryLayout(
+        (tuple(row_layer), tuple(sizes)), buf, dst, _to_device(nt, device),
+        _to_device(torch.tensor([width - m for m in n], dtype=torch.int32), device),
+        _to_device((torch.arange(width)[None, :] < nt[:, None]).float(), device),
+        _to_device(torch.tensor(idx, dtype=torch.long), device),
+        _to_device(torch.where(nt > 0, 1.0, float("nan")), device), n)
+
+
+def summarize_layout(lay: SummaryLayout, samples: list[torch.Tensor], eps: float
+                     ) -> torch.Tensor:
+    """``summarize`` for a window of layout ``lay``: the samples copied into its buffer
+    (one multi-tensor copy), then every column of every layer at once (the same values:
+    padding adds zeros to the sums and is masked out of the deviations; the median is
+    taken over the same picks)."""
+    torch._foreach_copy_(lay.dst, samples)
+    width = lay.buf.shape[1] - 3
+    a, n = lay.buf[:, :width], lay.n
+    mean = a.sum(1).div_(n)
+    d = (a - mean[:, None]).mul_(lay.mask)
+    rest = d.sum(1).div_(n)  # what float32 rounding left of the mean
+    d.sub_(rest[:, None]).mul_(lay.mask)
+    d2 = d.square_()
+    var = d2.sum(1).div_(n)
+    m4 = d2.square_().sum(1).div_(n)
+    mag = lay.buf.abs()
+    mag[:, width + 2] = float("-inf")
+    zero = (torch.eq(a, 0).sum(1, dtype=torch.int32) - lay.pad) / n
+    near = (torch.lt(mag[:, :width], eps).sum(1, dtype=torch.int32) - lay.pad) / n
+    m = lay.median.shape[1]
+    median = mag.take(lay.median).kthvalue((m + 1) // 2, 1).values
+    return torch.stack((mean + rest, var, m4, zero, near, median), 1).mul_(lay.present[:, None])
+
+
+def hist_layout(lay: SummaryLayout, want: list[int], limit: int) -> torch.Tensor:
+    """``[len(want) x k]`` indices into ``lay.buf.view(-1)``: every s-th value of each
+    wanted layer's sample (at most ``limit``), the rest the NaN column (counted nowhere).
+    On the device; cached with the layout by the caller."""
+    full = lay.buf.shape[1]
+    width = full - 3
+    picks = [list(range(0, lay.sizes[i], max(1, -(-lay.sizes[i] // max(limit, 1)))))
+             for i in want]
+    k = max((len(p) for p in picks), default=0) or 1
+    idx = [[r * full + j for j in p] + [r * full + width] * (k - len(p))
+           for r, p in zip(want, picks, strict=True)]
+    return _to_device(torch.tensor(idx, dtype=torch.long).view(len(want), k), lay.buf.device)
+
+
+def hist_counts_at(values: torch.Tensor, exponents: tuple[int, int]) -> torch.Tensor:
+    """``[rows x bins]`` counts of each row of ``values`` (NaN not counted); see
+    ``hist_counts``."""
+    lo, hi = exponents
+    to_bin = _bin_matrix(values.device, lo, hi)
+    code = ((values.view(torch.int32) >> _CODE_SHIFT) & (_CODES - 1)).long()
+    per_code = torch.zeros(values.shape[0], _CODES, device=values.device).scatter_add_(
+        1, code, torch.ones((), device=values.device).expand(code.shape))
+    return per_code @ to_bin
 
 
 #: A float32's top 10 bits (sign, exponent, first mantissa bit) decide its histogram bin.
