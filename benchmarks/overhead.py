@@ -362,8 +362,9 @@ def main() -> None:
     keys = []
     if not args.eval_only and not args.fixed_only:
         ratios = {(m, d, b): measure(m, d, args, b) for m, d, b in runs}
-        keys += [f"overhead_default={max(r['default'] for r in ratios.values()):.3f}",
-                 f"overhead_all={max(r['all'] for r in ratios.values()):.3f}"]
+        if ratios:  # (``--models gpt_small`` alone: only its own keys)
+            keys += [f"overhead_default={max(r['default'] for r in ratios.values()):.3f}",
+                     f"overhead_all={max(r['all'] for r in ratios.values()):.3f}"]
         if REPORT_MODEL in models:
             keys.append(f"report_ms={ratios[(REPORT_MODEL, 'cpu', None)]['report_ms']:.2f}")
             keys.append(f"launches_per_layer={measure_ops(REPORT_MODEL, 'cpu', args):.1f}")
