@@ -138,8 +138,9 @@ async def test_two_runs_overlaid_with_knob_change_and_difference(runs):
             assert np.nanmax(np.abs(got)) == 0
 
             await pilot.press("1", "home")  # every run goes back with the reference
-            await until(pilot, lambda: [len(r.scalars["loss"][0]) for r in app.frame.runs]
-                        == [1, 1], what="both runs at step 1")
+            await until(pilot, lambda: [len(r.scalars["loss"][0]) if "loss" in r.scalars
+                                          else -1 for r in app.frame.runs]
+                        == [1, 1], what="both runs at step 1")  # (mid-rewind: no loss yet)
             await pilot.press("q")
     finally:
         for s in sources:
