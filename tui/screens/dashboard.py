@@ -44,7 +44,7 @@ from neurotop.tui.screens.plotting import (
     window,
 )
 from neurotop.tui.screens.system_panel import SystemPanel
-from neurotop.tui.screens.widgets import LayerTable, fmt, level_styles, update_line
+from neurotop.tui.screens.widgets import LayerTable, fmt, level_styles, line_runs, update_line
 
 
 class Panel(Widget):
@@ -101,7 +101,7 @@ class Panel(Widget):
                         else self._strip(keys[y], text) for y in range(len(keys))]
         self._keys = keys
         width = self.size.width
-        for a, b in _spans(changed):  # neighbouring lines in one region
+        for a, b in line_runs(changed):  # neighbouring lines in one region
             self.refresh(Region(0, a, width, b - a))
 
     def show_keyed(self, key: tuple, make: Callable[[], Text | Lines | str]) -> None:
@@ -137,17 +137,6 @@ class Panel(Widget):
     def on_resize(self) -> None:
         self._keys = None
         self.app.invalidate()
-
-
-def _spans(rows: list[int]) -> list[tuple[int, int]]:
-    """Sorted row numbers as ``[a, b)`` runs of neighbours."""
-    out: list[tuple[int, int]] = []
-    for y in rows:
-        if out and out[-1][1] == y:
-            out[-1] = (out[-1][0], y + 1)
-        else:
-            out.append((y, y + 1))
-    return out
 
 
 class Plot(Panel):

@@ -109,7 +109,7 @@ def update_line(widget: Static, text: Text) -> None:
         widget.update(text, layout=False)
 
 
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
+def line_runs(rows: list[int]) -> list[tuple[int, int]]:
     """Sorted line numbers as ``[a, b)`` runs of neighbours (one region to repaint each)."""
     out: list[tuple[int, int]] = []
     for y in rows:
@@ -467,7 +467,7 @@ class LayerTable(ScrollView, can_focus=True):
             if self.render_line(y) != before:
                 changed.append(y)
         width = self.size.width
-        for a, b in _runs(changed):
+        for a, b in line_runs(changed):
             self.refresh(Region(0, a, width, b - a))
 
     def _title(self, total: int, view: View) -> list[str]:
