@@ -2,9 +2,10 @@
 away from this checkout, ``neurotop demo`` runs every demo it lists, and without PyTorch it
 says in one line which extra the demos need.
 
-The venv sees the system's site-packages (torch and the other dependencies need no
-download, so the install is ``--no-index``) but gets its own ``neurotop`` from the wheel;
-the test checks that the package, and the demos it runs, come from the venv."""
+The venv sees the packages of the environment the tests run in (torch and the other
+dependencies need no download, so the install is ``--no-index``) but gets its own
+``neurotop`` from the wheel; the test checks that the package, and the demos it runs,
+come from the venv."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -32,16 +34,29 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv with ``neurotop[agent]`` installed from the wheel built from this checkout."""
     wheel = build_wheel(tmp_path_factory.mktemp("wheel"))
     root = tmp_path_factory.mktemp("venv")
-    # --without-pip: the venv's own pip and setuptools would shadow the system's, and torch
-    # requires a newer setuptools than venv bundles; the system's pip installs into it.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    str(root)], check=True, capture_output=True, timeout=120)
+    # --without-pip: the venv's own pip and setuptools would shadow the ones the tests run
+    # with, and torch requires a newer setuptools than venv bundles; that pip installs into it.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True,
+                   capture_output=True, timeout=120)
+    _see_this_environment(root)
     out = subprocess.run([str(root / "bin" / "python"), "-m", "pip", "install", "--no-index",
                           "--disable-pip-version-check", "-q",
                           f"neurotop[agent] @ {wheel.as_uri()}"],
                          capture_output=True, text=True, timeout=300, env=_env(root))
     assert out.returncode == 0, out.stdout + out.stderr
     return root
+
+
+def _see_this_environment(venv: Path) -> None:
+    """Let ``venv`` import what the tests' own environment has installed (torch, pyzmq, pip),
+    after its own site-packages: a ``.pth`` file listing this environment's site directories.
+    ``--system-site-packages`` would show the base interpreter's instead, which lacks them
+    when the tests run from a virtual environment."""
+    site = subprocess.run([str(venv / "bin" / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    ours = dict.fromkeys(sysconfig.get_path(k) for k in ("purelib", "platlib"))
+    (Path(site) / "_tests_environment.pth").write_text("\n".join(ours) + "\n")
 
 
 def _env(venv: Path) -> dict[str, str]:

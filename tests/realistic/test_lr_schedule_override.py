@@ -112,8 +112,10 @@ def run():
 
 
 def steps_after(loop: Loop, step: int, n: int) -> list[dict]:
-    """The records of optimizer steps step+1 .. step+n (step k is ``used[k - 1]``)."""
-    wait_until(lambda: len(loop.used) >= step + n, what=f"{n} steps after step {step}")
+    """The records of optimizer steps step+1 .. step+n (step k is ``used[k - 1]``), once
+    the last of them has finished (its record is appended before the step, completed after)."""
+    wait_until(lambda: len(loop.used) >= step + n and "update_ok" in loop.used[step + n - 1],
+               what=f"{n} steps after step {step}")
     return loop.used[step:step + n]
 
 
