@@ -49,7 +49,13 @@ from neurotop.training.compiled import EagerReports
 from neurotop.training.curvature import PROBE_SCALARS, CurvatureProbe, LossFn
 from neurotop.training.distributed import JOB_SCALARS, Job, in_job
 from neurotop.training.head import HeadHook, HeadStats, head_add
-from neurotop.training.hooks import Call, ForwardStart, InputHook, LayerHook
+from neurotop.training.hooks import (
+    Call,
+    ForwardStart,
+    InputHook,
+    LayerHook,
+    eager_unless_compiling,
+)
 from neurotop.training.knob_kinds import UserKnob
 from neurotop.training.knobs import Knobs
 from neurotop.training.layers import select_layers
@@ -204,9 +210,9 @@ class Monitor:
             raise
         # Under torch.compile report steps run eagerly (``EagerReports``); where the stance
         # cannot be set (a compiled step boundary), measuring breaks the graph instead.
-        self._measure = torch.compiler.disable(self.collector.on_output)
-        self._count = torch.compiler.disable(self._count_samples)
-        self._forward_started = torch.compiler.disable(self.collector.forward_started)
+        self._measure = eager_unless_compiling(self.collector.on_output)
+        self._count = eager_unless_compiling(self._count_samples)
+        self._forward_started = eager_unless_compiling(self.collector.forward_started)
         self._head_add = torch.compiler.disable(lambda out: head_add(self._head, out))
         self._structure = 0  # the collector's ``structure`` the schema was built from
         # Module-level hook classes: a deep copy or a pickle of the model gets inert ones.

@@ -19,6 +19,20 @@ import torch
 from torch import nn
 
 
+def eager_unless_compiling(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` for a hook body: called directly when run eagerly, and through
+    ``torch.compiler.disable`` (a graph break: the body runs eagerly) while dynamo traces
+    it, where ``is_compiling()`` is a constant. The disabled wrapper alone costs ~10 us a
+    call, paid by every measured layer's call in a report window."""
+    disabled = torch.compiler.disable(fn)
+
+    def call(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return disabled(*args)
+        return fn(*args)
+    return call
+
+
 class Inert:
     """What a neurotop hook becomes in a copy of the model: it does nothing."""
 
