@@ -273,7 +273,8 @@ class ParamStats:
     def step_norm(self) -> torch.Tensor | None:
         """The global norm of the gradients as they are now (device, not read back), for
         the per-step carry (``neurotop.training.carry``) on steps that do not report: one
-        ``_foreach_norm`` (a few kernels on a device), no hook. None without gradients."""
+        ``_foreach_norm`` (a few kernels on a device; on the CPU, once the buffers exist,
+        the small gradients' one copy and norm), no hook. None without gradients."""
         grads = [p.grad for p in self.params]
         if self._whole and grads[0] is not None and grads[0].is_cpu and all(
                 g is not None and not g.is_sparse for g in grads):
