@@ -43,9 +43,11 @@ class HeatCache:
             return np.empty(0, np.int64), np.empty((0, 0), np.float32)
         sm, steps, rows = store.summary, store._steps.view(), store._stats.view()
         # What the rows so far depend on: the statistic, the store's arrays (the object, so
-        # a new one never passes for it), its past and the first recent step (a compaction
-        # moves it); new rows only extend them.
-        key = (stat, store._stats, sm.n, sm.res, int(steps[0]) if len(steps) else None)
+        # a new one never passes for it), its past, the first recent step (a compaction
+        # moves it) and its rewinds (rows appended after one replace the cached ones, even
+        # when they reach past them before the next frame); new rows only extend them.
+        key = (stat, store._stats, sm.n, sm.res, int(steps[0]) if len(steps) else None,
+               store.rewinds)
         if key != self._key or len(steps) < self._n - self._past:
             self._rebuild(store, stat, key)
         else:

@@ -211,6 +211,7 @@ class RunStore:
         self._schema_view: Schema | None = None  # ``frame``'s, built again after a change
         self.status = RunState()
         self.version = 0  # bumped on every change; the redraw timer compares it
+        self.rewinds = 0  # shown rows cut back (replay): rows past them may be rewritten
         self._steps = Growable((), np.int64, 0)
         self._stats: Growable | None = None
         self._scalars: dict[str, Growable] = {}
@@ -410,6 +411,8 @@ class RunStore:
     def show_rows(self, n: int) -> None:
         """Show only the first ``n`` stats rows (replay's cursor); the rest stay filled."""
         with self.lock:
+            if n < self._steps.n:
+                self.rewinds += 1
             for g in (self._steps, self._stats, *self._scalars.values()):
                 if g is not None:
                     g.show(n)

@@ -327,9 +327,10 @@ class LayerTable(ScrollView, can_focus=True):
         self._labels: tuple[str, ...] = ()  # as shown: "name ×2" for a module called twice
         self._index: list[int] = []  # their indices in the schema
         self._stats: tuple[str, ...] = ()
-        self._block = np.empty((0, 0), np.float32)
         self._hist = np.empty((0, 0), np.float32)
         self._levels: dict[int, np.ndarray] = {}
+        self._levels_rows: dict[int, list[int]] = {}  # the same as lists, for the rows
+        self._values: list[list[float]] = []  # the latest block as lists, likewise
         self._idle = np.zeros(0, bool)
         self._header = ""
         self._name_w = 12
@@ -337,6 +338,7 @@ class LayerTable(ScrollView, can_focus=True):
         self._spark_scale: tuple[float, float] | None = None  # None: each row its range
         self._style_cache: tuple[Style, Style, Style] | None = None
         self._level_styles: list[Style] = []
+        self._level_on: dict[Style, list[Style]] = {}  # the level styles on each base
         self._sparks: Sparklines | None = None  # the trend column, scaled once per draw
         self._row_strips: dict[tuple, Strip] = {}  # lines formatted in this draw
         self._on_screen: dict[int, Strip] = {}  # each line as drawn
@@ -414,7 +416,8 @@ class LayerTable(ScrollView, can_focus=True):
         if current in self._rows:
             self.cursor_row = self._rows.index(current)
         self.cursor_row = min(self.cursor_row, max(len(self._rows) - 1, 0))
-        self._stats, self._block = stats, block
+        self._stats = stats
+        self._values = block.tolist()  # Python floats: indexing NumPy per cell cost more
         self._labels = tuple(call_label(layers[i], schema.calls, i) for i in self._index)
         self._name_w = min(max((len(n) for n in self._labels), default=5) + 1, 40)
         kinds = schema.layer_types if len(schema.layer_types) == len(layers) else ()
@@ -436,6 +439,7 @@ class LayerTable(ScrollView, can_focus=True):
                                         activations=schema.activations), bool)
         self._levels = {j: levels(st, block[:, j], big, acts) for j, st in enumerate(stats)
                         if has_band(st)}
+        self._levels_rows = {j: lv.tolist() for j, lv in self._levels.items()}
         self._idle = idle(stats, block)
         arrow = "▼" if view.descending else "▲"
         heads = [f"{'layer' + (arrow if view.sort == 'layer' else ''):<{self._name_w}}"
@@ -536,15 +540,19 @@ class LayerTable(ScrollView, can_focus=True):
             cells = "".join(f"{'idle' if k == 0 else '-':>{self.NUM_W}}"
                             for k in range(len(self._cols)))
             return [Segment(name, dim), Segment(cells, dim), Segment("  " + spark, dim)]
-        level_style = [base + st for st in self._level_styles]
-        runs: list[tuple[str, Style]] = [(name, base)]
+        level_style = self._level_on.get(base)
+        if level_style is None:
+            level_style = self._level_on[base] = [base + st for st in self._level_styles]
+        segments = [Segment(name, base)]
+        width = self.NUM_W
+        values, levels_of = self._values[i], self._levels_rows
         for j in self._cols:
-            cell = f"{fmt_cell(float(self._block[i, j]), self.NUM_W - 1):>{self.NUM_W}}"
-            lv = self._levels.get(j)
-            ok = lv is not None and lv[i] >= 0  # -1: no band for this layer (not an activation)
-            runs.append((cell, level_style[int(lv[i])] if ok else base))
-        runs.append(("  " + spark, base))
-        return [Segment(t, st) for t, st in runs]
+            cell = f"{fmt_cell(values[j], width - 1):>{width}}"
+            lv = levels_of.get(j)
+            k = -1 if lv is None else lv[i]  # -1: no band (not an activation)
+            segments.append(Segment(cell, level_style[k] if k >= 0 else base))
+        segments.append(Segment("  " + spark, base))
+        return segments
 
     def _styles(self) -> tuple[Style, Style, Style]:
         """Base, header and cursor styles, looked up once per draw (the lookup walks the
@@ -555,6 +563,7 @@ class LayerTable(ScrollView, can_focus=True):
                 base, base + self.get_component_rich_style("layer-table--header"),
                 base + self.get_component_rich_style("layer-table--cursor"))
             self._level_styles = [Style.parse(c) for c in level_styles(self)]
+            self._level_on = {}
         return self._style_cache
 
     def render_line(self, y: int) -> Strip:
