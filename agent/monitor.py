@@ -213,7 +213,7 @@ class Monitor:
         self._measure = eager_unless_compiling(self.collector.on_output)
         self._count = eager_unless_compiling(self._count_samples)
         self._forward_started = eager_unless_compiling(self.collector.forward_started)
-        self._head_add = torch.compiler.disable(lambda out: head_add(self._head, out))
+        self._head_add = eager_unless_compiling(lambda out: head_add(self._head, out))
         self._structure = 0  # the collector's ``structure`` the schema was built from
         # Module-level hook classes: a deep copy or a pickle of the model gets inert ones.
         roots = {s.name: self._root_of(s.name) for s in self._specs}
@@ -227,7 +227,7 @@ class Monitor:
                           for m in self._models[0 if self._measure_eval else 1:]]
         if self._vitals is not None:  # its ready span ends where the model's forward begins
             self._handles.append(self._models[0].register_forward_pre_hook(
-                Call(torch.compiler.disable(lambda m, a: self._vitals.forward()))))
+                Call(eager_unless_compiling(lambda m, a: self._vitals.forward()))))
         if head is not None:
             module = head if isinstance(head, nn.Module) else self.model.get_submodule(head)
             self._handles.append(module.register_forward_hook(

@@ -72,7 +72,7 @@ class StepCarry:
         """Step ``step``'s ``name`` (``"loss"`` or ``"grad_norm"``); a float is taken too."""
         if v is None:
             return
-        host = not isinstance(v, torch.Tensor) or v.device.type == "cpu"
+        host = not isinstance(v, torch.Tensor) or v.is_cpu
         track = self._tracks.get(name)
         if track is None or isinstance(track, _HostTrack) != host:
             track = self._tracks[name] = _HostTrack() if host else _Track(v)

@@ -328,9 +328,9 @@ class LayerTable(ScrollView, can_focus=True):
         self._index: list[int] = []  # their indices in the schema
         self._stats: tuple[str, ...] = ()
         self._hist = np.empty((0, 0), np.float32)
-        self._levels: dict[int, np.ndarray] = {}
-        self._levels_rows: dict[int, list[int]] = {}  # the same as lists, for the rows
-        self._values: list[list[float]] = []  # the latest block as lists, likewise
+        self._levels: dict[int, list[int]] = {}  # health level per row, by column
+        self._values: list[list[float]] = []  # the latest block (lists: indexing NumPy per
+        # cell cost more)
         self._idle = np.zeros(0, bool)
         self._header = ""
         self._name_w = 12
@@ -417,7 +417,7 @@ class LayerTable(ScrollView, can_focus=True):
             self.cursor_row = self._rows.index(current)
         self.cursor_row = min(self.cursor_row, max(len(self._rows) - 1, 0))
         self._stats = stats
-        self._values = block.tolist()  # Python floats: indexing NumPy per cell cost more
+        self._values = block.tolist()
         self._labels = tuple(call_label(layers[i], schema.calls, i) for i in self._index)
         self._name_w = min(max((len(n) for n in self._labels), default=5) + 1, 40)
         kinds = schema.layer_types if len(schema.layer_types) == len(layers) else ()
@@ -437,9 +437,8 @@ class LayerTable(ScrollView, can_focus=True):
         big = block[:, stats.index("max_abs")] if "max_abs" in stats else None
         acts = np.array(activation_mask(schema.layer_types, len(layers),
                                         activations=schema.activations), bool)
-        self._levels = {j: levels(st, block[:, j], big, acts) for j, st in enumerate(stats)
-                        if has_band(st)}
-        self._levels_rows = {j: lv.tolist() for j, lv in self._levels.items()}
+        self._levels = {j: levels(st, block[:, j], big, acts).tolist()
+                        for j, st in enumerate(stats) if has_band(st)}
         self._idle = idle(stats, block)
         arrow = "▼" if view.descending else "▲"
         heads = [f"{'layer' + (arrow if view.sort == 'layer' else ''):<{self._name_w}}"
@@ -545,7 +544,7 @@ class LayerTable(ScrollView, can_focus=True):
             level_style = self._level_on[base] = [base + st for st in self._level_styles]
         segments = [Segment(name, base)]
         width = self.NUM_W
-        values, levels_of = self._values[i], self._levels_rows
+        values, levels_of = self._values[i], self._levels
         for j in self._cols:
             cell = f"{fmt_cell(values[j], width - 1):>{width}}"
             lv = levels_of.get(j)
