@@ -22,8 +22,8 @@ from torch import nn
 def eager_unless_compiling(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` for a hook body: called directly when run eagerly, and through
     ``torch.compiler.disable`` (a graph break: the body runs eagerly) while dynamo traces
-    it, where ``is_compiling()`` is a constant. The disabled wrapper alone costs ~10 us a
-    call, paid by every measured layer's call in a report window."""
+    it, where ``is_compiling()`` is a constant. The disabled wrapper cost 2-12 us a call
+    (torch 2.13, CPU), paid by every measured layer's call in a report window."""
     disabled = torch.compiler.disable(fn)
 
     def call(*args: Any) -> Any:
