@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from neurotop.tui.data.replay_source import ReplaySource
+from neurotop.tui.screens import plotting
 from neurotop.tui.screens.control_panel import KnobEditScreen
 from neurotop.tui.screens.dashboard import HeatStrip, Plot
 from neurotop.tui.screens.plotting import (
     BLOCKS,
     SHADES,
     Series,
+    axis_labels,
     braille_plot,
     smooth,
     sparkline,
@@ -180,3 +182,26 @@ def test_sparklines_plots_and_cells_by_the_numbers():
     for v in (-9999.12345, 123456.0, -1.5e-7, 0.5):
         cell = fmt_cell(v, 10)
         assert len(cell) <= 10 and abs(float(cell) - v) <= abs(v) * 0.01, cell
+
+
+def test_plots_sharing_steps_draw_as_alone():
+    """Plots drawn one after another from equal steps share their columns: each draws as
+    it does alone, at either of two widths, from a copy of the steps, and after the steps
+    changed in place; the remembered axis labels still tell 0 from -0."""
+    rng = np.random.default_rng(0)
+    x = np.cumsum(rng.integers(1, 30, 4000))
+    ys = [rng.normal(size=len(x)).astype(np.float32) for _ in range(3)]
+
+    def alone(steps: np.ndarray, y: np.ndarray, width: int) -> list:
+        plotting._columns_of[:] = [None, {}]
+        return braille_plot([Series(steps, y)], width, 10).lines
+
+    expect = [alone(x, y, w) for y in ys for w in (66, 67)]
+    assert [braille_plot([Series(x.copy(), y)], w, 10).lines
+            for y in ys for w in (66, 67)] == expect
+    moved = x.copy()
+    braille_plot([Series(moved, ys[0])], 66, 10)
+    moved[1:-1] = np.sort(rng.integers(moved[0], moved[-1], len(moved) - 2))
+    assert braille_plot([Series(moved, ys[0])], 66, 10).lines == alone(moved.copy(), ys[0], 66)
+    assert axis_labels([0.0, 1.0], 9) == ["0", "1"]
+    assert axis_labels([-0.0, 1.0], 9) == ["-0", "1"]

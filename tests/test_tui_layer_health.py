@@ -16,7 +16,7 @@ from neurotop.tui.data.replay_source import ReplaySource
 from neurotop.tui.screens.dashboard import HeatStrip
 from neurotop.tui.screens.replay_app import ReplayApp
 from neurotop.tui.screens.widgets import LayerTable, level_styles
-from tests.helpers.pilot import until
+from tests.helpers.pilot import table_cells, until
 
 
 class Net(nn.Module):
@@ -59,27 +59,22 @@ async def test_idle_rows_and_dead_fraction_colours(tmp_path):
             await pilot.press("2")
             table = app.query_one(LayerTable)
             await until(pilot, lambda: table.row_count == 6, what="the layer rows")
-            cols = table.column_names()
             healthy, warn, _ = (Style.parse(c).color for c in level_styles(table))
 
-            def cells(layer: str) -> list:
-                line = list(table.render_line(table.shown_layers.index(layer) + 1))
-                return [s for s in line if s.text.strip()]
-
-            spare = cells("spare")
-            text = "".join(s.text for s in spare)
+            spare = table_cells(table, "spare")
+            text = "".join(c.text for c in spare.values())
             assert "idle" in text and "nan" not in text
-            assert all(s.style.dim for s in spare)
+            assert all(c.style.dim for c in spare.values() if c.text.strip())
 
-            act = {c: s for c, s in zip(cols, cells("act"), strict=False)}
+            act = table_cells(table, "act")
             assert act["dead_frac"].text.strip() == "0.6250"
             assert act["dead_frac"].style.color == warn
             assert float(act["zero_frac"].text) > 0.5  # dead units and ReLU's own zeros
             assert act["zero_frac"].style.color == act["layer"].style.color  # no band
-            logp = {c: s for c, s in zip(cols, cells("logp"), strict=False)}
+            logp = table_cells(table, "logp")
             assert logp["dead_frac"].text.strip() == "1.0000"  # log-probabilities are < 0
             assert logp["dead_frac"].style.color == logp["layer"].style.color, "logits judged"
-            norm = {c: s for c, s in zip(cols, cells("norm"), strict=False)}
+            norm = table_cells(table, "norm")
             assert norm["dead_frac"].style.color == norm["layer"].style.color
             assert norm["nonfinite"].style.color == healthy  # a band, and healthy
     finally:
@@ -119,8 +114,7 @@ async def test_a_module_called_at_two_places_is_marked_in_the_table(tmp_path):
 
             def label(layer: str) -> list[str]:
                 """The name cell: the name as shown, then the layer's type."""
-                line = list(table.render_line(table.shown_layers.index(layer) + 1))
-                return line[0].text.split()
+                return table_cells(table, layer)["layer"].text.split()
 
             assert label("shared") == ["shared", "×2", "Linear"]
             assert label("inp") == ["inp", "Linear"]

@@ -22,7 +22,7 @@ from neurotop.tui.screens.app import HelpScreen
 from neurotop.tui.screens.dashboard import AlertFeed, DetailPane, Plot
 from neurotop.tui.screens.replay_app import ReplayApp, TimelineBar
 from neurotop.tui.screens.widgets import LayerTable, abbreviate, level_styles
-from tests.helpers.pilot import screen_lines, status_text, until
+from tests.helpers.pilot import screen_lines, status_text, table_cells, until
 from tests.helpers.sessions import write_run
 from tests.helpers.ux_sessions import ALERTS, TIED, UX_PARAMS, UX_STATS, write_ux_run
 
@@ -224,20 +224,14 @@ async def test_layer_types_and_only_meaningful_colours(app):
         table.choose(list(UX_STATS))
         app.redraw(force=True)
         await until(pilot, lambda: "massive_ratio" in table.column_names(), what="columns")
-        cols = table.column_names()
         _, warn, crit = (Style.parse(c).color for c in level_styles(table))
 
-        def cells(layer: str) -> dict:
-            line = [s for s in table.render_line(table.shown_layers.index(layer) + 1)
-                    if s.text.strip()]
-            return dict(zip(cols, line, strict=False))
-
-        relu = cells("block0.act")
+        relu = table_cells(table, "block0.act")
         assert relu["layer"].text.split() == ["block0.act", "ReLU"]
         assert relu["massive_ratio"].text.strip() == "inf"
         assert relu["massive_ratio"].style.color not in (warn, crit), "inf after a ReLU"
         assert relu["zero_frac"].style.color == relu["layer"].style.color  # no band
-        logits = cells("logits")
+        logits = table_cells(table, "logits")
         assert logits["layer"].text.split() == ["logits", "Linear"]
         assert logits["dead_frac"].text.strip() == "1.0000"
         assert logits["dead_frac"].style.color not in (warn, crit), "logits are not dead"

@@ -113,10 +113,23 @@ class Panel(Widget):
         self.show(make())
         self._drawn_key = key
 
-    @staticmethod
-    def _strip(key: tuple, text: Text | Lines) -> Strip:
+    #: Each (text, style) run's segment: a plot's rows repeat the same few runs (a dot
+    #: or two in one style), and a segment costs three times the lookup. Cleared when big.
+    _segments: dict[tuple[str, str], Segment] = {}
+
+    @classmethod
+    def _strip(cls, key: tuple, text: Text | Lines) -> Strip:
         if isinstance(text, Lines):
-            return Strip([Segment(t, Style.parse(st)) for t, st in key])
+            made = cls._segments
+            if len(made) > 8192:
+                made.clear()
+            segments = []
+            for run in key:
+                segment = made.get(run)
+                if segment is None:
+                    segment = made[run] = Segment(run[0], Style.parse(run[1]))
+                segments.append(segment)
+            return Strip(segments)
         return Strip(key)
 
     def _rich(self) -> Style:

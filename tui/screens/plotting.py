@@ -9,6 +9,7 @@ light backgrounds alike.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,19 +36,30 @@ def smooth(y: np.ndarray, span: int) -> np.ndarray:
     ref = float(y[0]) if every else (float(y[ok][0]) if ok.any() else 0.0)  # no drift
     c = np.zeros(n + 1)  # running sums of the differences from ``ref``
     np.cumsum(y - ref if every else np.where(ok, y - ref, 0.0), out=c[1:])
-    # Window ``i`` is points ``max(i + 1 - span, 0) .. i``: sums as differences of two
-    # slices of the running sums (the first ``span`` windows start at 0).
     head = min(span, n)
-    tail = max(n - span + 1, 1)
-    lo_c = np.concatenate([np.zeros(head), c[1:tail]])
-    if every:
-        counts = np.minimum(np.arange(1, n + 1), span).astype(np.float64)
-        return (c[1:] - lo_c) / counts + ref
+    sums = _trailing(c, span)
+    if every:  # the first ``span`` windows count 1, 2, ... points, the rest ``span``
+        sums[:head] /= np.arange(1, head + 1)
+        sums[head:] /= span
+        sums += ref
+        return sums
     k = np.zeros(n + 1, np.int64)
     np.cumsum(ok, out=k[1:])
-    cnt = k[1:] - np.concatenate([np.zeros(head, np.int64), k[1:tail]])
+    cnt = _trailing(k, span)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, (c[1:] - lo_c) / cnt + ref, np.nan)
+        return np.where(cnt > 0, sums / cnt + ref, np.nan)
+
+
+def _trailing(c: np.ndarray, span: int) -> np.ndarray:
+    """Window sums from running sums ``c`` (``c[0] == 0``): window ``i`` is points
+    ``max(i + 1 - span, 0) .. i``, so the first ``span`` windows are ``c`` itself and the
+    rest a difference of two slices."""
+    n = len(c) - 1
+    head = min(span, n)
+    out = np.empty(n, c.dtype)
+    out[:head] = c[1:head + 1]
+    np.subtract(c[head + 1:], c[1:max(n - span + 1, 1)], out=out[head:])
+    return out
 
 
 def window(x: np.ndarray, last: int | None, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -156,6 +168,16 @@ def axis_labels(values: list[float], width: int) -> list[str]:
     """Labels for the ``values`` of one axis, with the fewest digits (3 at least) that
     tell them apart, each at most ``width`` characters: two ticks never read alike
     unless ``width`` cannot tell them apart."""
+    key = tuple(values)
+    # Not remembered with a zero: 0.0 and -0.0 are one key but read "0" and "-0".
+    return list(_axis_labels(key, width) if 0 not in key else
+                _axis_labels.__wrapped__(key, width))
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_labels(values: tuple[float, ...], width: int) -> tuple[str, ...]:
+    """``axis_labels``, remembered: a plot's range, so its ticks, rarely changes from one
+    frame to the next, and finding the digits formats each tick several times."""
     best = [fmt_axis(v)[:width] for v in values]
     for digits in range(3, 10):
         labels = [fmt_axis(v, digits) for v in values]
@@ -164,7 +186,7 @@ def axis_labels(values: list[float], width: int) -> list[str]:
         best = labels
         if len(set(labels)) == len(set(values)):
             break
-    return best
+    return tuple(best)
 
 
 def shade_legend(lo: float, hi: float) -> str:
@@ -217,55 +239,88 @@ def _finite(s: Series, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
     return x[ok], y[ok], False
 
 
+#: The steps ``_columns`` last saw (a copy), and their columns by ``(x0, x1, w)``.
+_columns_of: list = [None, {}]
+
+
 def _columns(x: np.ndarray, x0: float, x1: float, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where each dot column's points start in ``x`` (steps ascending), and the columns."""
+    """Where each dot column's points start in ``x`` (steps ascending), and the columns
+    (read-only). Plots drawn one after another from the same steps (a layer's dozen
+    statistics, in a grid of two widths) share them: comparing the steps costs a fifth of
+    computing the columns."""
+    seen, done = _columns_of
+    if seen is None or seen.dtype != x.dtype or not np.array_equal(seen, x):
+        done = {}
+        _columns_of[:] = [x.copy(), done]
+    elif (x0, x1, w) in done:
+        return done[x0, x1, w]
     cx = ((x.astype(np.float64) - x0) / max(x1 - x0, 1e-300) * (2 * w - 1)).round()
     cx = np.minimum(np.maximum(cx, 0), 2 * w - 1, out=cx).astype(np.int64)
     new = np.empty(len(cx), bool)
     new[0] = True
     np.not_equal(cx[1:], cx[:-1], out=new[1:])
     starts = np.flatnonzero(new)
-    return starts, cx[starts]
+    cols = cx[starts]
+    starts.flags.writeable = cols.flags.writeable = False
+    done[x0, x1, w] = starts, cols
+    return starts, cols
 
 
-def _spans(y: np.ndarray, starts: np.ndarray, y0: float, y1: float, h: int
+def _extremes(y: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each dot column's (``_columns``) largest and smallest point and the point before it
+    (the first column's own first point, which lies within it): the min/max reduction
+    to the plot's width, so 100k points cost a few NumPy passes and a one-step spike
+    still lights its column."""
+    return (np.maximum.reduceat(y, starts), np.minimum.reduceat(y, starts),
+            y[np.maximum(starts - 1, 0)])
+
+
+def _spans(extremes: list[tuple[np.ndarray, ...]], y0: float, y1: float, h: int
            ) -> tuple[np.ndarray, np.ndarray]:
-    """The dot rows each dot column of one series lights, ``lo..hi`` (0 at the top): the
-    min/max reduction to the plot's width. Each column (``_columns``) lights from the min
-    to the max of its points, joined to the previous column's last point; so 100k points
-    cost a few NumPy passes, and a one-step spike still lights its column. The reduction
-    comes first: a dot row only decreases as the value grows, so a column's top dot is its
-    largest value's."""
-    scale = max(y1 - y0, 1e-300)
-
-    def dot_row(v: np.ndarray) -> np.ndarray:
-        r = ((y1 - v.astype(np.float64)) / scale * (4 * h - 1)).round()
-        return np.minimum(np.maximum(r, 0), 4 * h - 1, out=r).astype(np.int64)
-
-    lo = dot_row(np.maximum.reduceat(y, starts))
-    hi = dot_row(np.minimum.reduceat(y, starts))
-    last = dot_row(y[starts[1:] - 1])  # each column's last point, for the next one to join
-    lo[1:], hi[1:] = np.minimum(lo[1:], last), np.maximum(hi[1:], last)
-    return lo, hi
+    """The dot rows each dot column of each series lights, ``lo..hi`` (0 at the top), all
+    series' columns end to end: from the row of its largest to that of its smallest point
+    (a dot row only decreases as the value grows), joined to the previous column's last
+    point. All series map to rows in one pass: the arrays are the plot's width, so the
+    cost is per NumPy call, not per value."""
+    v = np.concatenate([e[k] for k in range(3) for e in extremes], dtype=np.float64)
+    r = ((y1 - v) / max(y1 - y0, 1e-300) * (4 * h - 1)).round()
+    r = np.minimum(np.maximum(r, 0), 4 * h - 1, out=r).astype(np.int64).reshape(3, -1)
+    return np.minimum(r[0], r[2]), np.maximum(r[1], r[2])
 
 
-#: Braille bits of a cell's four dots (top first) in its left and its right column, as a
-#: table from the 4-bit mask of lit dots (bit k: the k-th dot from the top).
-_SIDE_BITS = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
-_SIDE = np.array([[sum(b for k, b in enumerate(bits) if m >> k & 1) for m in range(16)]
-                  for bits in _SIDE_BITS], np.int64)
+def _run_bits(side: int, a: int, b: int) -> int:
+    """Braille bits of dots ``a..b`` (top first) of a cell's left (0) or right (1) column."""
+    bits = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))[side]
+    return sum(bits[a:b + 1])
 
 
-def _cells(cols: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: int, h: int) -> np.ndarray:
-    """Braille code points ``[h x w]`` (0 where a cell has no dot) of dot columns ``cols``
-    lit from dot row ``lo`` to ``hi``: per cell row, the 4-bit mask of its lit dots in each
-    column, then a table to braille bits."""
+#: A cell's character by its braille bits: a space where no dot is lit.
+_GLYPHS = np.array([ord(" "), *range(0x2801, 0x2900)], "<u4")
+#: ``_run_bits`` as a table at ``25 * side + 5 * a + b + 1``, for a first lit dot ``a``
+#: in 0..4 and a last ``b`` in -1..3 (4 and -1: none in the cell).
+_RUNS = np.array([_run_bits(side, a, b) for side in (0, 1) for a in range(5)
+                  for b in range(-1, 4)], np.int64)
+
+
+def _cells(cols: list[np.ndarray], lo: np.ndarray, hi: np.ndarray, w: int, h: int
+           ) -> np.ndarray:
+    """Braille code points ``[series x h x w]`` (0 where a cell has no dot) of each
+    series' dot columns ``cols`` lit from dot row ``lo`` to ``hi`` (``_spans``): per cell
+    row, the first and last lit dot in each column, a table to braille bits, and the
+    left and right columns' bits together; all series in one pass, each in its own
+    ``2 * w`` dot columns."""
     top = 4 * np.arange(h)[:, None]
     a = np.minimum(np.maximum(lo[None, :] - top, 0), 4)  # the first and last lit dot
     b = np.minimum(np.maximum(hi[None, :] - top, -1), 3)  # within the cell row
-    masks = np.zeros((h, 2 * w), np.int64)
-    masks[:, cols] = np.where(a <= b, (2 << np.maximum(b, 0)) - (1 << a), 0)
-    return _SIDE[0][masks[:, 0::2]] | _SIDE[1][masks[:, 1::2]]
+    n = len(cols)
+    at = np.concatenate([c + 2 * w * i for i, c in enumerate(cols)]) if n > 1 else cols[0]
+    a *= 5
+    a += b
+    a += 1 + 25 * (at & 1)
+    bits = np.zeros((h, n * 2 * w), np.int64)
+    bits[:, at] = _RUNS[a]
+    cells = bits[:, 0::2] | bits[:, 1::2]
+    return cells.reshape(h, n, w).transpose(1, 0, 2)
 
 
 def _ticks(y0: float, y1: float, h: int, log_y: bool,
@@ -312,8 +367,27 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     gy = None
     if guide is not None and (guide > 0 or not log_y):
         gy = math.log10(guide) if log_y else guide
-    y0 = min(float(v.min()) for v in ys)
-    y1 = max(float(v.max()) for v in ys)
+    columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # series sharing their steps
+    drawn, dots, extremes = [], [], []
+    for i, ((x, y, whole), s) in enumerate(zip(pts, series, strict=True)):
+        if len(x):
+            if not whole:
+                cols = _columns(x, x0, x1, w)
+            elif id(s.x) in columns:
+                cols = columns[id(s.x)]
+            else:
+                cols = columns[id(s.x)] = _columns(x, x0, x1, w)
+            drawn.append(i)
+            dots.append(cols[1])
+            extremes.append(_extremes(y, cols[0]))
+    # The range from the columns' extremes, a plot's width of values; from every point at
+    # zero, where -0.0 or 0.0 may be the extreme and the two label apart.
+    y0 = min(float(low.min()) for _, low, _ in extremes)
+    if y0 == 0:
+        y0 = min(float(v.min()) for v in ys)
+    y1 = max(float(top.max()) for top, _, _ in extremes)
+    if y1 == 0:
+        y1 = max(float(v.max()) for v in ys)
     if gy is not None:
         y0, y1 = min(y0, gy), max(y1, gy)
     # Flat within float32's precision: a line at mid-height, labelled with its value.
@@ -324,20 +398,15 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     # Each cell's style, as an index into ``styles`` (0: plain, 1: the guide, 2 + i:
     # series i); the last series with a dot in a cell owns it.
     styles = ["", guide_style, *(s.style for s in series)]
-    cells = np.zeros((h, w), np.int64)
-    owner = np.zeros((h, w), np.int64)
-    columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # series sharing their steps
-    for i, ((x, y, whole), s) in enumerate(zip(pts, series, strict=True)):
-        if len(x):
-            if not whole:
-                cols = _columns(x, x0, x1, w)
-            elif id(s.x) in columns:
-                cols = columns[id(s.x)]
-            else:
-                cols = columns[id(s.x)] = _columns(x, x0, x1, w)
-            c = _cells(cols[1], *_spans(y, cols[0], y0, y1, h), w, h)
-            cells |= c
-            owner[c > 0] = 2 + i
+    each = _cells(dots, *_spans(extremes, y0, y1, h), w, h)
+    cells = np.bitwise_or.reduce(each, axis=0)
+    # Cells of the same style string are one run, whichever series owns them: each
+    # cell's style as the first index of its string.
+    first = {st: k for k, st in reversed(list(enumerate(styles)))}
+    style_id = [first[st] for st in styles]
+    sid = np.zeros((h, w), np.int64)
+    for i, c in zip(drawn, each, strict=True):
+        sid = np.where(c > 0, style_id[2 + i], sid)
     guide_row = -1
     if gy is not None:
         guide_row = int(round((y1 - gy) / (y1 - y0) * (4 * h - 1))) // 4
@@ -348,27 +417,26 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     texts = axis_labels([10 ** ticks[r] if log_y else ticks[r] for r in rows], LABEL_W - 1)
     labels = {r: t.rjust(LABEL_W - 1) + "┤" for r, t in zip(rows, texts, strict=True)}
 
-    codes = np.where(cells > 0, 0x2800 + cells, ord(" "))
+    codes = _GLYPHS[cells]
     if 0 <= guide_row < h:
         codes[guide_row] = np.where(cells[guide_row] > 0, codes[guide_row], ord("┈"))
-        owner[guide_row] = np.where(cells[guide_row] > 0, owner[guide_row], 1)
-    # Cells of the same style string are one run, whichever series owns them.
-    first = {st: k for k, st in reversed(list(enumerate(styles)))}
-    sid = np.array([first[st] for st in styles])[owner]
-    text = codes.astype("<u4").tobytes().decode("utf-32-le")
-    rr, cc = np.nonzero(sid[:, 1:] != sid[:, :-1])
-    cuts: list[list[int]] = [[0] for _ in range(h)]
-    for r, c in zip(rr.tolist(), (cc + 1).tolist(), strict=True):
-        cuts[r].append(c)
+        sid[guide_row] = np.where(cells[guide_row] > 0, sid[guide_row], style_id[1])
+    text = codes.tobytes().decode("utf-32-le")
+    # Where runs start, in the rows read end to end: every row's first cell starts one, so
+    # a run ends where the next starts, and a row's runs are those from its first cell.
+    new = np.empty((h, w), bool)
+    new[:, 0] = True
+    np.not_equal(sid[:, 1:], sid[:, :-1], out=new[:, 1:])
+    at = np.flatnonzero(new)
+    ends = [*at[1:].tolist(), h * w]
+    runs = [(text[a:b], styles[k]) for a, b, k in
+            zip(at.tolist(), ends, sid.ravel()[at].tolist(), strict=True)]
+    rows_at = np.searchsorted(at, np.arange(0, h * w + 1, w)).tolist()
     blank_label = " " * (LABEL_W - 1) + "│"
     lines = out.lines
     for r in range(h):
-        line = text[r * w:(r + 1) * w]
-        cut = [*cuts[r], w]
-        row = sid[r]
-        runs = [(line[a:b], styles[row[a]]) for a, b in zip(cut[:-1], cut[1:], strict=True)]
         lines.append([(labels.get(r, blank_label), guide_style if r == guide_row else "dim"),
-                      *runs])
+                      *runs[rows_at[r]:rows_at[r + 1]]])
     left, right = f"{int(x0):,}", f"{int(x1):,}"
     out.append("\n" + " " * LABEL_W + left + right.rjust(max(w - len(left), 1)), style="dim")
     return out

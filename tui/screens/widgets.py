@@ -3,6 +3,7 @@ reads the store, parses messages or talks to sockets."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -107,6 +108,32 @@ def update_line(widget: Static, text: Text) -> None:
     if getattr(widget, "_line_key", None) != key:
         widget._line_key = key  # type: ignore[attr-defined]
         widget.update(text, layout=False)
+        if isinstance(widget, Line):
+            widget.line = text
+
+
+class Line(Static):
+    """A one-line ``Static`` drawn from its Rich text straight to one strip (the widget's
+    style under the text's spans, cut or padded to the width): Textual's content path
+    (wrap, format, restyle each span) cost the status bar, redrawn at every report, ~0.6
+    ms a frame. ``update_line`` sets ``line``; ``render()`` still gives the text."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.line: Text | None = None
+        self._drawn: tuple[object, ...] = ()
+        self._strip = Strip([])
+
+    def render_line(self, y: int) -> Strip:
+        if self.line is None:
+            return super().render_line(y)
+        width, base = self.size.width, self.rich_style
+        key = (self.line, width, base)
+        if key != self._drawn:
+            segments = Segment.apply_style(self.line.render(self.app.console), base)
+            self._strip = Strip(segments).crop_extend(0, width, base)
+            self._drawn = key
+        return self._strip if y == 0 else Strip.blank(width, base)
 
 
 def line_runs(rows: list[int]) -> list[tuple[int, int]]:
@@ -125,7 +152,7 @@ def _cut(text: str, room: int) -> str:
     return text if len(text) <= room else text[: max(room - 1, 0)] + "…"
 
 
-class StatusBar(Static):
+class StatusBar(Line):
     """Run state, step, alerts and connection always; then the pause reason, the run's
     name, throughput, connection details and GPU (or CPU) use as the width allows
     (``fit_parts``)."""
@@ -450,7 +477,9 @@ class LayerTable(ScrollView, can_focus=True):
         self._header = "".join(heads) + f"  trend: {self.spark_stat}"
         self._spark_scale = (0.0, 1.0) if is_fraction(self.spark_stat) else None
         width = len("".join(heads)) + 2 + self._spark_w
-        self.virtual_size = Size(width, len(self._rows) + 1)
+        size = Size(width, len(self._rows) + 1)
+        if size != self.virtual_size:
+            self.virtual_size = size
         self._style_cache = None
         self._sparks = Sparklines(self._hist, self._spark_w, self._spark_scale) \
             if len(self._hist) else None
@@ -542,16 +571,27 @@ class LayerTable(ScrollView, can_focus=True):
         level_style = self._level_on.get(base)
         if level_style is None:
             level_style = self._level_on[base] = [base + st for st in self._level_styles]
-        segments = [Segment(name, base)]
+        # Neighbouring cells of one style are one segment: the compositor and Textual's
+        # filters pay per segment, and most cells share the base or the healthy style.
+        texts, styles = [name], [base]
         width = self.NUM_W
         values, levels_of = self._values[i], self._levels
         for j in self._cols:
             cell = f"{fmt_cell(values[j], width - 1):>{width}}"
             lv = levels_of.get(j)
             k = -1 if lv is None else lv[i]  # -1: no band (not an activation)
-            segments.append(Segment(cell, level_style[k] if k >= 0 else base))
-        segments.append(Segment("  " + spark, base))
-        return segments
+            style = level_style[k] if k >= 0 else base
+            if style is styles[-1]:
+                texts[-1] += cell
+            else:
+                texts.append(cell)
+                styles.append(style)
+        if styles[-1] is base:
+            texts[-1] += "  " + spark
+        else:
+            texts.append("  " + spark)
+            styles.append(base)
+        return [Segment(t, st) for t, st in zip(texts, styles, strict=True)]
 
     def _styles(self) -> tuple[Style, Style, Style]:
         """Base, header and cursor styles, looked up once per draw (the lookup walks the
@@ -661,6 +701,18 @@ class LayerTable(ScrollView, can_focus=True):
     def sortable(self) -> list[str]:
         """What ``S`` cycles through: the model's order, then each column on screen."""
         return ["", *(self._stats[j] for j in self._cols)]
+
+    def column_cells(self, y: int) -> dict[str, Strip]:
+        """Line ``y`` as drawn, cut into its columns (``column_names``' keys): what each
+        column shows there, for tests and screen readers."""
+        line, sx = self.render_line(y), int(self.scroll_offset.x)
+        spans = [self._name_w + self._type_w] + [self.NUM_W] * len(self._cols)
+        cuts = [max(c - sx, 0) for c in (0, *itertools.accumulate(spans))]
+        names = self.column_names()
+        cells = {name: line.crop(a, b)
+                 for name, a, b in zip(names[:-1], cuts[:-1], cuts[1:], strict=True)}
+        cells[names[-1]] = line.crop(cuts[-1], line.cell_length)
+        return cells
 
     def column_names(self) -> list[str]:
         """Headers as drawn, without the sort mark (for tests and the help)."""
