@@ -20,7 +20,7 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Input, Static
+from textual.widgets import Input
 
 from neurotop.protocol.layerkinds import activation_mask
 from neurotop.tui.data.compare import DELTA
@@ -44,7 +44,14 @@ from neurotop.tui.screens.plotting import (
     window,
 )
 from neurotop.tui.screens.system_panel import SystemPanel
-from neurotop.tui.screens.widgets import LayerTable, fmt, level_styles, line_runs, update_line
+from neurotop.tui.screens.widgets import (
+    LayerTable,
+    Line,
+    fmt,
+    level_styles,
+    line_runs,
+    update_line,
+)
 
 
 class Panel(Widget):
@@ -512,7 +519,7 @@ class LayersPane(Vertical):
         yield Input(placeholder="filter layers by name glob (enter: apply, esc: clear)",
                     id="filter")
         # Rows, sort and an active filter, always in sight (the filter box closes on enter).
-        yield Static("", id="layers-title")
+        yield Line(id="layers-title")
         yield RunsTable(id="layers")
 
     def wants(self, view: View) -> Wants:
@@ -539,7 +546,7 @@ class DetailPane(Vertical):
         self._plots: list[Plot] = []  # looked up once: a query per plot per frame adds up
 
     def compose(self) -> ComposeResult:
-        yield Static(id="detail-title")
+        yield Line(id="detail-title")
         with Grid(id="detail-plots"):
             for i in range(self.MAX_PLOTS):
                 yield Plot(id=f"dt-plot-{i}")
@@ -576,7 +583,7 @@ class DetailPane(Vertical):
             first = stats.index(view.stat) if view.stat in stats else 0
             order = [(first + k) % len(stats) for k in range(fit)]
             more = f"  ·  +{len(stats) - fit} more statistics (s: next)"
-        update_line(self.query_one("#detail-title", Static), Text.assemble(
+        update_line(self.query_one("#detail-title", Line), Text.assemble(
             ("layer ", "bold"), (view.layer, "bold"), kind,
             f"  {i + 1}/{len(layers)}", more,
             f"  ·  {view.describe()}  ·  , . previous / next layer"))

@@ -225,9 +225,8 @@ class Series:
     style: str = ""
 
 
-def _finite(s: Series, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
-    """A series' finite points (log10 of the positive ones on a log axis, in float64), and
-    whether that is all of them (then ``x`` is the series' own array)."""
+def _finite(s: Series, log_y: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A series' finite points (log10 of the positive ones on a log axis, in float64)."""
     x, y = np.asarray(s.x), np.asarray(s.y)
     if log_y:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -235,8 +234,8 @@ def _finite(s: Series, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
             y = np.where(y > 0, np.log10(np.abs(y)), np.nan)
     ok = np.isfinite(y)
     if ok.all():
-        return x, y, True
-    return x[ok], y[ok], False
+        return x, y
+    return x[ok], y[ok]
 
 
 #: The steps ``_columns`` last saw (a copy), and their columns by ``(x0, x1, w)``.
@@ -360,23 +359,17 @@ def braille_plot(series: list[Series], width: int, height: int, title: str = "",
     xs = [s.x for s in series if len(s.x)]
     x0, x1 = (min(float(x[0]) for x in xs), max(float(x[-1]) for x in xs)) if xs else (0, 1)
     pts = [_finite(s, log_y) for s in series]
-    ys = [y for _, y, _ in pts if len(y)]
+    ys = [y for _, y in pts if len(y)]
     if not ys:
         out.append("\n" + "\n".join(" " * LABEL_W + "·" for _ in range(h)) + "\n(no data)")
         return out
     gy = None
     if guide is not None and (guide > 0 or not log_y):
         gy = math.log10(guide) if log_y else guide
-    columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # series sharing their steps
     drawn, dots, extremes = [], [], []
-    for i, ((x, y, whole), s) in enumerate(zip(pts, series, strict=True)):
+    for i, (x, y) in enumerate(pts):
         if len(x):
-            if not whole:
-                cols = _columns(x, x0, x1, w)
-            elif id(s.x) in columns:
-                cols = columns[id(s.x)]
-            else:
-                cols = columns[id(s.x)] = _columns(x, x0, x1, w)
+            cols = _columns(x, x0, x1, w)  # shared by series (and plots) of equal steps
             drawn.append(i)
             dots.append(cols[1])
             extremes.append(_extremes(y, cols[0]))

@@ -14,7 +14,7 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import events
-from textual.app import ComposeResult
+from textual.app import ComposeResult, RenderResult
 from textual.binding import Binding
 from textual.geometry import Region, Size
 from textual.message import Message
@@ -100,29 +100,31 @@ def fit_parts(parts: Sequence[tuple[int, Text]], width: int, sep: str = "  ") ->
     return Text(sep).join(parts[i][1] for i in fit(parts, width, sep))
 
 
-def update_line(widget: Static, text: Text) -> None:
-    """Show ``text`` in a one-line ``Static`` (a status bar, a title) only when it changed,
-    and without the layout pass ``Static.update`` does by default: the line's size never
-    changes, and a layout pass at every frame relaid the whole screen."""
+def update_line(widget: Line, text: Text) -> None:
+    """Show ``text`` in a ``Line`` (a status bar, a title) only when it changed, and
+    without a layout pass: the line's size never changes, and a layout pass at every
+    frame relaid the whole screen."""
     key = (text.plain, tuple(text.spans), str(text.style))
-    if getattr(widget, "_line_key", None) != key:
-        widget._line_key = key  # type: ignore[attr-defined]
-        widget.update(text, layout=False)
-        if isinstance(widget, Line):
-            widget.line = text
+    if widget.line_key != key:
+        widget.line_key, widget.line = key, text
+        widget.refresh()
 
 
 class Line(Static):
     """A one-line ``Static`` drawn from its Rich text straight to one strip (the widget's
     style under the text's spans, cut or padded to the width): Textual's content path
     (wrap, format, restyle each span) cost the status bar, redrawn at every report, ~0.6
-    ms a frame. ``update_line`` sets ``line``; ``render()`` still gives the text."""
+    ms a frame. ``update_line`` sets ``line``; ``render()`` gives it."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.line: Text | None = None
+        self.line_key: tuple[object, ...] = ()
         self._drawn: tuple[object, ...] = ()
         self._strip = Strip([])
+
+    def render(self) -> RenderResult:
+        return self.line if self.line is not None else super().render()
 
     def render_line(self, y: int) -> Strip:
         if self.line is None:
@@ -130,7 +132,10 @@ class Line(Static):
         width, base = self.size.width, self.rich_style
         key = (self.line, width, base)
         if key != self._drawn:
-            segments = Segment.apply_style(self.line.render(self.app.console), base)
+            text = self.line
+            if text.cell_len > width:  # cut at a word, as a wrapping Static's first line
+                text = text.wrap(self.app.console, width)[0]
+            segments = Segment.apply_style(text.render(self.app.console), base)
             self._strip = Strip(segments).crop_extend(0, width, base)
             self._drawn = key
         return self._strip if y == 0 else Strip.blank(width, base)
