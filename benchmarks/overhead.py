@@ -381,7 +381,7 @@ def main() -> None:
                 keys += [f"{pre}report_fixed_ms={f['fixed_ms']:.2f}",
                          f"{pre}report_fixed_us_per_layer="
                          f"{f['fixed_ms'] * 1e3 / max(f['layers'], 1):.1f}"]
-    if args.eval_every > 0 and not args.fixed_only:
+    if args.eval_every > 0 and not args.fixed_only and runs:  # (not gpt_small's own)
         keys.append("eval_mem_ratio=" + format(max(
             measure_eval_memory(m, d, args) for m, d in dict.fromkeys(
                 (m, d) for m, d, _ in runs)), ".3f"))

@@ -5,6 +5,7 @@ a logits layer or a LayerNorm with most outputs negative is healthy. Imports not
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -27,7 +28,14 @@ def is_activation(layer_type: str, activation: str = "",
     """An activation layer: its class is in ``types`` or named like one
     (``ACTIVATION_NAME``), or the autograd graph showed it computes one or feeds a
     functional one (``activation``: the schema's ``activations`` entry, ``"F.relu"``)."""
-    return bool(activation) or layer_type in types or bool(ACTIVATION_NAME.search(layer_type))
+    return bool(activation) or layer_type in types or _named_like_activation(layer_type)
+
+
+@functools.lru_cache(maxsize=1024)
+def _named_like_activation(layer_type: str) -> bool:
+    """``ACTIVATION_NAME`` matches: the detectors ask per layer at every report, and the
+    search cost more than the rest of the test."""
+    return bool(ACTIVATION_NAME.search(layer_type))
 
 
 def activation_mask(layer_types: Sequence[str], layers: int,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -494,7 +495,7 @@ class Detectors:
             logs = np.log(v)
             # The median, not METRICS.md's mean: the mean telescopes to (last - first) / n,
             # so one change of width (a 10-class head after 1024-wide layers) decides it.
-            g = float(np.median(np.diff(logs)))
+            g = statistics.median(np.diff(logs).tolist())
             span = math.exp(min(abs(g) * (len(chain) - 1), 700.0))
             if abs(g) > r.gain and span > r.gain_span:
                 trend = "grows" if g > 0 else "shrinks"
@@ -534,7 +535,10 @@ class Detectors:
         if not math.isfinite(loss):
             return
         if warm and len(self._losses) >= min(10, r.loss_window):
-            sd, med = math.sqrt(self._loss_var), float(np.median(self._losses))
+            # ``statistics`` on these few finite floats: ``np.median`` costs ~20 us a call
+            # (its NaN check), and its first call imports ``numpy.ma`` (~13 ms, holding the
+            # GIL the training thread needs).
+            sd, med = math.sqrt(self._loss_var), statistics.median(self._losses)
             rise = loss - max(self._loss_ema, med)
             if (loss > self._loss_ema + r.loss_sigmas * sd or (
                     med > 0 and loss > r.loss_median * med)) and (
