@@ -31,6 +31,14 @@ def is_activation(layer_type: str, activation: str = "",
     return bool(activation) or layer_type in types or _named_like_activation(layer_type)
 
 
+@functools.lru_cache(maxsize=64)
+def activation_flags(layer_types: tuple[str, ...], activations: tuple[str, ...],
+                     types: tuple[str, ...] = ACTIVATION_TYPES) -> tuple[bool, ...]:
+    """``is_activation`` of each ``(layer_types[i], activations[i])`` pair (as many as the
+    shorter has), kept per schema: the detectors ask at every report."""
+    return tuple(is_activation(t, a, types) for t, a in zip(layer_types, activations, strict=False))
+
+
 @functools.lru_cache(maxsize=1024)
 def _named_like_activation(layer_type: str) -> bool:
     """``ACTIVATION_NAME`` matches: the detectors ask per layer at every report, and the

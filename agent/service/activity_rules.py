@@ -42,6 +42,7 @@ momentum)) per step (measured 0.07 .. 0.7 at SGD lr 0.5, wd 0.05: the net learns
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from neurotop.protocol.layerkinds import is_activation
+from neurotop.protocol.layerkinds import activation_flags
 
 #: Alert names and their METRICS.md rows (merged into ``detectors.ALERTS``).
 ACTIVITY_ALERTS = {"sparsity_drift": "E10", "update_ratio": "C"}
@@ -93,10 +94,11 @@ class ActivityRules:
         if len(types) != len(layers):
             return
         span = r.sparsity_steps
-        for i, layer in enumerate(layers):
-            if acts[i].startswith("F.") or not is_activation(types[i], acts[i], r.dead_types):
+        judged = activation_flags(tuple(types), tuple(acts), tuple(r.dead_types))
+        for i, (layer, zero) in enumerate(zip(layers, col["zero_frac"].tolist(), strict=True)):
+            if acts[i].startswith("F.") or not judged[i]:
                 continue
-            ratio = 1.0 - float(col["zero_frac"][i])
+            ratio = 1.0 - zero
             if layer in tainted or not math.isfinite(ratio):
                 self._ratios.pop(layer, None)  # a NaN window says nothing: start over
                 continue
@@ -107,8 +109,7 @@ class ActivityRules:
             if step - hist[0][0] < span:
                 continue
             end = span * SPARSITY_ENDS
-            old = [v for t, v in hist if t - hist[0][0] <= end]
-            new = [v for t, v in hist if step - t <= end]
+            old, new = _ends(hist, end)
             before, now = sum(old) / len(old), sum(new) / len(new)
             if now - before > r.sparsity_rise and now > r.sparsity_dense:
                 add(alert("sparsity_drift", "warn",
@@ -139,7 +140,7 @@ class ActivityRules:
         ratio = p[:, cols.index("update_ratio")]
         with np.errstate(divide="ignore", invalid="ignore"):
             rel_grad = p[:, cols.index("grad_norm")] / p[:, cols.index("weight_norm")]
-        weights = np.array([not n.rsplit(".", 1)[-1].startswith("bias") for n in names])
+        weights = _weights(tuple(names))
         high = np.flatnonzero(np.isfinite(ratio) & (ratio > r.update_high) & weights)
         if len(high):
             i = int(high[np.argmax(ratio[high])])
@@ -166,3 +167,29 @@ class ActivityRules:
 
 def _others(n: int) -> str:
     return f", and {n - 1} more parameter(s)" if n > 1 else ""
+
+
+def _ends(hist: deque[tuple[int, float]], end: float) -> tuple[list[float], list[float]]:
+    """The values of the first and of the last ``end`` steps of a window of ``(step,
+    value)`` in step order (reports come in order): a prefix and a suffix, walked alone
+    instead of the whole window per layer per report."""
+    first, last = hist[0][0], hist[-1][0]
+    old, new = [], []
+    for t, v in hist:
+        if t - first > end:
+            break
+        old.append(v)
+    for t, v in reversed(hist):
+        if last - t > end:
+            break
+        new.append(v)
+    new.reverse()  # summed in the window's order
+    return old, new
+
+
+@functools.lru_cache(maxsize=16)
+def _weights(names: tuple[str, ...]) -> np.ndarray:
+    """Which parameters are weights, not biases (kept per schema; read-only)."""
+    out = np.array([not n.rsplit(".", 1)[-1].startswith("bias") for n in names], bool)
+    out.flags.writeable = False
+    return out

@@ -36,11 +36,12 @@ import statistics
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from neurotop.protocol.layerkinds import ACTIVATION_TYPES, is_activation
+from neurotop.protocol.layerkinds import ACTIVATION_TYPES, activation_flags
 from neurotop.service.activity_rules import ACTIVITY_ALERTS, ActivityRules
 from neurotop.service.curvature_rules import CURVATURE_ALERTS, CurvatureRules
 from neurotop.service.grokking_rules import GROKKING_ALERTS, GrokkingRules
@@ -405,11 +406,14 @@ class Detectors:
         if "max_abs" not in col or "massive_ratio" not in col:
             return
         horizon = r.growth_window
+        # As Python floats: indexing a NumPy array per layer cost more than the rule itself.
+        tops, now = col["max_abs"].tolist(), col["massive_ratio"].tolist()
+        sparse = col["zero_frac"].tolist() if "zero_frac" in col else None
         for i, layer in enumerate(layers):
-            top, ratio = col["max_abs"][i], col["massive_ratio"][i]
+            top, ratio = tops[i], now[i]
             if not (math.isfinite(top) and math.isfinite(ratio)):
                 continue
-            if "zero_frac" in col and col["zero_frac"][i] >= r.massive_sparse:
+            if sparse is not None and sparse[i] >= r.massive_sparse:
                 self._ratios.pop(layer, None)  # no scale to judge by (``massive_sparse``)
                 continue
             if top > r.massive_abs and ratio > r.massive_ratio:
@@ -442,10 +446,9 @@ class Detectors:
         over = "over the window" if name == "dead_frac_window" else "in the batch"
         if len(acts) != len(layers):
             acts = [""] * len(layers)
-        for i, layer in enumerate(layers):
-            dead = col[name][i]
-            if (not math.isfinite(dead) or i >= len(types)
-                    or not is_activation(types[i], acts[i], r.dead_types)):
+        judged = activation_flags(tuple(types), tuple(acts), tuple(r.dead_types))
+        for i, (layer, dead) in enumerate(zip(layers, col[name].tolist(), strict=True)):
+            if not math.isfinite(dead) or i >= len(judged) or not judged[i]:
                 continue
             if layer in tainted:
                 self._dead.pop(layer, None)
@@ -461,7 +464,7 @@ class Detectors:
             while hist and step - hist[0][0] > r.dead_jump_steps:
                 hist.popleft()
             if hist and not quiet:
-                low_step, low = min(hist, key=lambda sv: sv[1])
+                low_step, low = min(hist, key=itemgetter(1))
                 if dead - low > r.dead_jump:
                     self._add(found, Alert(
                         "dead_jump", WARN,
