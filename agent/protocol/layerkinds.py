@@ -35,7 +35,7 @@ def is_activation(layer_type: str, activation: str = "",
 def activation_flags(layer_types: tuple[str, ...], activations: tuple[str, ...],
                      types: tuple[str, ...] = ACTIVATION_TYPES) -> tuple[bool, ...]:
     """``is_activation`` of each ``(layer_types[i], activations[i])`` pair (as many as the
-    shorter has), kept per schema: the detectors ask at every report."""
+    shorter has), kept per schema: the detectors ask at every report, the UI every frame."""
     return tuple(is_activation(t, a, types) for t, a in zip(layer_types, activations, strict=False))
 
 
@@ -54,5 +54,5 @@ def activation_mask(layer_types: Sequence[str], layers: int,
     counts. ``activations``: the schema's list, when it has one."""
     if len(layer_types) != layers:
         return [True] * layers
-    acts = list(activations) if len(activations) == layers else [""] * layers
-    return [is_activation(t, a, types) for t, a in zip(layer_types, acts, strict=True)]
+    acts = tuple(activations) if len(activations) == layers else ("",) * layers
+    return list(activation_flags(tuple(layer_types), acts, tuple(types)))

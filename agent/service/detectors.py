@@ -407,10 +407,10 @@ class Detectors:
             return
         horizon = r.growth_window
         # As Python floats: indexing a NumPy array per layer cost more than the rule itself.
-        tops, now = col["max_abs"].tolist(), col["massive_ratio"].tolist()
+        tops, massive = col["max_abs"].tolist(), col["massive_ratio"].tolist()
         sparse = col["zero_frac"].tolist() if "zero_frac" in col else None
         for i, layer in enumerate(layers):
-            top, ratio = tops[i], now[i]
+            top, ratio = tops[i], massive[i]
             if not (math.isfinite(top) and math.isfinite(ratio)):
                 continue
             if sparse is not None and sparse[i] >= r.massive_sparse:
