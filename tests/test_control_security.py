@@ -18,7 +18,7 @@ from neurotop.protocol.binding import UnsafeBindError, check_bind, is_loopback
 from neurotop.service.controller import Controller
 from neurotop.service.loop import AgentService
 from neurotop.service.wakeup import Wakeup
-from neurotop.tui.data.client import Endpoints, LiveClient
+from neurotop.tui.data.client import CommandError, Endpoints, LiveClient
 from neurotop.tui.data.targets import resolve
 from tests.helpers.training import TRAIN, watch_options
 from tests.helpers.waiting import wait_until
@@ -79,7 +79,11 @@ def test_curve_agent_serves_only_clients_with_its_public_key(start_run):
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(run.info.control)
-    dealer.send_multipart(wire.encode_signed(run.info.key_bytes, wire.new_request("schema")))
+    try:  # with its handshake refused, the dealer may have no pipe to queue the request on
+        dealer.send_multipart(wire.encode_signed(run.info.key_bytes, wire.new_request("schema")),
+                              flags=zmq.NOBLOCK)
+    except zmq.Again:
+        pass
     owner = LiveClient(resolve(run.info.run_id)).start()
     try:
         assert _messages(plain, 2.0) == 0
@@ -93,6 +97,26 @@ def test_curve_agent_serves_only_clients_with_its_public_key(start_run):
         owner.close()
         for s in (plain, wrong_key, dealer):
             s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server_key", ["wrong", "none"])
+def test_a_client_without_the_runs_curve_key_gets_errors_not_a_frozen_ui(start_run,
+                                                                         server_key):
+    """With no CURVE at all, libzmq drops the control connection for good after the
+    refused handshake, and a blocking send would then wait forever on the socket thread."""
+    run = start_run("--step-sleep", "0.02", *watch_options(curve=True))
+    key = zmq.curve_keypair()[0].decode() if server_key == "wrong" else ""
+    client = LiveClient(Endpoints(run.info.telemetry, run.info.control, run.info.key_bytes,
+                                  curve_server_key=key)).start()
+    try:
+        for cmd in ("pause", "resume", "knobs"):  # queued or refused, each one ends in an error
+            with pytest.raises(CommandError):
+                client.command(cmd, timeout=1.0).result(30)
+        assert client.store.status.step == 0, "no telemetry without the run's key"
+    finally:
+        client.close()
+    assert not client._thread.is_alive(), "the socket thread stopped when asked"
 
 
 def _ask(dealer: zmq.Socket, frames: list[bytes]) -> dict:

@@ -248,7 +248,14 @@ class LiveClient:
             except queue.Empty:
                 return
             assert dealer is not None and self.endpoints.key is not None
-            dealer.send_multipart(wire.encode_signed(self.endpoints.key, req))
+            try:  # never block this thread: telemetry and every other command wait on it
+                dealer.send_multipart(wire.encode_signed(self.endpoints.key, req),
+                                      flags=zmq.NOBLOCK)
+            except zmq.Again:
+                fut.set_exception(CommandError(
+                    f"{req['cmd']!r} not sent: no connection to the run's control socket"
+                    " (is the run gone, or is its CURVE key not the one given?)"))
+                continue
             self._pending[req["id"]] = (fut, deadline)
 
     def _expire(self) -> None:
