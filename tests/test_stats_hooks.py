@@ -81,6 +81,21 @@ def data(n: int = 32, d: int = 8, classes: int = 3):
     return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
+@pytest.fixture
+def small_output(request, monkeypatch):
+    """``SMALL_OUTPUT`` for this test: outputs of more values are measured in their hooks,
+    the others copied into batches (``neurotop.training.batched_calls``)."""
+    if request.param is not None:
+        monkeypatch.setattr("neurotop.training.collector.SMALL_OUTPUT", request.param)
+    return request.param
+
+
+#: Every output measured in its hook (0), the conv's batched and the larger ones not
+#: (7000, for ``Shapes``), all batched (the default: every output in these tests is small).
+PATHS = pytest.mark.parametrize("small_output", [0, 7000, None], indirect=True,
+                                ids=["in-hook", "mixed", "batched"])
+
+
 class TupleOut(nn.Module):
     """A leaf (no child modules) returning a tuple, like an RNN."""
 
@@ -146,7 +161,8 @@ def test_inplace_relu_keeps_the_layer_before_it_intact():
     assert got[0, stats.index("zero_frac")] == 0 and got[1, stats.index("zero_frac")] > 0.2
 
 
-def test_module_called_several_times_pools_every_call():
+@PATHS
+def test_module_called_several_times_pools_every_call(small_output):
     torch.manual_seed(0)
     model = Shared()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -159,7 +175,8 @@ def test_module_called_several_times_pools_every_call():
         tel.close()
 
 
-def test_gradient_accumulation_pools_the_micro_batches():
+@PATHS
+def test_gradient_accumulation_pools_the_micro_batches(small_output):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -290,7 +307,8 @@ class Shapes(nn.Module):
         return self.head(self.tr(self.wide(h)).t())  # tr: [300 x batch], units = the batch
 
 
-def test_channel_units_wide_rows_and_non_contiguous_outputs():
+@PATHS
+def test_channel_units_wide_rows_and_non_contiguous_outputs(small_output):
     torch.manual_seed(0)
     model = Shapes()
     with torch.no_grad():
@@ -319,3 +337,43 @@ def test_channel_units_wide_rows_and_non_contiguous_outputs():
             assert got[stats.index("dead_frac")] == 1 / 8
         np.testing.assert_allclose(got, [want[s] for s in stats], rtol=1e-4, atol=1e-6,
                                    err_msg=name)
+
+
+class Cut(nn.Module):
+    """A leaf whose width is its caller's choice: its unit count changes between calls."""
+
+    def forward(self, h, k):
+        return h[:, :k]
+
+
+class TwoWidths(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.cut, self.head = nn.Linear(8, 6), Cut(), nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head(torch.cat([self.cut(h, 6), self.cut(h, 4)], 1))
+
+
+@PATHS
+def test_a_layer_whose_unit_count_changes_counts_the_units_of_its_last_call(small_output):
+    """Units 0 and 4 of ``lin`` are never positive; ``cut`` sees 6 units, then 4 in the same
+    forward. Its dead units are those of its last width: 1 of 4, now and over the window
+    (unit 4 of the 6-wide call is not one of them)."""
+    torch.manual_seed(0)
+    model = TwoWidths()
+    with torch.no_grad():
+        model.lin.bias[0] = model.lin.bias[4] = -100.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with neurotop.watch(model, opt, report_every=1) as mon:
+        tel = Telemetry(mon)
+        for _ in range(2):
+            train_step(model, opt, mon, *data())
+            schema, block, _ = tel.stats(mon.step)
+            stats, layers = schema["stats"], schema["layers"]
+            for name, dead in (("cut", 1 / 4), ("lin", 2 / 6)):
+                row = block[layers.index(name)]
+                assert row[stats.index("dead_frac")] == dead, name
+                assert row[stats.index("dead_frac_window")] == dead, name
+        tel.close()

@@ -25,6 +25,7 @@ from torch import nn
 
 from neurotop.config import Config
 from neurotop.service.finalize import ROW_COLS
+from neurotop.training.batched_calls import SMALL_OUTPUT, CallBatch
 from neurotop.training.layers import LayerSpec, unit_dim_for
 from neurotop.training.stats import (
     CallPlan,
@@ -103,7 +104,7 @@ class LayerCollector:
         self._grad_fns = [self._grad_hook(i) for i in range(len(specs))]
         self._scratch: torch.Tensor | None = None
         self._plans: dict[tuple[int, torch.Size, bool], CallPlan] = {}
-        self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._indices: dict[tuple[tuple[int, ...], torch.device, int], torch.Tensor] = {}
         self._zero_t: torch.Tensor | None = None
         self._width = 0  # columns of the unit-maxima matrices
         self._ring: torch.Tensor | None = None  # [dead_window, layers, width] past maxima
@@ -128,6 +129,8 @@ class LayerCollector:
         self._mixed = False  # some outputs lie on another device than the first
         self._layout: SummaryLayout | None = None  # the last window's (see ``summary_layout``)
         self._hist_idx: tuple[SummaryLayout, torch.Tensor] | None = None  # its histogram picks
+        #: small outputs' batches (see ``neurotop.training.batched_calls``), by plan
+        self._batches: dict[tuple[CallPlan, torch.device], CallBatch] = {}
         self._new_window()
 
     def _new_window(self) -> None:
@@ -140,12 +143,18 @@ class LayerCollector:
         self.row_layer: list[int] = []
         self.order: list[int] = []  # layers in the order of their first call
         self._seen: set[int] = set()
-        self.umax: list[torch.Tensor | None] = [None] * len(self.specs)
+        #: per unit count c: the layer of each row of the tensors, and the tensors: each
+        #: row a call's (or a part of a call's) maxima of the layer's c units
+        self.unit_rows: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        self.units = [0] * len(self.specs)  # units of each layer's last call measured
+        self._reunit = False  # some layer's unit count changed within this window
         self.grad_layer: list[int] = []
         self.grad_samples: list[torch.Tensor] = []  # one per gradient hook call, owned
         #: autograd node of each measured output -> its layer (held until the report, so
         #: that a later node's ``next_functions`` give back the same objects)
         self._out_nodes: dict[Any, int] = {}
+        for b in self._batches.values():
+            b.drop()
 
     # -- hook bodies (training thread, report windows only) -------------------------------
 
@@ -175,10 +184,17 @@ class LayerCollector:
         # Detached, so nothing below is recorded by autograd; and none of these kernels is
         # one that autocast changes (matmul-like), so no context managers are needed.
         x = t.detach()
-        if x.dtype != torch.float32:
-            x = x.float()
         key = (i, x.shape, x.is_contiguous())
         plan = self._plans.get(key) or self._plan(i, x)
+        if i not in self._seen:
+            self._seen.add(i)
+            self.order.append(i)
+        self.row_layer.append(i)
+        if plan.numel <= SMALL_OUTPUT:  # measured with the others of its shape, later
+            self._defer(i, x, plan)
+            return
+        if x.dtype != torch.float32:
+            x = x.float()
         if self._cpu:
             n = plan.numel
             if self._scratch is None or self._scratch.numel() < n:
@@ -188,20 +204,45 @@ class LayerCollector:
         else:
             row, umax, sample = activation_row(x, plan, self.need, self._zero(x.device), None)
             self.rows += row
-        if i not in self._seen:
-            self._seen.add(i)
-            self.order.append(i)
         self.samples.append(sample)
-        self.row_layer.append(i)
         if umax is not None:
-            prev = self.umax[i]
-            if prev is None or prev.shape[1] != umax.shape[1]:  # new, or its units changed
-                self.umax[i] = umax
-            elif prev.shape == umax.shape:
-                self.umax[i] = torch.maximum(prev, umax)
-            else:  # another batch size: reduce both to the units' maxima
-                self.umax[i] = torch.maximum(prev.amax(0, keepdim=True),
-                                             umax.amax(0, keepdim=True))
+            self._keep_max([i] * umax.shape[0], umax)
+
+    def _keep_max(self, layers: list[int], umax: torch.Tensor) -> None:
+        """Keep ``[len(layers) x units]`` unit maxima, row r of layer ``layers[r]``; the
+        report folds them into each layer's at once (``_dead_counts``)."""
+        c = umax.shape[1]
+        rows, ts = self.unit_rows.setdefault(c, ([], []))
+        rows += layers
+        ts.append(umax)
+        for i in set(layers) if len(layers) > 1 else layers:
+            if self.units[i] != c:
+                self._reunit |= self.units[i] != 0  # the last count wins (``_dead_counts``)
+                self.units[i] = c
+
+    def _defer(self, i: int, x: torch.Tensor, plan: CallPlan) -> None:
+        """A small output's copy into its shape's batch; its row and sample are placeholders
+        until the batch is measured (when full, or at the report)."""
+        key = (plan, x.device)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = CallBatch(plan, x.device)
+        at = len(self.samples)
+        self.rows += _PENDING_ROW
+        self.samples.append(None)
+        if batch.add(x, i, at):
+            self._measure_batch(batch)
+
+    def _measure_batch(self, batch: CallBatch) -> None:
+        """Fill in the rows, samples and unit maxima of a batch's pending calls."""
+        layers, at = batch.layers, batch.at
+        rows, units, samples = batch.take(self.need, self._cpu)
+        c = len(ROW_COLS)
+        for j, k in enumerate(at):
+            self.rows[k * c: (k + 1) * c] = rows[j * c: (j + 1) * c]
+            self.samples[k] = samples[j]
+        if units is not None:
+            self._keep_max(layers, units)
 
     def _note_graph(self, i: int, node: Any, args: Any) -> None:
         """What the autograd graph says about layer ``i``: a leaf whose output is an
@@ -272,14 +313,6 @@ class LayerCollector:
             self._zero_t = torch.zeros((), device=device)
         return self._zero_t
 
-    def _scratch_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """A reusable CPU buffer for the one full-size temporary (see ``activation_row``)."""
-        if x.device.type != "cpu":
-            return None
-        if self._scratch is None or self._scratch.numel() < x.numel():
-            self._scratch = torch.empty(x.numel())
-        return self._scratch
-
     # -- report ---------------------------------------------------------------------------
 
     def pack(self, device: torch.device, scale: torch.Tensor | None = None
@@ -287,6 +320,11 @@ class LayerCollector:
         """This window's device tensors and host facts; then a fresh window starts.
         ``scale``: the loss scale the window's backwards used (a GradScaler's), which
         dL/dh is divided by, on the device."""
+        for b in list(self._batches.values()):
+            if b.layers:
+                self._measure_batch(b)
+        # a shape no call had this window (sequence lengths that vary) keeps no buffer
+        self._batches = {k: b for k, b in self._batches.items() if b.used}
         dev = self.device or device
         c = self.config
         inv = scale.to(dev, torch.float32).reciprocal().reshape(()) if scale is not None else None
@@ -305,7 +343,7 @@ class LayerCollector:
                         else summarize(groups, len(self.specs), c.eps, dev)),
             "grad_norms": grad_norms * inv if inv is not None else grad_norms,
         }
-        units = [u.shape[1] if u is not None else 0 for u in self.umax]
+        units = self.units
         if self.need.units and any(units):
             parts["dead"], parts["dead_window"] = self._dead_counts(dev, units)
         if self.hist_now:
@@ -367,26 +405,35 @@ class LayerCollector:
         cur = self._ring[self._ring_pos % self.config.dead_window]
         self._ring_pos += 1
         cur.fill_(nan)
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, u in enumerate(self.umax):
-            if u is not None:
-                by_shape.setdefault((u.shape[0], u.shape[1]), []).append(i)
-        for (_, c), layers in by_shape.items():  # finish the folds: one kernel per shape
-            m = _stack([self.umax[i] for i in layers], dev, (0,)).amax(1)
-            cur[:, :c].index_copy_(0, self._index(layers, dev), m)
+        for c, (layers, ts) in self.unit_rows.items():  # one kernel per unit count
+            m = _cat(ts, dev)
+            if self._reunit:  # rows of a layer's earlier unit count: not its units now
+                keep = [r for r, i in enumerate(layers) if units[i] == c]
+                layers = [layers[r] for r in keep]
+                m = m.index_select(0, self._index(keep, dev))
+            if layers:  # each layer's maximum over its rows (NaN propagates, as in amax)
+                idx = self._index(layers, dev, c)
+                cur[:, :c].scatter_reduce_(0, idx, m, "amax", include_self=False)
         window = self._ring.nan_to_num(nan=float("-inf")).amax(0)
         return (cur <= 0).sum(1), ((window <= 0) & self._valid_mask(dev, units, width)).sum(1)
 
-    def _index(self, layers: list[int], dev: torch.device) -> torch.Tensor:
-        """``layers`` as an index tensor on ``dev`` (cached). On CUDA it is copied from pinned
-        memory without waiting: a plain host-to-device copy would synchronize."""
-        key = (tuple(layers), dev)
+    def _index(self, layers: list[int], dev: torch.device, width: int = 0) -> torch.Tensor:
+        """``layers`` as an index tensor on ``dev`` (cached), ``[len(layers) x width]`` (each
+        row one layer's index repeated: ``scatter_reduce_``'s) when ``width`` is given. On
+        CUDA it is copied from pinned memory without waiting: a plain host-to-device copy
+        would synchronize."""
+        key = (tuple(layers), dev, width)
         idx = self._indices.get(key)
         if idx is None:
+            if len(self._indices) > 64:  # call patterns that keep changing
+                self._indices.clear()
             idx = torch.tensor(layers, dtype=torch.long)
             if dev.type == "cuda":
                 idx = idx.pin_memory().to(dev, non_blocking=True)
-            idx = self._indices[key] = idx.to(dev)
+            idx = idx.to(dev)
+            if width:
+                idx = idx.view(-1, 1).expand(-1, width)
+            self._indices[key] = idx
         return idx
 
     def _valid_mask(self, dev: torch.device, units: list[int], width: int) -> torch.Tensor:
@@ -399,6 +446,15 @@ class LayerCollector:
             mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=False)
             self._valid = (key, mask)
         return self._valid[1]
+
+
+_PENDING_ROW = [0.0] * len(ROW_COLS)
+
+
+def _cat(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+    """``ts`` (at least one) concatenated on ``dev``; the one tensor itself if alone."""
+    ts = [t if t.device == dev else t.to(dev) for t in ts]
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
 def _stack(ts: list[torch.Tensor], dev: torch.device, empty: tuple[int, ...]) -> torch.Tensor:

@@ -9,7 +9,9 @@ non-finite count; on CPU two, the per-unit maxima and one ``aminmax``, which als
 whether the non-finite count must run); everything else is taken from a row sample
 (``take_sample``: one strided copy, the whole activation when it has at most
 ``Config.sample`` elements). Each call costs three to six kernels, none of which
-branches on a device value.
+branches on a device value. Outputs of at most ``batched_calls.SMALL_OUTPUT`` values are
+copied instead, one op, and measured with the others of their shape at the report
+(``neurotop.training.batched_calls``).
 
 Per report (training thread, ``summarize`` and ``hist_counts``): each layer's calls
 (modules called several times per forward, gradient accumulation) are pooled, and the
@@ -93,11 +95,12 @@ class CallPlan(NamedTuple):
 
     units: int  # units (see ``neurotop.training.layers.unit_dim_for``)
     fold: tuple[int, int, int] | None  # the per-unit max's ``[rows / k, k, units]`` view
-    other_dims: list[int] | None  # or the dimensions to reduce (units not last)
+    other_dims: tuple[int, ...] | None  # or the dimensions to reduce (units not last)
     sample: tuple[int, int, int] | None  # (rows, width, every r-th row); None: whole
     every: int  # every s-th element, when a row is wider than the sample (else 0)
     numel: int  # elements of the output
     contiguous: bool  # the output is (``view`` works on it)
+    shape: tuple[int, ...]  # the output's
 
 
 def call_plan(shape: torch.Size, contiguous: bool, unit_dim: int, limit: int) -> CallPlan:
@@ -107,13 +110,13 @@ def call_plan(shape: torch.Size, contiguous: bool, unit_dim: int, limit: int) ->
     if ndim:
         units = max(shape[unit_dim], 1)
         if unit_dim != ndim - 1:
-            other = [d for d in range(ndim) if d != unit_dim]
+            other = tuple(d for d in range(ndim) if d != unit_dim)
         else:
             rows = n // units
             k = math.gcd(rows, max(1, _FOLD_WIDTH // units)) if contiguous else 1
             fold = (rows // k, k, units)
     sample, every = row_layout(shape, limit, shape[-2] if ndim >= 3 else 1)
-    return CallPlan(units, fold, other, sample, every, n, contiguous)
+    return CallPlan(units, fold, other, sample, every, n, contiguous, tuple(shape))
 
 
 def row_layout(shape: tuple[int, ...], limit: int, period: int
