@@ -95,7 +95,8 @@ def test_batched_calls_match_numpy_call_by_call(on_cpu, shape, unit_dim):
     for k, x in enumerate(calls):
         assert not batch.add(x, layer=k % 3, at=k)
     assert batch.layers == [k % 3 for k in range(len(calls))]
-    rows, units, samples = batch.take(need, on_cpu)
+    layers, at, (rows, units, samples) = batch.take(need, on_cpu)
+    assert layers == [k % 3 for k in range(len(calls))] and at == list(range(len(calls)))
     assert not batch.layers and len(samples) == len(calls)
     for k, x in enumerate(calls):
         a = x.numpy().astype(np.float64)
@@ -116,8 +117,8 @@ def test_a_full_batch_is_measured_at_once_and_reused():
     batch.limit = 3
     full = [batch.add(torch.full((4, 1024), float(k)), layer=0, at=k) for k in range(3)]
     assert full == [False, False, True]
-    rows, _, _ = batch.take(Needs(STATS), True)
+    _, _, (rows, _, _) = batch.take(Needs(STATS), True)
     assert rows[MAX::len(ROW_COLS)] == [0.0, 1.0, 2.0]
     assert not batch.add(torch.full((4, 1024), 7.0), layer=0, at=3)  # its slots again
-    rows, _, _ = batch.take(Needs(STATS), True)
+    _, _, (rows, _, _) = batch.take(Needs(STATS), True)
     assert rows[MAX] == 7.0 and batch.buf.shape[0] == 3

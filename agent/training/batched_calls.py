@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from neurotop.service.finalize import MAX, MIN, NONFINITE, ROW_COLS
-from neurotop.training.stats import CallPlan, Needs
+from neurotop.training.stats import CallPlan, Needs, nonfinite_ones
 
 #: Outputs of at most this many values go into a batch. A copy of 64 Ki float32 values
 #: (256 KiB, in cache) takes about what the seven ops it replaces cost to dispatch on a
@@ -71,18 +71,20 @@ class CallBatch:
         self.buf = buf
         self.slots = [row.view(self.plan.shape) for row in buf.unbind(0)]
 
-    def take(self, need: Needs, on_cpu: bool
-             ) -> tuple[list[Any], torch.Tensor | None, tuple[torch.Tensor, ...]]:
-        """The pending calls' rows (``ROW_COLS`` per call, flat: floats on the CPU, 0-d
-        tensors on a device), their per-unit maxima ``[calls x units]`` (None unless
-        needed) and their row samples (owned); then the batch is empty."""
-        g = self.buf[: len(self.layers)]
+    def take(self, need: Needs, on_cpu: bool) -> tuple[list[int], list[int], Measured]:
+        """The pending calls' layers and places, and what ``measure`` makes of them; then
+        the batch is empty."""
+        layers, at = self.layers, self.at
         self.layers, self.at = [], []
-        return measure(g, self.plan, need, on_cpu)
+        return layers, at, measure(self.buf[: len(layers)], self.plan, need, on_cpu)
 
 
-def measure(g: torch.Tensor, plan: CallPlan, need: Needs, on_cpu: bool
-            ) -> tuple[list[Any], torch.Tensor | None, tuple[torch.Tensor, ...]]:
+#: Per call of a batch: its ``ROW_COLS`` (flat: floats on the CPU, 0-d tensors on a
+#: device), the units' maxima ``[calls x units]`` (None unless needed), its row sample.
+Measured = tuple[list[Any], torch.Tensor | None, tuple[torch.Tensor, ...]]
+
+
+def measure(g: torch.Tensor, plan: CallPlan, need: Needs, on_cpu: bool) -> Measured:
     """``activation_row`` for each row of ``g`` (``[calls x plan.numel]`` float32, one
     call's output per row, contiguous).
 
@@ -117,8 +119,7 @@ def measure(g: torch.Tensor, plan: CallPlan, need: Needs, on_cpu: bool
                 rows[MAX::c], rows[MIN::c] = his, los
             finite = all(math.isfinite(v) for v in his) and all(math.isfinite(v) for v in los)
             if need.nonfinite and not finite:
-                # a - a is 0 where a is finite and NaN elsewhere
-                rows[NONFINITE::c] = torch.sub(g, g).nan_to_num_(1.0).sum(1).tolist()
+                rows[NONFINITE::c] = nonfinite_ones(g).sum(1).tolist()
         return rows, units, samples
     zero = torch.zeros((), device=g.device).expand(n)
     cols = [zero] * c

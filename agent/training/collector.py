@@ -215,7 +215,7 @@ class LayerCollector:
         rows, ts = self.unit_rows.setdefault(c, ([], []))
         rows += layers
         ts.append(umax)
-        for i in set(layers) if len(layers) > 1 else layers:
+        for i in set(layers):
             if self.units[i] != c:
                 self._reunit |= self.units[i] != 0  # the last count wins (``_dead_counts``)
                 self.units[i] = c
@@ -235,8 +235,7 @@ class LayerCollector:
 
     def _measure_batch(self, batch: CallBatch) -> None:
         """Fill in the rows, samples and unit maxima of a batch's pending calls."""
-        layers, at = batch.layers, batch.at
-        rows, units, samples = batch.take(self.need, self._cpu)
+        layers, at, (rows, units, samples) = batch.take(self.need, self._cpu)
         c = len(ROW_COLS)
         for j, k in enumerate(at):
             self.rows[k * c: (k + 1) * c] = rows[j * c: (j + 1) * c]
@@ -320,7 +319,7 @@ class LayerCollector:
         """This window's device tensors and host facts; then a fresh window starts.
         ``scale``: the loss scale the window's backwards used (a GradScaler's), which
         dL/dh is divided by, on the device."""
-        for b in list(self._batches.values()):
+        for b in self._batches.values():
             if b.layers:
                 self._measure_batch(b)
         # a shape no call had this window (sequence lengths that vary) keeps no buffer

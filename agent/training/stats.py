@@ -36,9 +36,9 @@ import torch
 from neurotop.service.finalize import MAX, MIN, NONFINITE, ROW_COLS, SUMMARY_COLS
 
 __all__ = ["Needs", "first_tensor", "sample_stride", "CallPlan", "call_plan", "row_layout",
-           "take_sample", "unit_max", "activation_row", "cpu_row", "device_row", "stack_by_size",
-           "summarize", "hist_counts", "SummaryLayout", "summary_layout", "summarize_layout",
-           "hist_layout", "hist_counts_at"]
+           "take_sample", "unit_max", "activation_row", "cpu_row", "nonfinite_ones",
+           "device_row", "stack_by_size", "summarize", "hist_counts", "SummaryLayout",
+           "summary_layout", "summarize_layout", "hist_layout", "hist_counts_at"]
 
 #: The median |a| of ``massive_ratio`` uses every s-th value of the layer's sample, at most
 #: this many: the ratio only needs its order of magnitude (511 values put the median within
@@ -211,9 +211,14 @@ def cpu_row(x: torch.Tensor, plan: CallPlan, need: Needs, scratch: torch.Tensor 
         if need.nonfinite and not (math.isfinite(h) and math.isfinite(m)):
             flat = flat.view(-1)
             out = scratch[: flat.numel()] if scratch is not None else None
-            # a - a is 0 where a is finite and NaN elsewhere
-            cols[NONFINITE] = torch.sub(flat, flat, out=out).nan_to_num_(1.0).sum().item()
+            cols[NONFINITE] = nonfinite_ones(flat, out).sum().item()
     return cols, umax, take_sample(flat, plan)
+
+
+def nonfinite_ones(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """1 where ``a`` is NaN or infinite, 0 elsewhere (float32, into ``out`` if given): a - a
+    is 0 where a is finite and NaN elsewhere. The CPU's count, summed by the caller."""
+    return torch.sub(a, a, out=out).nan_to_num_(1.0)
 
 
 def device_row(x: torch.Tensor, plan: CallPlan, need: Needs, zero: torch.Tensor
