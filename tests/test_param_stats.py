@@ -161,3 +161,35 @@ def test_end_of_backward_norms_match_numpy(plant):
         row = stats.names.index("fc.bias" if plant == "nan_bias" else "fc.weight")
         got = block[row, cols[:2]]
         assert (np.isnan(got).all() if plant == "nan_bias" else np.isinf(got).all())
+
+
+@pytest.mark.parametrize("case", ["flat", "too_big", "missing", "float64", "bf16", "nan", "inf"])
+def test_the_per_step_gradient_norm_is_the_global_norm_numpy_computes(case, monkeypatch):
+    """``step_norm`` (the per-step carry's norm): through the CPU's flat buffer for a small
+    model, through ``_foreach_norm`` otherwise (a model over ``FLAT_NORM`` values, a
+    gradient missing, float64 gradients); a NaN or inf in one gradient makes it
+    non-finite either way, and a buffer once made is reused as the values change."""
+    from neurotop.training import param_stats
+
+    if case == "too_big":
+        monkeypatch.setattr(param_stats, "FLAT_NORM", 100)
+    dtype = {"float64": torch.float64, "bf16": torch.bfloat16}.get(case, torch.float32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 4)).to(dtype)
+    stats = ParamStats(list(model.named_parameters()), sample=SAMPLE)
+    for k in range(2):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(5, 6, dtype=dtype)).float().square().mean().backward()
+        if case == "missing":
+            model[0].bias.grad = None
+        if case in ("nan", "inf") and k == 1:
+            model[2].weight.grad[1, 2] = float(case)
+        grads = [p.grad.double().numpy().ravel() for p in model.parameters()
+                 if p.grad is not None]
+        want = np.linalg.norm(np.concatenate(grads))
+        got = stats.step_norm()
+        assert (stats._flat is not None) == (case in ("flat", "bf16", "nan", "inf"))
+        if case in ("nan", "inf") and k == 1:
+            assert not np.isfinite(got.item())
+        else:
+            assert got.item() == pytest.approx(want, rel=1e-5)

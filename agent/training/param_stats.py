@@ -41,6 +41,11 @@ from torch import nn
 from neurotop.config import PARAM_STATS
 from neurotop.training.stats import row_layout
 
+#: Gradient values at most that ``step_norm`` copies into one buffer on the CPU (1 MiB of
+#: float32): above it a model's tensors are big enough that their per-tensor loop costs
+#: little beside reading them, and the copy would read and write them once more.
+FLAT_NORM = 1 << 18
+
 
 def param_names(model: nn.Module,
                 optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Parameter]]:
@@ -85,6 +90,9 @@ class ParamStats:
         self._active: Callable[[], bool] = _never
         self._scale: Callable[[], torch.Tensor | None] = _no_scale
         self.grad_norm: torch.Tensor | None = None  # global, over every gradient
+        self._flat: torch.Tensor | None = None  # every gradient, for ``step_norm`` (CPU)
+        self._flat_views: list[torch.Tensor] = []
+        self._flat_failed = False  # the model is too big for ``_flat``
 
     def accumulate_hooks(self, active: Callable[[], bool],
                          scale: Callable[[], torch.Tensor | None]) -> list[Any]:
@@ -266,24 +274,38 @@ class ParamStats:
     @torch.no_grad()
     def step_norm(self) -> torch.Tensor | None:
         """The global norm of the gradients as they are now (device, not read back), for
-        the per-step carry (``neurotop.training.carry``) on steps that do not report: one
-        ``_foreach_norm`` (a few kernels on a device; on the CPU, once the buffers exist,
-        the small gradients' one copy and norm), no hook. None without gradients."""
+        the per-step carry (``neurotop.training.carry``) on steps that do not report: on a
+        device one ``_foreach_norm`` (a few multi-tensor kernels), no hook. On the CPU,
+        where ``_foreach_norm`` loops over the tensors (~3 us each), a small model's
+        gradients are copied into one flat buffer (one call, ~1 us a tensor) and reduced
+        at once (``_flat_rows``). None without gradients."""
         grads = [p.grad for p in self.params]
-        if self._whole and grads[0] is not None and grads[0].is_cpu and all(
-                g is not None and not g.is_sparse for g in grads):
-            # On CPU the small ones are copied into ``_gs`` (one call, ~1 us a tensor) and
-            # reduced at once: ``_foreach_norm`` there is a loop of ~4 us a tensor.
-            torch._foreach_copy_(self._gs_rows, [grads[j] for j in self._whole])
-            small = torch.linalg.vector_norm(self._gs)
-            if not self._big:
-                return small
-            big = _norms([grads[j] for j in self._big], small.device)
-            return torch.linalg.vector_norm(torch.cat((small.view(1), big)))
+        rows = self._flat_rows(grads)
+        if rows is not None:
+            torch._foreach_copy_(rows, grads)
+            return torch.linalg.vector_norm(self._flat)
         grads = [_dense(g) for g in grads if g is not None]
         if not grads:
             return None
         return torch.linalg.vector_norm(_stack(torch._foreach_norm(grads), grads[0].device))
+
+    def _flat_rows(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor] | None:
+        """Views of ``_flat`` shaped like the parameters, when every gradient is present,
+        dense, on the CPU and not float64 (float32 keeps it) and they hold at most
+        ``FLAT_NORM`` values in all (made once); else None."""
+        if self._flat_failed or not all(
+                g is not None and g.is_cpu and not g.is_sparse and g.dtype != torch.float64
+                for g in grads):
+            return None
+        if self._flat is None:
+            sizes = [g.numel() for g in grads]  # type: ignore[union-attr]
+            if not sizes or sum(sizes) > FLAT_NORM:
+                self._flat_failed = True  # (the model's size does not change)
+                return None
+            self._flat = torch.empty(sum(sizes))
+            self._flat_views = [v.view(p.shape) for v, p in zip(
+                self._flat.split(sizes), self.params, strict=True)]
+        return self._flat_views
 
     def _grad_sample(self, j: int, g: torch.Tensor) -> torch.Tensor:
         """Parameter ``j``'s gradient ``g`` at the positions of its weight sample."""
