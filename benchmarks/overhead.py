@@ -8,21 +8,26 @@ heads, 128 tokens, batch 8), a ReLU MLP (6 hidden layers of 1024) at 1024 and at
 per step (``--mlp-batches``: with fewer rows the fixed per-parameter statistics weigh
 more), and ``gpt_small`` (2 blocks of width 64, 64 tokens, batch 8, ~0.12 M parameters,
 ~10 ms a step), where the fixed cost of a report weighs most.
-Three modes, each in its own fresh process, run in rotated order rep after rep
-(off, default, all / default, all, off / ...): ``off`` is the bare loop, ``default`` is
-``neurotop.watch(model, opt)`` with the default settings, ``all`` computes every statistic on
-every step (report_every=1, histograms of every layer on every report, the backprop signal
-on every layer, parameter statistics). Each process warms up, then times chunks of 10
-steps, so that every chunk holds exactly one report step of the default mode; a step's
-time is its chunk's time / 10, and the figure per mode is the median over all chunks of
-all its processes. The default mode's steps are also timed one by one: ``report_ms`` is
-its median report step minus its median plain step (transformer). ``launches_per_layer``:
+Two watched modes: ``default`` is ``neurotop.watch(model, opt)`` with the default settings,
+``all`` computes every statistic on every step (report_every=1, histograms of every layer on
+every report, the backprop signal on every layer, parameter statistics). Each runs in its
+own fresh processes, alternating (default, all / all, default / ...), and every process
+also trains the same model unwatched (same seed, its own optimizer): after warming both up,
+it times chunks of 10 steps, bare and watched in turn (bare, watched, bare, ..., bare), so
+that each watched chunk is compared with the bare chunks just before and after it, which
+ran on the machine as it was then (a shared machine's speed drifts by 10-40 % within
+seconds and from one process to the next: ratios of separate processes' medians moved by
+more than the overhead being measured). A watched chunk starts with its report step (one
+per chunk in the default mode). The figure per mode is the median, over every watched
+chunk of every process, of its time over the mean of its two bare neighbours'. The
+default mode's steps are also timed one by one: ``report_ms`` is its median report step
+minus its median plain step (transformer). ``launches_per_layer``:
 the top-level aten ops (each a kernel launch on a device) of a report step minus a plain
 step's, per measured layer, counted with torch.profiler on the CPU (transformer, default
 settings). The last line is ``overhead_default=R1 overhead_all=R2 report_ms=C
 launches_per_layer=D gpt_small_default=E gpt_small_all=F gpt_small_report_ms=G``
-(then ``eval_mem_ratio``): R1, R2 the largest ratio over the transformer and the MLPs (and
-devices) measured, E, F, G the small GPT's.
+(then the fixed cost per report and ``eval_mem_ratio``): R1, R2 the largest ratio over the
+transformer and the MLPs (and devices) measured, E, F, G the small GPT's.
 
 Memory with evaluation inside report windows (``--eval-every N``, default 10; 0 skips it):
 one more process per model with and without neurotop (default settings) trains 20 steps
@@ -43,6 +48,8 @@ import time
 from typing import Any
 
 MODES = ("off", "default", "all")
+#: The modes a process watches its model in (each beside the same model unwatched).
+WATCHED = ("default", "all")
 #: The per-report figures are taken on this model (the issue's budgets are for it).
 REPORT_MODEL = "transformer"
 CHUNK = 10
@@ -142,6 +149,10 @@ def child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The model built first trains up to ~6 % slower than the same model built second (an
+    # A/A run, both unwatched; cause unknown): ``measure`` builds the bare one first in half
+    # of the processes, the watched one first in the others.
+    bare_built = build(args.model, args.device, args.mlp_batch) if args.bare_first else None
     model, loss_fn, val = build(args.model, args.device, args.mlp_batch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     mon = None
@@ -156,14 +167,17 @@ def child(args: argparse.Namespace) -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
 
-    def step() -> None:
-        loss = loss_fn(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if mon is not None:
-            mon.observe(loss=loss)
-        opt.step()
+    def trainer(model: Any, loss_fn: Any, opt: Any, mon: Any):
+        def step() -> None:
+            loss = loss_fn(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if mon is not None:
+                mon.observe(loss=loss)
+            opt.step()
+        return step
 
+    step = trainer(model, loss_fn, opt, mon)
     if args.eval_child:
         for i in range(1, 21):
             step()
@@ -186,22 +200,45 @@ def child(args: argparse.Namespace) -> None:
         print(json.dumps(count_ops(model, mon, step)))
         mon.close()
         return
-    wall, cpu, report, plain = [], [], [], []
-    thread: dict[bool, list[float]] = {True: [], False: []}  # this thread's CPU per step
-    for _ in range(args.chunks):
+    # The same model, unwatched, in the same process: its chunks alternate with the watched
+    # model's, so that both see the machine as it is at that moment (a shared machine's
+    # speed drifts by 10-40 % within seconds and between processes).
+    bare_model, bare_loss, _ = bare_built or build(args.model, args.device, args.mlp_batch)
+    bare = trainer(bare_model, bare_loss, torch.optim.AdamW(bare_model.parameters(), lr=1e-4),
+                   None)
+    for _ in range(args.warmup):
+        bare()
+    while mon is not None and not mon._active:  # each watched chunk starts with a report
+        step()
+    sync()
+
+    def chunk(run: Any, steps: dict[bool, list[float]] | None = None,
+              cpu: dict[bool, list[float]] | None = None) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(CHUNK):
             reports, t1 = mon is not None and mon._active, time.perf_counter()
             c1 = time.thread_time()
-            step()
+            run()
             sync()  # per step: a report step's time is its own (a no-op on the CPU)
-            thread[reports].append(time.thread_time() - c1)
-            (report if reports else plain).append(time.perf_counter() - t1)
-        wall.append((time.perf_counter() - t0) / CHUNK)
-        cpu.append((time.process_time() - c0) / CHUNK)
+            if steps is not None and cpu is not None:
+                cpu[reports].append(time.thread_time() - c1)
+                steps[reports].append(time.perf_counter() - t1)
+        return (time.perf_counter() - t0) / CHUNK, (time.process_time() - c0) / CHUNK
+
+    steps: dict[bool, list[float]] = {True: [], False: []}  # the watched model's steps
+    thread: dict[bool, list[float]] = {True: [], False: []}  # and this thread's CPU in them
+    off, on = [chunk(bare)], []
+    for _ in range(args.chunks):
+        on.append(chunk(step, steps, thread))
+        off.append(chunk(bare))
     if mon is not None:
         mon.close()
-    print(json.dumps({"wall": wall, "cpu": cpu, "report": report, "plain": plain,
+    # each watched chunk against the mean of the bare chunks just before and after it
+    ratios = {k: [on[i][k] / ((off[i][k] + off[i + 1][k]) / 2) for i in range(len(on))]
+              for k in (0, 1)}
+    print(json.dumps({"wall_ratio": ratios[0], "cpu_ratio": ratios[1],
+                      "off": [t for t, _ in off], "on": [t for t, _ in on],
+                      "report": steps[True], "plain": steps[False],
                       "report_cpu": thread[True], "plain_cpu": thread[False],
                       "layers": len(mon._layers) if mon is not None else 0}))
 
@@ -232,14 +269,15 @@ def count_ops(model: Any, mon: Any, step: Any) -> dict[str, float]:
 
 def run_child(model: str, mode: str, device: str, args: argparse.Namespace,
               eval_child: bool = False, mlp_batch: int | None = None,
-              chunks: int | None = None) -> dict[str, Any]:
+              chunks: int | None = None, bare_first: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--mode", mode,
            "--device", device, "--warmup", str(args.warmup),
            "--chunks", str(chunks or args.chunks),
            "--threads", str(args.threads),
            "--mlp-batch", str(mlp_batch or args.mlp_batches.split(",")[0]),
            "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
-           *(["--eval-child"] if eval_child else [])]
+           *(["--eval-child"] if eval_child else []),
+           *(["--bare-first"] if bare_first else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"benchmark child failed ({model} {mode}):\n{out.stderr[-3000:]}")
@@ -248,33 +286,54 @@ def run_child(model: str, mode: str, device: str, args: argparse.Namespace,
 
 def measure(model: str, device: str, args: argparse.Namespace, batch: int | None = None
             ) -> dict[str, float]:
-    """Ratios with / without for both modes, and ``report_ms``: the median report step of
-    the default mode minus its median plain step, in the same processes."""
-    times = {k: {m: [] for m in MODES} for k in ("wall", "cpu")}
+    """Ratios with / without for both modes (the median over every watched chunk of every
+    process of its time over its bare neighbours'), and ``report_ms``: the median report
+    step of the default mode minus its median plain step, in the same processes."""
+    ratios: dict[str, dict[str, list[float]]] = {
+        k: {m: [] for m in WATCHED} for k in ("wall_ratio", "cpu_ratio")}
+    times: dict[str, list[float]] = {"off": [], **{m: [] for m in WATCHED}}
     steps: dict[str, list[float]] = {"report": [], "plain": []}
     for rep in range(args.reps):
-        order = MODES[rep % 3:] + MODES[: rep % 3]
-        for mode in order:
-            got = run_child(model, mode, device, args, mlp_batch=batch)
-            for k in times:
-                times[k][mode] += got[k]
+        for mode in WATCHED[rep % 2:] + WATCHED[: rep % 2]:
+            # each mode's processes build the bare model first every other time
+            first = (rep + WATCHED.index(mode)) % 2 == 1
+            got = run_child(model, mode, device, args, mlp_batch=batch, bare_first=first)
+            for k in ratios:
+                ratios[k][mode] += got[k]
+            times["off"] += got["off"]
+            times[mode] += got["on"]
             if mode == "default":
                 for k in steps:
                     steps[k] += got[k]
     label = f"{model}@{batch}" if model == "mlp" else model
-    for k, what in (("cpu", "process CPU time per step (less sensitive to a busy machine)"),
-                    ("wall", "median step")):
-        med = {m: statistics.median(v) for m, v in times[k].items()}
-        print(f"{device} {label}: {what}: off {med['off'] * 1e3:.1f} ms  "
-              f"default {med['default'] * 1e3:.1f} ms ({med['default'] / med['off']:.3f})  "
-              f"all {med['all'] * 1e3:.1f} ms ({med['all'] / med['off']:.3f})", flush=True)
+    med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
+    r = {k: {m: statistics.median(v) for m, v in by.items()} for k, by in ratios.items()}
+    print(f"{device} {label}: median chunk step: off {med['off']:.1f} ms, default "
+          f"{med['default']:.1f} ms, all {med['all']:.1f} ms; watched / bare, the median over "
+          f"chunks of their ratios to their neighbours: default {r['wall_ratio']['default']:.3f}"
+          f" (process CPU {r['cpu_ratio']['default']:.3f}), all {r['wall_ratio']['all']:.3f}"
+          f" (process CPU {r['cpu_ratio']['all']:.3f})", flush=True)
     report_ms = (statistics.median(steps["report"]) - statistics.median(steps["plain"])) * 1e3
     print(f"  report step {statistics.median(steps['report']) * 1e3:.2f} ms, plain step "
           f"{statistics.median(steps['plain']) * 1e3:.2f} ms (default mode): +{report_ms:.2f}"
-          f" ms per report  [{args.reps} processes x {args.chunks} chunks of {CHUNK} steps"
-          " per mode]", flush=True)
-    return {"default": med["default"] / med["off"], "all": med["all"] / med["off"],
+          f" ms per report  [{args.reps} processes x {args.chunks} watched chunks of {CHUNK}"
+          " steps per mode]", flush=True)
+    return {"default": r["wall_ratio"]["default"], "all": r["wall_ratio"]["all"],
             "report_ms": report_ms}
+
+
+def measure_aa(model: str, args: argparse.Namespace, batch: int | None = None) -> float:
+    """The pairing's own bias: the same measurement with neither model watched (A/A),
+    on the CPU; the ratio furthest from 1."""
+    ratios: list[float] = []
+    for rep in range(args.reps):
+        ratios += run_child(model, "off", "cpu", args, mlp_batch=batch,
+                            bare_first=rep % 2 == 1)["wall_ratio"]
+    r = statistics.median(ratios)
+    label = f"{model}@{batch}" if model == "mlp" else model
+    print(f"cpu {label}: A/A, both unwatched: {r:.3f}  [{args.reps} processes x {args.chunks}"
+          f" chunks]", flush=True)
+    return max(r, 1 / r)
 
 
 def measure_ops(model: str, device: str, args: argparse.Namespace) -> float:
@@ -328,7 +387,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=6, help="processes per mode and model")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per process")
-    p.add_argument("--chunks", type=int, default=4, help="timed chunks of 10 steps")
+    p.add_argument("--chunks", type=int, default=4,
+                   help="watched chunks of 10 steps per process (each between two bare ones)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--models", default="transformer,mlp,gpt_small")
     p.add_argument("--mlp-batches", default="1024,256",
@@ -342,7 +402,10 @@ def main() -> None:
                    help="only the eval memory measurement (no timing)")
     p.add_argument("--fixed-only", action="store_true",
                    help="only the fixed cost per report (tiny models, training-thread CPU)")
+    p.add_argument("--aa", action="store_true",
+                   help="only the method's own bias: both models unwatched (an A/A run)")
     p.add_argument("--eval-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bare-first", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=(*MODES, "ops"), help=argparse.SUPPRESS)
@@ -357,6 +420,11 @@ def main() -> None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     models = args.models.split(",")
     batches = [int(b) for b in args.mlp_batches.split(",")]
+    if args.aa:
+        worst = max(measure_aa(m, args, b) for m in models
+                    for b in (batches if m == "mlp" else [None]))
+        print(f"aa_ratio={worst:.3f}")
+        return
     runs = [(m, d, b) for d in devices for m in models if m != "gpt_small"
             for b in (batches if m == "mlp" else [None])]
     keys = []
