@@ -19,7 +19,11 @@ ran on the machine as it was then (a shared machine's speed drifts by 10-40 % wi
 seconds and from one process to the next: ratios of separate processes' medians moved by
 more than the overhead being measured). A watched chunk starts with its report step (one
 per chunk in the default mode). The figure per mode is the median, over every watched
-chunk of every process, of its time over the mean of its two bare neighbours'. The
+chunk of every process, of its time over the mean of its two bare neighbours'. A process
+times at least ``--chunks`` pairs and goes on until ``--seconds`` have passed (a fast
+model's chunks are short and noisy). The model built first in a process trains up to ~6 %
+slower than the same model built second, so half of each mode's processes build the bare
+one first; ``--aa`` (both models unwatched) prints the method's own error. The
 default mode's steps are also timed one by one: ``report_ms`` is its median report step
 minus its median plain step (transformer). ``launches_per_layer``:
 the top-level aten ops (each a kernel launch on a device) of a report step minus a plain
@@ -167,7 +171,7 @@ def child(args: argparse.Namespace) -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
 
-    def trainer(model: Any, loss_fn: Any, opt: Any, mon: Any):
+    def trainer(model: Any, loss_fn: Any, opt: Any, mon: Any) -> Any:
         def step() -> None:
             loss = loss_fn(model)
             opt.zero_grad(set_to_none=True)
@@ -228,7 +232,8 @@ def child(args: argparse.Namespace) -> None:
     steps: dict[bool, list[float]] = {True: [], False: []}  # the watched model's steps
     thread: dict[bool, list[float]] = {True: [], False: []}  # and this thread's CPU in them
     off, on = [chunk(bare)], []
-    for _ in range(args.chunks):
+    t0 = time.perf_counter()  # a fast model takes more pairs: its chunks are noisier
+    while len(on) < args.chunks or time.perf_counter() - t0 < args.seconds:
         on.append(chunk(step, steps, thread))
         off.append(chunk(bare))
     if mon is not None:
@@ -273,6 +278,7 @@ def run_child(model: str, mode: str, device: str, args: argparse.Namespace,
     cmd = [sys.executable, __file__, "--child", "--model", model, "--mode", mode,
            "--device", device, "--warmup", str(args.warmup),
            "--chunks", str(chunks or args.chunks),
+           "--seconds", str(0 if chunks else args.seconds),
            "--threads", str(args.threads),
            "--mlp-batch", str(mlp_batch or args.mlp_batches.split(",")[0]),
            "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
@@ -316,8 +322,8 @@ def measure(model: str, device: str, args: argparse.Namespace, batch: int | None
     report_ms = (statistics.median(steps["report"]) - statistics.median(steps["plain"])) * 1e3
     print(f"  report step {statistics.median(steps['report']) * 1e3:.2f} ms, plain step "
           f"{statistics.median(steps['plain']) * 1e3:.2f} ms (default mode): +{report_ms:.2f}"
-          f" ms per report  [{args.reps} processes x {args.chunks} watched chunks of {CHUNK}"
-          " steps per mode]", flush=True)
+          f" ms per report  [{args.reps} processes per mode, {len(ratios['wall_ratio']['default'])}"
+          f" and {len(ratios['wall_ratio']['all'])} watched chunks of {CHUNK} steps]", flush=True)
     return {"default": r["wall_ratio"]["default"], "all": r["wall_ratio"]["all"],
             "report_ms": report_ms}
 
@@ -331,7 +337,7 @@ def measure_aa(model: str, args: argparse.Namespace, batch: int | None = None) -
                             bare_first=rep % 2 == 1)["wall_ratio"]
     r = statistics.median(ratios)
     label = f"{model}@{batch}" if model == "mlp" else model
-    print(f"cpu {label}: A/A, both unwatched: {r:.3f}  [{args.reps} processes x {args.chunks}"
+    print(f"cpu {label}: A/A, both unwatched: {r:.3f}  [{args.reps} processes, {len(ratios)}"
           f" chunks]", flush=True)
     return max(r, 1 / r)
 
@@ -388,7 +394,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=6, help="processes per mode and model")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per process")
     p.add_argument("--chunks", type=int, default=4,
-                   help="watched chunks of 10 steps per process (each between two bare ones)")
+                   help="watched chunks of 10 steps per process (each between two bare ones),"
+                        " at least")
+    p.add_argument("--seconds", type=float, default=8.0,
+                   help="and pairs of chunks until this long (small models: more pairs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--models", default="transformer,mlp,gpt_small")
     p.add_argument("--mlp-batches", default="1024,256",
