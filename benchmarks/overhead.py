@@ -216,26 +216,27 @@ def child(args: argparse.Namespace) -> None:
         step()
     sync()
 
-    def chunk(run: Any, steps: dict[bool, list[float]] | None = None,
-              cpu: dict[bool, list[float]] | None = None) -> tuple[float, float]:
+    steps: dict[bool, list[float]] = {True: [], False: []}  # the watched model's steps
+    thread: dict[bool, list[float]] = {True: [], False: []}  # and this thread's CPU in them
+
+    def chunk(watched: bool) -> tuple[float, float]:
+        run = step if watched else bare
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(CHUNK):
-            reports, t1 = mon is not None and mon._active, time.perf_counter()
+            reports, t1 = watched and mon is not None and mon._active, time.perf_counter()
             c1 = time.thread_time()
             run()
             sync()  # per step: a report step's time is its own (a no-op on the CPU)
-            if steps is not None and cpu is not None:
-                cpu[reports].append(time.thread_time() - c1)
+            if watched:
+                thread[reports].append(time.thread_time() - c1)
                 steps[reports].append(time.perf_counter() - t1)
         return (time.perf_counter() - t0) / CHUNK, (time.process_time() - c0) / CHUNK
 
-    steps: dict[bool, list[float]] = {True: [], False: []}  # the watched model's steps
-    thread: dict[bool, list[float]] = {True: [], False: []}  # and this thread's CPU in them
-    off, on = [chunk(bare)], []
+    off, on = [chunk(False)], []
     t0 = time.perf_counter()  # a fast model takes more pairs: its chunks are noisier
     while len(on) < args.chunks or time.perf_counter() - t0 < args.seconds:
-        on.append(chunk(step, steps, thread))
-        off.append(chunk(bare))
+        on.append(chunk(True))
+        off.append(chunk(False))
     if mon is not None:
         mon.close()
     # each watched chunk against the mean of the bare chunks just before and after it

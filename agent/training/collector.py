@@ -44,6 +44,7 @@ from neurotop.training.stats import (
     summarize_layout,
     summary_layout,
     take_sample,
+    to_device,
 )
 
 #: Autograd nodes of activation functions whose output is positive exactly where its input is,
@@ -426,10 +427,7 @@ class LayerCollector:
         if idx is None:
             if len(self._indices) > 64:  # call patterns that keep changing
                 self._indices.clear()
-            idx = torch.tensor(layers, dtype=torch.long)
-            if dev.type == "cuda":
-                idx = idx.pin_memory().to(dev, non_blocking=True)
-            idx = idx.to(dev)
+            idx = to_device(torch.tensor(layers, dtype=torch.long), dev)
             if width:
                 idx = idx.view(-1, 1).expand(-1, width)
             self._indices[key] = idx

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from neurotop.config import PARAM_STATS
-from neurotop.training.stats import row_layout
+from neurotop.training.stats import row_layout, to_device
 
 #: Gradient values at most that ``step_norm`` copies into one buffer on the CPU (1 MiB of
 #: float32): above it a model's tensors are big enough that their per-tensor loop costs
@@ -91,8 +91,7 @@ class ParamStats:
         self._scale: Callable[[], torch.Tensor | None] = _no_scale
         self.grad_norm: torch.Tensor | None = None  # global, over every gradient
         self._flat: torch.Tensor | None = None  # every gradient, for ``step_norm`` (CPU)
-        self._flat_views: list[torch.Tensor] = []
-        self._flat_failed = False  # the model is too big for ``_flat``
+        self._flat_views: list[torch.Tensor] | None = None  # its views (None: not made yet)
 
     def accumulate_hooks(self, active: Callable[[], bool],
                          scale: Callable[[], torch.Tensor | None]) -> list[Any]:
@@ -191,9 +190,9 @@ class ParamStats:
             at = [0] * len(order)
             for k, j in enumerate(order):
                 at[j] = k
-            self._perm = _to_device(torch.tensor(at, dtype=torch.long), dev)
+            self._perm = to_device(torch.tensor(at, dtype=torch.long), dev)
         if self._big:
-            self._big_idx = _to_device(torch.tensor(self._big, dtype=torch.long), dev)
+            self._big_idx = to_device(torch.tensor(self._big, dtype=torch.long), dev)
 
     def _batched(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Norms and max |g| of every parameter's gradient (all present, dense), those of
@@ -290,22 +289,21 @@ class ParamStats:
         return torch.linalg.vector_norm(_stack(torch._foreach_norm(grads), grads[0].device))
 
     def _flat_rows(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor] | None:
-        """Views of ``_flat`` shaped like the parameters, when every gradient is present,
-        dense, on the CPU and not float64 (float32 keeps it) and they hold at most
-        ``FLAT_NORM`` values in all (made once); else None."""
-        if self._flat_failed or not all(
-                g is not None and g.is_cpu and not g.is_sparse and g.dtype != torch.float64
-                for g in grads):
+        """Views of ``_flat`` shaped like the parameters, when every gradient is present and
+        dense; ``[]`` (never) unless the parameters lie on the CPU, are not float64
+        (float32 keeps them) and hold at most ``FLAT_NORM`` values in all. A gradient has
+        its parameter's device and dtype, so those are asked once, when it is made."""
+        if not all(g is not None and not g.is_sparse for g in grads):
             return None
-        if self._flat is None:
-            sizes = [g.numel() for g in grads]  # type: ignore[union-attr]
-            if not sizes or sum(sizes) > FLAT_NORM:
-                self._flat_failed = True  # (the model's size does not change)
-                return None
-            self._flat = torch.empty(sum(sizes))
-            self._flat_views = [v.view(p.shape) for v, p in zip(
-                self._flat.split(sizes), self.params, strict=True)]
-        return self._flat_views
+        if self._flat_views is None:
+            sizes = [p.numel() for p in self.params]
+            self._flat_views = []
+            if sizes and sum(sizes) <= FLAT_NORM and all(
+                    p.is_cpu and p.dtype != torch.float64 for p in self.params):
+                self._flat = torch.empty(sum(sizes))
+                self._flat_views = [v.view(p.shape) for v, p in zip(
+                    self._flat.split(sizes), self.params, strict=True)]
+        return self._flat_views or None
 
     def _grad_sample(self, j: int, g: torch.Tensor) -> torch.Tensor:
         """Parameter ``j``'s gradient ``g`` at the positions of its weight sample."""
@@ -416,13 +414,6 @@ def _leading_index(shape: tuple[int, ...], limit: int) -> tuple[slice, ...]:
         index.append(slice(None, None, step))
         sizes[d] = -(-sizes[d] // step)
     return tuple(index)
-
-
-def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """A host tensor on ``dev``; on CUDA from pinned memory, without waiting."""
-    if dev.type == "cuda":
-        return t.pin_memory().to(dev, non_blocking=True)
-    return t.to(dev)
 
 
 def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

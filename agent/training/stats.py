@@ -38,7 +38,7 @@ from neurotop.service.finalize import MAX, MIN, NONFINITE, ROW_COLS, SUMMARY_COL
 __all__ = ["Needs", "first_tensor", "sample_stride", "CallPlan", "call_plan", "row_layout",
            "take_sample", "unit_max", "activation_row", "cpu_row", "nonfinite_ones",
            "device_row", "stack_by_size", "summarize", "hist_counts", "SummaryLayout",
-           "summary_layout", "summarize_layout", "hist_layout", "hist_counts_at"]
+           "summary_layout", "summarize_layout", "hist_layout", "hist_counts_at", "to_device"]
 
 #: The median |a| of ``massive_ratio`` uses every s-th value of the layer's sample, at most
 #: this many: the ratio only needs its order of magnitude (511 values put the median within
@@ -321,7 +321,7 @@ class SummaryLayout(NamedTuple):
     flags: torch.Tensor
 
 
-def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """A host tensor on ``dev``; on CUDA from pinned memory, without waiting (a plain
     host-to-device copy would synchronize)."""
     if dev.type == "cuda":
@@ -362,11 +362,11 @@ def summary_layout(row_layer: list[int], sizes: list[int], layers: int,
                    + [i * full + width + 2] * (rows - len(k) - half))
     nt = torch.tensor(n, dtype=torch.float32)
     return SummaryLayout(
-        (tuple(row_layer), tuple(sizes)), buf, dst, _to_device(nt, device),
-        _to_device(torch.tensor([width - m for m in n], dtype=torch.float32), device),
-        _to_device((torch.arange(width)[None, :] < nt[:, None]).float(), device),
-        _to_device(torch.tensor(idx, dtype=torch.long), device),
-        _to_device(torch.where(nt > 0, 1.0, float("nan")), device), n,
+        (tuple(row_layer), tuple(sizes)), buf, dst, to_device(nt, device),
+        to_device(torch.tensor([width - m for m in n], dtype=torch.float32), device),
+        to_device((torch.arange(width)[None, :] < nt[:, None]).float(), device),
+        to_device(torch.tensor(idx, dtype=torch.long), device),
+        to_device(torch.where(nt > 0, 1.0, float("nan")), device), n,
         torch.empty(layers, width, device=device))
 
 
@@ -405,7 +405,7 @@ def hist_layout(lay: SummaryLayout, want: list[int], limit: int) -> torch.Tensor
     k = max((len(p) for p in picks), default=0) or 1
     idx = [[r * full + j for j in p] + [r * full + width] * (k - len(p))
            for r, p in zip(want, picks, strict=True)]
-    return _to_device(torch.tensor(idx, dtype=torch.long).view(len(want), k), lay.buf.device)
+    return to_device(torch.tensor(idx, dtype=torch.long).view(len(want), k), lay.buf.device)
 
 
 def hist_counts_at(values: torch.Tensor, exponents: tuple[int, int]) -> torch.Tensor:
