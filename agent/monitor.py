@@ -70,7 +70,7 @@ from neurotop.training.optimizers import (
 from neurotop.training.packing import pack, to_host
 from neurotop.training.param_stats import ParamStats, param_names
 from neurotop.training.signals import SignalGuard
-from neurotop.training.stats import first_tensor
+from neurotop.training.stats import first_tensor, float32_on
 
 
 class StepCount(int):
@@ -629,7 +629,7 @@ class Monitor:
         for k, v in self._scalar_values(dev).items():
             if isinstance(v, torch.Tensor) and v.device == dev:
                 slots.append(k)
-                values.append(v.reshape(()).to(torch.float32))
+                values.append(float32_on(v if v.dim() == 0 else v.reshape(()), dev))
             else:
                 host[k] = v  # a float, or a tensor on another device read by the agent thread
         if values:
@@ -655,7 +655,7 @@ class Monitor:
             self._observed[k] = _mean(vs)
         out: dict[str, Any] = dict(self._observed)
         norms = self._grad_norms()
-        vals = [v.to(dev) for v in norms.values()]
+        vals = [v if v.device == dev else v.to(dev) for v in norms.values()]
         out["grad_norm"] = (None if not vals else vals[0] if len(vals) == 1
                             else torch.linalg.vector_norm(torch.stack(vals)))
         if len(self._watched) > 1:

@@ -71,12 +71,14 @@ class CallBatch:
         self.buf = buf
         self.slots = [row.view(self.plan.shape) for row in buf.unbind(0)]
 
-    def take(self, need: Needs, on_cpu: bool) -> tuple[list[int], list[int], Measured]:
+    def take(self, need: Needs, on_cpu: bool, owned: bool = True
+             ) -> tuple[list[int], list[int], Measured]:
         """The pending calls' layers and places, and what ``measure`` makes of them; then
-        the batch is empty."""
+        the batch is empty. ``owned=False``: the samples may be views of the buffer (the
+        report reads them before the next window writes a slot again)."""
         layers, at = self.layers, self.at
         self.layers, self.at = [], []
-        return layers, at, measure(self.buf[: len(layers)], self.plan, need, on_cpu)
+        return layers, at, measure(self.buf[: len(layers)], self.plan, need, on_cpu, owned)
 
 
 #: Per call of a batch: its ``ROW_COLS`` (flat: floats on the CPU, 0-d tensors on a
@@ -84,7 +86,8 @@ class CallBatch:
 Measured = tuple[list[Any], torch.Tensor | None, tuple[torch.Tensor, ...]]
 
 
-def measure(g: torch.Tensor, plan: CallPlan, need: Needs, on_cpu: bool) -> Measured:
+def measure(g: torch.Tensor, plan: CallPlan, need: Needs, on_cpu: bool, owned: bool = True
+            ) -> Measured:
     """``activation_row`` for each row of ``g`` (``[calls x plan.numel]`` float32, one
     call's output per row, contiguous).
 
@@ -110,7 +113,7 @@ def measure(g: torch.Tensor, plan: CallPlan, need: Needs, on_cpu: bool) -> Measu
             lo = g.amin(1)
         else:
             lo, hi = torch.aminmax(g, dim=1)
-    samples = _samples(g, plan).unbind(0)
+    samples = _samples(g, plan, owned).unbind(0)
     if on_cpu:
         rows = [0.0] * (n * c)
         if hi is not None:
@@ -130,12 +133,12 @@ def measure(g: torch.Tensor, plan: CallPlan, need: Needs, on_cpu: bool) -> Measu
     return list(torch.stack(cols, 1).view(-1).unbind(0)), units, samples
 
 
-def _samples(g: torch.Tensor, plan: CallPlan) -> torch.Tensor:
-    """``take_sample`` of every row of ``g``, as one owned ``[calls x sample]`` copy."""
+def _samples(g: torch.Tensor, plan: CallPlan, owned: bool = True) -> torch.Tensor:
+    """``take_sample`` of every row of ``g``, as one ``[calls x sample]`` copy (or a view
+    of ``g``, unless ``owned``)."""
     n = g.shape[0]
     if plan.sample is not None:
         rows, width, r = plan.sample  # r >= 2 (``row_layout``): the reshape copies
         return g.view(n, rows, width)[:, ::r].reshape(n, -1)
-    if plan.every:
-        return g[:, :: plan.every].clone()
-    return g.clone()
+    s = g[:, :: plan.every] if plan.every else g
+    return s.clone() if owned else s

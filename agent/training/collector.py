@@ -235,9 +235,9 @@ class LayerCollector:
         if batch.add(x, i, at):
             self._measure_batch(batch)
 
-    def _measure_batch(self, batch: CallBatch) -> None:
+    def _measure_batch(self, batch: CallBatch, owned: bool = True) -> None:
         """Fill in the rows, samples and unit maxima of a batch's pending calls."""
-        layers, at, (rows, units, samples) = batch.take(self.need, self._cpu)
+        layers, at, (rows, units, samples) = batch.take(self.need, self._cpu, owned)
         c = len(ROW_COLS)
         for j, k in enumerate(at):
             self.rows[k * c: (k + 1) * c] = rows[j * c: (j + 1) * c]
@@ -322,8 +322,8 @@ class LayerCollector:
         ``scale``: the loss scale the window's backwards used (a GradScaler's), which
         dL/dh is divided by, on the device."""
         for b in self._batches.values():
-            if b.layers:
-                self._measure_batch(b)
+            if b.layers:  # read below, before a slot is written again: views will do
+                self._measure_batch(b, owned=False)
         # a shape no call had this window (sequence lengths that vary) keeps no buffer
         self._batches = {k: b for k, b in self._batches.items() if b.used}
         dev = self.device or device

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 
 from neurotop.service.finalize import Layout
+from neurotop.training.stats import float32_on
 
 
 def pack(parts: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, Layout]:
     layout = [(k, tuple(t.shape)) for k, t in parts.items()]
-    flat = [t.reshape(-1).to(device=device, dtype=torch.float32) for t in parts.values()]
+    flat = [float32_on(t.view(-1) if t.is_contiguous() else t.reshape(-1), device)
+            for t in parts.values()]
     buf = torch.cat(flat) if flat else torch.empty(0, device=device)
     return buf, layout
 

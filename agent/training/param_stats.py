@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from neurotop.config import PARAM_STATS
-from neurotop.training.stats import row_layout, to_device
+from neurotop.training.stats import float32_on, row_layout, to_device
 
 #: Gradient values at most that ``step_norm`` copies into one buffer on the CPU (1 MiB of
 #: float32): above it a model's tensors are big enough that their per-tensor loop costs
@@ -320,7 +320,7 @@ class ParamStats:
         dn = torch.linalg.vector_norm(self._w, dim=1)
         block = {"grad_norm": b["gn"], "grad_max_abs": b["gmax"], "weight_norm": b["wn"],
                  "update_ratio": dn / b["on"], "nlm_cos": -b["cos"]}
-        return torch.stack([block[k].to(device, torch.float32) for k in PARAM_STATS], dim=1)
+        return torch.stack([float32_on(block[k], device) for k in PARAM_STATS], dim=1)
 
 
 class _Hooks:

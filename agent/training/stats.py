@@ -38,7 +38,8 @@ from neurotop.service.finalize import MAX, MIN, NONFINITE, ROW_COLS, SUMMARY_COL
 __all__ = ["Needs", "first_tensor", "sample_stride", "CallPlan", "call_plan", "row_layout",
            "take_sample", "unit_max", "activation_row", "cpu_row", "nonfinite_ones",
            "device_row", "stack_by_size", "summarize", "hist_counts", "SummaryLayout",
-           "summary_layout", "summarize_layout", "hist_layout", "hist_counts_at", "to_device"]
+           "summary_layout", "summarize_layout", "hist_layout", "hist_counts_at", "to_device",
+           "float32_on"]
 
 #: The median |a| of ``massive_ratio`` uses every s-th value of the layer's sample, at most
 #: this many: the ratio only needs its order of magnitude (511 values put the median within
@@ -319,6 +320,12 @@ class SummaryLayout(NamedTuple):
     #: [layers x width] float32 scratch for the comparisons: on the CPU a comparison
     #: written as float32 and summed costs ~30 us where a bool one costs ~100 (torch 2.13)
     flags: torch.Tensor
+
+
+def float32_on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``t`` as float32 on ``dev``: itself when it already is (a no-op ``to`` still costs a
+    dispatch, a few microseconds on a report's cold path)."""
+    return t if t.dtype == torch.float32 and t.device == dev else t.to(dev, torch.float32)
 
 
 def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
