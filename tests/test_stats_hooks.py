@@ -175,6 +175,42 @@ def test_module_called_several_times_pools_every_call(small_output):
         tel.close()
 
 
+class Mixed(nn.Module):
+    """Units of one width from calls of several shapes: ``lin2`` runs on the whole batch and
+    on its first 4 rows (another shape, small enough to be batched at ``SMALL_OUTPUT`` 1000)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1, self.lin2, self.head = nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.lin1(x))
+        h = torch.relu(self.lin2(h)) + torch.relu(self.lin2(h[:4])).mean(0)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("small_output", [1000], indirect=True)
+def test_unit_maxima_of_calls_measured_apart_fold_into_each_layer(small_output):
+    """Dead units of layers whose calls' maxima came in blocks of different sizes (folded
+    in the hook, one row per call from a batch), one layer with two blocks, as NumPy."""
+    torch.manual_seed(0)
+    model = Mixed()
+    with torch.no_grad():
+        model.lin2.bias[:20] = -50.0  # 20 units of lin2 never fire
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cap = Capture(model, ["lin1", "lin2"])
+    with neurotop.watch(model, opt, report_every=1) as mon:
+        tel = Telemetry(mon)
+        for _ in range(2):
+            train_step(model, opt, mon, *data())
+            got = check(mon, tel, cap, ["lin1", "lin2"])
+            cap.outs.clear()
+            cap.grads.clear()
+        tel.close()
+    stats = list(mon.config.stats)
+    assert got[1, stats.index("dead_frac")] >= 20 / 64  # and as NumPy counts them (above)
+
+
 @PATHS
 def test_gradient_accumulation_pools_the_micro_batches(small_output):
     torch.manual_seed(0)
