@@ -1,6 +1,6 @@
 """The caches that keep frames cheap must draw what an uncached draw would: the heat
-strip's rows (``HeatCache``), the layers table's trends (``Sparklines``) and the runs of
-lines a table repaints (``line_runs``)."""
+strip's rows (``HeatCache``) and shade scale (``stretch_scale``), the layers table's
+trends (``Sparklines``) and the runs of lines a table repaints (``line_runs``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import pytest
 
 from neurotop.tui.data.frame import Wants
 from neurotop.tui.data.store import RunStore
-from neurotop.tui.screens.plotting import Sparklines, sparkline
+from neurotop.tui.screens.plotting import (
+    Sparklines,
+    sparkline,
+    stretch_reduce,
+    stretch_scale,
+    value_scale,
+)
 from neurotop.tui.screens.widgets import line_runs
 
 STATS = ["mean", "dead_frac"]
@@ -118,3 +124,26 @@ def test_sparklines_of_a_row_shorter_than_the_width():
 def test_line_runs_cover_exactly_the_changed_lines(rows, runs):
     assert line_runs(rows) == runs
     assert [y for a, b in runs for y in range(a, b)] == rows
+
+
+@pytest.mark.parametrize("special", ["none", "nan", "inf", "-inf", "all-nan", "nan-column"])
+def test_stretch_scale_is_the_scale_of_every_stretchs_min_and_max(special):
+    """The heat strip's range from the stretches' maxima and one least value is the one
+    of every stretch's minimum and maximum (finite values; all of them past an infinity)."""
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(1000, 7)).astype(np.float32)
+    if special == "nan":
+        rows[rng.random(rows.shape) < 0.3] = np.nan
+    elif special in ("inf", "-inf"):
+        rows[17, 2] = float(special)
+    elif special == "all-nan":
+        rows[:] = np.nan
+    elif special == "nan-column":
+        rows[:, 4] = np.nan
+    starts = (np.arange(90) * len(rows)) // 90
+    highs = stretch_reduce(np.fmax, rows, starts).T
+    ends = np.concatenate([stretch_reduce(np.fmin, rows, starts).ravel(), highs.ravel()])
+    want = value_scale("mean", rows if np.isinf(ends).any() else ends)
+    assert stretch_scale("mean", rows, highs) == want
+    assert stretch_scale("dead_frac", rows, highs) == (0.0, 1.0)
+

@@ -36,10 +36,10 @@ from neurotop.tui.screens.plotting import (
     heat_runs,
     heat_strip,
     hist_labels,
-    is_fraction,
     shade_legend,
     smooth,
     stretch_reduce,
+    stretch_scale,
     value_scale,
     window,
 )
@@ -359,14 +359,8 @@ class HeatStrip(Panel):
             starts = (np.arange(width) * rows.shape[0]) // width
             data = stretch_reduce(np.fmax, rows, starts).T
             # Fractions on 0..1, anything else on its range over the window: the same
-            # value is the same shade at every width. The range of the stretches' min
-            # and max is the window's, unless a stretch's max or min is infinite (the
-            # range is of finite values: then it is taken over every value).
-            scale = (0.0, 1.0) if is_fraction(view.stat) else None
-            if scale is None:
-                low = stretch_reduce(np.fmin, rows, starts)
-                ends = np.concatenate([low.ravel(), data.ravel()])
-                scale = value_scale(view.stat, rows if np.isinf(ends).any() else ends)
+            # value is the same shade at every width.
+            scale = stretch_scale(view.stat, rows, data)
         else:
             data = rows.T
             scale = value_scale(view.stat, data)

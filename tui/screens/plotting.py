@@ -88,6 +88,20 @@ def stretch_reduce(ufunc: np.ufunc, rows: np.ndarray, starts: np.ndarray) -> np.
                          for a, b in zip(starts.tolist(), ends, strict=True)])
 
 
+def stretch_scale(stat: str, rows: np.ndarray, highs: np.ndarray) -> tuple[float, float]:
+    """``value_scale(stat, rows)`` from the stretches' maxima ``highs`` (``stretch_reduce``
+    of ``np.fmax``) and the least value of ``rows``: a plot's width of values and one
+    reduction of ``rows``, where ``value_scale`` copies and filters every value. The
+    range of finite values is theirs unless one of them is infinite; then it is taken
+    over ``rows``."""
+    if is_fraction(stat):
+        return 0.0, 1.0
+    with np.errstate(invalid="ignore"):
+        low = np.fmin.reduce(rows, axis=None) if rows.size else np.nan
+    ends = np.append(highs.ravel(), low)
+    return value_scale(stat, rows if np.isinf(ends).any() else ends)
+
+
 def value_scale(stat: str, values: np.ndarray) -> tuple[float, float]:
     """The (low, high) a shade or sparkline maps to: 0..1 for fractions, else the range
     of the values drawn (0..1 when none is finite)."""
