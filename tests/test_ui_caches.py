@@ -147,3 +147,29 @@ def test_stretch_scale_is_the_scale_of_every_stretchs_min_and_max(special):
     assert stretch_scale("mean", rows, highs) == want
     assert stretch_scale("dead_frac", rows, highs) == (0.0, 1.0)
 
+
+def test_histograms_follow_each_new_report_and_layer():
+    """The stacked histograms are made again when one arrives (or the oldest leaves), for
+    the other layer or kind, and after a reset; a frame between reuses them."""
+    from neurotop.protocol import wire
+
+    store = RunStore()
+    store.ingest_schema({"kind": "schema", "layers": ["a", "b"], "stats": STATS,
+                         "scalars": ["loss"], "hist_layers": ["a", "b"],
+                         "hist_edges": [-1.0, 1.0]})
+
+    def hist(step: int) -> None:
+        act = np.arange(6, dtype=np.float32).reshape(2, 3) + step
+        store.ingest(wire.Message({"kind": "hist", "step": step}, [act, -act]))
+
+    for step in range(1, 300):
+        hist(step)
+        steps, counts = store.histograms("b")
+        assert steps[-1] == step and counts[-1].tolist() == [step + 3.0, step + 4, step + 5]
+        assert len(steps) == min(step, 256) and steps[0] == max(step - 255, 1)
+    assert store.histograms("b")[1] is counts  # nothing new: the same stack
+    assert store.histograms("a")[1][-1].tolist() == [299.0, 300, 301]
+    assert store.histograms("a", 1)[1][-1].tolist() == [-299.0, -300, -301]
+    assert not counts.flags.writeable
+    store.reset()
+    assert store.histograms("b")[0].size == 0
