@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from textual.widgets import ContentSwitcher
+from textual.widgets.data_table import CellDoesNotExist
 
 from neurotop.tui.data.client import LiveClient
 from neurotop.tui.data.targets import resolve
@@ -21,8 +22,13 @@ def panel_text(app: NeurotopApp) -> str:
 
 
 def knob_cell(app: NeurotopApp, name: str) -> str:
+    """What the knob table shows for ``name``; "" before the table has drawn its row (the
+    store can hold the listing a frame before the table does)."""
     table = app.query_one("#knob-table")
-    return str(table.get_cell(name, "value"))
+    try:
+        return str(table.get_cell(name, "value"))
+    except CellDoesNotExist:
+        return ""
 
 
 async def retype(pilot, text: str) -> None:
