@@ -75,6 +75,7 @@ class Panel(Widget):
         self._drawn_key: tuple | None = None
         self._plain: Text | Lines | None = None  # where ``text`` comes from, made on demand
         self._text = ""
+        self._paint_width: int | None = None  # the width while ``render_lines`` paints
 
     @property
     def text(self) -> str:
@@ -150,9 +151,18 @@ class Panel(Widget):
         super().notify_style_update()
         self._style_now = None
 
+    def render_lines(self, crop: Region) -> list[Strip]:
+        # The width once for the lines painted, not once per line (a walk to the screen).
+        self._paint_width = self.size.width
+        try:
+            return super().render_lines(crop)
+        finally:
+            self._paint_width = None
+
     def render_line(self, y: int) -> Strip:
         strip = self._strips[y] if y < len(self._strips) else Strip.blank(0)
-        return strip.crop_extend(0, self.size.width, self._base)
+        width = self.size.width if self._paint_width is None else self._paint_width
+        return strip.crop_extend(0, width, self._base)
 
     def on_resize(self) -> None:
         self._keys = None

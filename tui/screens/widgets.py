@@ -16,7 +16,7 @@ from rich.text import Text
 from textual import events
 from textual.app import ComposeResult, RenderResult
 from textual.binding import Binding
-from textual.geometry import Region, Size
+from textual.geometry import Offset, Region, Size
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.scroll_view import ScrollView
@@ -122,6 +122,13 @@ class Line(Static):
         self.line_key: tuple[object, ...] = ()
         self._drawn: tuple[object, ...] = ()
         self._strip = Strip([])
+        #: The widget's style, looked up once per style change: the lookup walks the DOM
+        #: (40 us), and Textual forgets it at each refresh, which a status bar has per frame.
+        self._base: Style | None = None
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._base = None
 
     def render(self) -> RenderResult:
         return self.line if self.line is not None else super().render()
@@ -129,7 +136,9 @@ class Line(Static):
     def render_line(self, y: int) -> Strip:
         if self.line is None:
             return super().render_line(y)
-        width, base = self.size.width, self.rich_style
+        if self._base is None:
+            self._base = self.rich_style
+        width, base = self.size.width, self._base
         key = (self.line, width, base)
         if key != self._drawn:
             text = self.line
@@ -374,6 +383,8 @@ class LayerTable(ScrollView, can_focus=True):
         self._sparks: Sparklines | None = None  # the trend column, scaled once per draw
         self._row_strips: dict[tuple, Strip] = {}  # lines formatted in this draw
         self._on_screen: dict[int, Strip] = {}  # each line as drawn
+        #: (scroll offset, width) while a pass paints or compares many lines.
+        self._geometry: tuple[Offset, int] | None = None
         self.preset = "overview"
         self.columns_chosen: tuple[str, ...] | None = COLUMN_PRESETS[self.preset]
         self._cols: list[int] = []  # indices of the shown statistics in the schema
@@ -384,6 +395,7 @@ class LayerTable(ScrollView, can_focus=True):
         self._order_at = 0.0
         self._order_rows: list[int] = []
         self.title = ""  # the line above the table: rows, sort, filter, what is left out
+        self._title_lines: list[Line] | None = None  # where the title shows
         self._title_parts: list[str] = []
 
     def shown(self, stats: Sequence[str], sort: str = "") -> list[str]:
@@ -485,7 +497,6 @@ class LayerTable(ScrollView, can_focus=True):
         size = Size(width, len(self._rows) + 1)
         if size != self.virtual_size:
             self.virtual_size = size
-        self._style_cache = None
         self._sparks = Sparklines(self._hist, self._spark_w, self._spark_scale) \
             if len(self._hist) else None
         self._row_strips = {}
@@ -499,11 +510,15 @@ class LayerTable(ScrollView, can_focus=True):
         what it showed. A report changes most rows, a heartbeat none; the compositor pays
         per line repainted."""
         changed = []
-        for y in range(self.size.height):
-            before = self._on_screen.get(y)
-            if self.render_line(y) != before:
-                changed.append(y)
-        width = self.size.width
+        self._geometry = geometry = (self.scroll_offset, self.size.width)
+        try:
+            for y in range(self.size.height):
+                before = self._on_screen.get(y)
+                if self.render_line(y) != before:
+                    changed.append(y)
+        finally:
+            self._geometry = None
+        width = geometry[1]
         for a, b in line_runs(changed):
             self.refresh(Region(0, a, width, b - a))
 
@@ -530,7 +545,9 @@ class LayerTable(ScrollView, can_focus=True):
         self.title = "  ·  ".join(parts)
         if len(self.title) > (self.size.width or 80) - 2:  # the same words, closer
             self.title = " · ".join(parts)
-        for line in self.parent.query("#layers-title") if self.parent else ():
+        if self._title_lines is None:  # looked up once: a query walks the pane
+            self._title_lines = list(self.parent.query("#layers-title")) if self.parent else []
+        for line in self._title_lines:
             update_line(line, Text(self.title))
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
@@ -560,19 +577,21 @@ class LayerTable(ScrollView, can_focus=True):
         self._order_key, self._order_at, self._order_rows = key, now, list(shown)
         return self._order_rows
 
-    def _row_segments(self, r: int, base: Style) -> list[Segment]:
+    def _row_segments(self, r: int, base: Style) -> tuple[list[Segment], int]:
         """One row as segments, one per cell (no ``Text`` layout per cell: rows are drawn
-        every frame)."""
+        every frame), and its width in cells: the name's, then ``NUM_W`` a value (ASCII)
+        and a trend of one-cell bars."""
         i = self._index[r]
         name = f"{self._labels[r][-(self._name_w - 1):]:<{self._name_w}}"
         if self._type_w:
             name += f"{self._types[r]:<{self._type_w}}"
         spark = self._sparks.line(i) if self._sparks is not None else ""
+        used = cell_len(name) + self.NUM_W * len(self._cols) + 2 + len(spark)
         if self._idle[i]:  # not called in this report: nothing to judge
             dim = base + Style(dim=True)
             cells = "".join(f"{'idle' if k == 0 else '-':>{self.NUM_W}}"
                             for k in range(len(self._cols)))
-            return [Segment(name, dim), Segment(cells, dim), Segment("  " + spark, dim)]
+            return [Segment(name, dim), Segment(cells, dim), Segment("  " + spark, dim)], used
         level_style = self._level_on.get(base)
         if level_style is None:
             level_style = self._level_on[base] = [base + st for st in self._level_styles]
@@ -596,11 +615,16 @@ class LayerTable(ScrollView, can_focus=True):
         else:
             texts.append("  " + spark)
             styles.append(base)
-        return [Segment(t, st) for t, st in zip(texts, styles, strict=True)]
+        return [Segment(t, st) for t, st in zip(texts, styles, strict=True)], used
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._style_cache = None
 
     def _styles(self) -> tuple[Style, Style, Style]:
-        """Base, header and cursor styles, looked up once per draw (the lookup walks the
-        DOM; doing it per line cost more than drawing the rows)."""
+        """Base, header and cursor styles, looked up once per style change (the lookup
+        walks the DOM; doing it per line cost more than drawing the rows, and once per
+        draw a tenth of a millisecond)."""
         if self._style_cache is None:
             base = self.rich_style
             self._style_cache = (
@@ -610,9 +634,17 @@ class LayerTable(ScrollView, can_focus=True):
             self._level_on = {}
         return self._style_cache
 
+    def render_lines(self, crop: Region) -> list[Strip]:
+        # The scroll offset and width once for the lines painted, not once per line (each
+        # a walk to the screen, more than a formatted line costs to look up).
+        self._geometry = (self.scroll_offset, self.size.width)
+        try:
+            return super().render_lines(crop)
+        finally:
+            self._geometry = None
+
     def render_line(self, y: int) -> Strip:
-        sx, sy = self.scroll_offset
-        width = self.size.width
+        (sx, sy), width = self._geometry or (self.scroll_offset, self.size.width)
         base, header, cursor = self._styles()
         # A line is formatted once per draw: a repaint (the cursor moving, a scroll)
         # reuses it.
@@ -623,12 +655,13 @@ class LayerTable(ScrollView, can_focus=True):
             if y == 0:
                 segments = [Segment(self._header, header),
                             Segment(self.trend_legend(), header + Style(bold=False))]
+                used = sum(cell_len(t) for t, _, _ in segments)
             elif r >= len(self._rows):
-                segments = []
+                segments, used = [], 0
             else:
-                segments = self._row_segments(r, cursor if key[1] else base)
+                segments, used = self._row_segments(r, cursor if key[1] else base)
             # Padded to the width here: one strip per line, not one more to extend it.
-            room = sx + width - sum(cell_len(t) for t, _, _ in segments)
+            room = sx + width - used
             if room > 0:
                 segments.append(Segment(" " * room, base))
             strip = Strip(segments, sx + width if room >= 0 else None)
