@@ -6,7 +6,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 from rich.cells import cell_len
@@ -510,15 +511,12 @@ class LayerTable(ScrollView, can_focus=True):
         what it showed. A report changes most rows, a heartbeat none; the compositor pays
         per line repainted."""
         changed = []
-        self._geometry = geometry = (self.scroll_offset, self.size.width)
-        try:
+        with self._painting():
             for y in range(self.size.height):
                 before = self._on_screen.get(y)
                 if self.render_line(y) != before:
                     changed.append(y)
-        finally:
-            self._geometry = None
-        width = geometry[1]
+        width = self.size.width
         for a, b in line_runs(changed):
             self.refresh(Region(0, a, width, b - a))
 
@@ -634,14 +632,20 @@ class LayerTable(ScrollView, can_focus=True):
             self._level_on = {}
         return self._style_cache
 
-    def render_lines(self, crop: Region) -> list[Strip]:
-        # The scroll offset and width once for the lines painted, not once per line (each
-        # a walk to the screen, more than a formatted line costs to look up).
+    @contextmanager
+    def _painting(self) -> Iterator[None]:
+        """The scroll offset and width looked up once for the lines a pass paints or
+        compares, not once per line (each a walk to the screen, more than a formatted line
+        costs to look up)."""
         self._geometry = (self.scroll_offset, self.size.width)
         try:
-            return super().render_lines(crop)
+            yield
         finally:
             self._geometry = None
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        with self._painting():
+            return super().render_lines(crop)
 
     def render_line(self, y: int) -> Strip:
         (sx, sy), width = self._geometry or (self.scroll_offset, self.size.width)
